@@ -1,0 +1,107 @@
+"""`python -m engine ...`: run a recipe headless, list what can be picked.
+
+    python -m engine run assets/recipes/digits_mlp.json --out runs/digits
+    python -m engine list            # every registry, with parameters
+    python -m engine list optimizers --json
+
+A user's mistake ends with one line `error: ...` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from engine.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine",
+                                     description="Model optimization workbench, headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run a recipe and write DIR/result.json")
+    run_p.add_argument("recipe", help="a recipe file (.json, .yaml)")
+    run_p.add_argument("--out", required=True, help="folder for result.json and model files")
+    run_p.add_argument("--quiet", action="store_true", help="no progress bar")
+    list_p = sub.add_parser("list", help="list datasets, models, optimizers, schedules, ...")
+    list_p.add_argument("kind", nargs="?", help="one registry, e.g. optimizers")
+    list_p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.recipe, args.out, quiet=args.quiet)
+        return _list(args.kind, as_json=args.json)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(recipe_path: str, out: str, *, quiet: bool) -> int:
+    import engine
+    from engine.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    bar = None if quiet else _ProgressBar(recipe.train.epochs)
+    try:
+        result = engine.run(recipe, out_dir=out, on_progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    for variant in result["variants"]:
+        m = variant["metrics"]
+        score = (f"test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m
+                 else f"test R² {m['test_r2']:.4f}")
+        print(f"{variant['name']}: {score}, {m['params']} parameters, "
+              f"{m['size_bytes']} bytes, {m['latency_ms']:.3f} ms at batch 1")
+    print(f"wrote {out}/result.json")
+    return 0
+
+
+class _ProgressBar:
+    """tqdm over epochs on stderr, fed by the engine's progress events."""
+
+    def __init__(self, epochs: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event["event"] == "epoch":
+            self.bar.update(1)
+            shown = {k: f"{v:.4g}" for k, v in event.items()
+                     if k in ("train_loss", "val_loss", "val_accuracy", "val_r2")}
+            self.bar.set_postfix(shown)
+        elif event["event"] == "stage":
+            self.bar.set_description(event["stage"])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _list(kind: str | None, *, as_json: bool) -> int:
+    import engine
+
+    regs = engine.registries()
+    if kind is not None:
+        if kind not in regs:
+            raise UserError(f"there is no registry {kind!r}; choose one of: {', '.join(regs)}.")
+        regs = {kind: regs[kind]}
+    if as_json:
+        print(json.dumps({k: r.to_dict() for k, r in regs.items()}, indent=2))
+        return 0
+    for reg in regs.values():
+        print(f"{reg.kind.upper()}: {reg.description}")
+        for entry in reg:
+            print(f"  {entry.name:<16} {entry.description}")
+            for p in entry.params:
+                bounds = ""
+                if p.choices:
+                    bounds = f" one of {list(p.choices)}"
+                elif p.low is not None or p.high is not None:
+                    bounds = f" in [{p.low if p.low is not None else '-inf'}, " \
+                             f"{p.high if p.high is not None else 'inf'}]"
+                print(f"      {p.name} ({p.type}, default {p.default!r}{bounds}): {p.help}")
+        print()
+    return 0

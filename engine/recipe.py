@@ -1,0 +1,369 @@
+"""The recipe: the public contract of a run, as frozen dataclasses.
+
+A recipe is JSON (or YAML). `load_recipe` reads a file, `Recipe.from_dict` checks a dict:
+unknown keys and bad values are refused with one sentence naming the key and the fix, and
+every default is filled in so that `to_dict()` is the complete, replayable recipe.
+Technique-specific settings (a schedule's `gamma`, a dataset's `noise`) are checked
+against the registries, which hold their defaults; nothing here repeats them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from engine.registry import unknown_message
+
+
+@dataclass(frozen=True)
+class FeatureSelectionConfig:
+    method: str = "variance"  # "variance": drop features whose training variance <= threshold;
+    #                            "kbest": keep the k with the highest mutual information
+    threshold: float = 0.0  # for "variance", in the units of the (scaled) feature squared
+    k: int = 10  # for "kbest"
+
+    def validate(self) -> None:
+        _choice("data.feature_selection.method", self.method, ("variance", "kbest"))
+        _at_least("data.feature_selection.threshold", self.threshold, 0.0)
+        _at_least("data.feature_selection.k", self.k, 1)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True  # random horizontal flips, half of each batch on average
+    shift: int = 1  # random translation of up to this many pixels in each direction
+
+    def validate(self) -> None:
+        _at_least("data.augment.shift", self.shift, 0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "builtin:digits"  # "builtin:NAME" or a path: .csv, .parquet, .npz, .zip
+    target: str | None = None  # label column of a table; None takes the last column
+    task: str = "auto"  # "classification", "regression" or "auto" (from the labels)
+    val_fraction: float = 0.2  # of all rows, for early stopping and model selection
+    test_fraction: float = 0.2  # of all rows, touched only for the final figures
+    standardize: bool | str = True  # True or "standard": zero mean, unit variance;
+    #                                  "minmax": scaled to [0, 1]; False: raw values.
+    #                                  Always fitted on the training part only.
+    missing: str = "refuse"  # missing table values: "refuse", "drop" rows, "mean", "median"
+    feature_selection: FeatureSelectionConfig | None = None
+    augment: AugmentConfig | None = None  # images only; applied per batch on the device
+    image_size: tuple[int, int] = (28, 28)  # every image of a ZIP is resized to (H, W)
+    params: dict[str, Any] = field(default_factory=dict)  # the dataset's own settings
+
+    def validate(self) -> None:
+        _choice("data.task", self.task, ("auto", "classification", "regression"))
+        _choice("data.standardize", self.standardize, (True, False, "standard", "minmax"))
+        _choice("data.missing", self.missing, ("refuse", "drop", "mean", "median"))
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"data.{name} must be in [0, 1), got {value!r}.")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise UserError("data.val_fraction + data.test_fraction must leave at least 10% "
+                            "of the rows for training; lower one of them.")
+        if len(self.image_size) != 2 or min(self.image_size) < 4:
+            raise UserError(f"data.image_size must be two sizes of at least 4 pixels, "
+                            f"got {list(self.image_size)!r}.")
+        if self.source.startswith("builtin:"):
+            from engine.data import DATASETS
+
+            entry = DATASETS.get(self.source.removeprefix("builtin:"))
+            object.__setattr__(self, "params", entry.resolve(self.params, "data.params"))
+        elif self.params:
+            raise UserError("data.params applies to built-in datasets only; remove it "
+                            "for a file source.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = "builtin:mlp"  # "builtin:NAME" or a path: .pt2, .pt (state_dict or
+    #                               TorchScript), .onnx
+    architecture: str | None = None  # built-in architecture a state_dict upload belongs to
+    hidden: tuple[int, ...] = (128, 64)  # widths of the hidden layers (mlp; cnn's head)
+    activation: str = "relu"  # relu, tanh, gelu, sigmoid, leaky_relu
+    dropout: float = 0.0  # drop probability before each hidden linear layer's output
+    channels: tuple[int, ...] = (16, 32)  # cnn: filters per convolution block
+    kernel_size: int = 3  # cnn: convolution window, in pixels or samples
+
+    def validate(self) -> None:
+        _choice("model.activation", self.activation,
+                ("relu", "tanh", "gelu", "sigmoid", "leaky_relu"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout!r}.")
+        for name in ("hidden", "channels"):
+            if any(not isinstance(w, int) or w < 1 for w in getattr(self, name)):
+                raise UserError(f"model.{name} must be a list of positive integers, "
+                                f"got {list(getattr(self, name))!r}.")
+        _at_least("model.kernel_size", self.kernel_size, 1)
+        if self.source.startswith("builtin:"):
+            from engine.models import MODELS
+
+            MODELS.get(self.source.removeprefix("builtin:"))
+        if self.architecture is not None:
+            from engine.models import MODELS
+
+            MODELS.get(self.architecture)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "constant"  # a registered schedule: constant, step, cosine, ...
+    warmup_epochs: int = 0  # linear warm-up over this many epochs before the schedule
+    warmup_start: float = 0.1  # warm-up starts at this fraction of the base learning rate
+    options: dict[str, Any] = field(default_factory=dict)  # the schedule's own settings,
+    #                                  written flat in JSON: {"name": "step", "gamma": 0.5}
+
+    def validate(self) -> None:
+        from engine.schedules import SCHEDULES
+
+        _at_least("train.schedule.warmup_epochs", self.warmup_epochs, 0)
+        if not 0.0 <= self.warmup_start <= 1.0:
+            raise UserError(f"train.schedule.warmup_start must be in [0, 1], "
+                            f"got {self.warmup_start!r}.")
+        entry = SCHEDULES.get(self.name)
+        object.__setattr__(self, "options", entry.resolve(self.options, "train.schedule"))
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    patience: int = 10  # epochs without a validation-loss improvement before stopping
+    min_delta: float = 0.0  # an improvement must lower the validation loss by more than this
+    restore_best: bool = True  # end with the weights of the best validation epoch
+
+    def validate(self) -> None:
+        _at_least("train.early_stopping.patience", self.patience, 1)
+        _at_least("train.early_stopping.min_delta", self.min_delta, 0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"  # a registered optimizer: sgd, momentum, adam, lbfgs, newton, ...
+    lr: float | None = None  # base learning rate; None takes the optimizer's own default
+    #                          (sgd 0.01, adam 0.001, lbfgs/newton/bfgs 1.0: a step multiplier)
+    momentum: float = 0.9  # for momentum and nesterov
+    weight_decay: float = 0.0  # decoupled decay: w <- w - lr * weight_decay * w after a step
+    l2: float = 0.0  # coupled L2 penalty: adds l2/2 * sum(w^2) to the loss (weights only)
+    l1: float = 0.0  # L1 penalty: adds l1 * sum(|w|) to the loss (weights only)
+    batch_size: int | str = 64  # examples per step; 1 is stochastic GD, "full" is batch GD
+    epochs: int = 30  # passes over the training part (iterations for full-batch methods)
+    schedule: ScheduleConfig | None = field(default_factory=ScheduleConfig)  # None: constant
+    early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
+    grad_clip: float | None = None  # clip the gradient's global L2 norm to this value
+    freeze: tuple[str, ...] = ()  # layer names (prefixes) kept fixed while the rest trains
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # eps, betas, history_size
+    amp: bool = True  # bf16 autocast on CUDA; ignored on the CPU
+
+    def validate(self) -> None:
+        from engine.optimizers import OPTIMIZERS
+
+        entry = OPTIMIZERS.get(self.optimizer)
+        object.__setattr__(self, "optimizer_options",
+                           entry.resolve(self.optimizer_options, "train.optimizer_options"))
+        if self.lr is None:
+            object.__setattr__(self, "lr", entry.extra["default_lr"])
+        if not self.lr > 0:
+            raise UserError(f"train.lr must be positive, got {self.lr!r}.")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"train.momentum must be in [0, 1), got {self.momentum!r}.")
+        for name in ("weight_decay", "l2", "l1"):
+            _at_least(f"train.{name}", getattr(self, name), 0.0)
+        if isinstance(self.batch_size, str):
+            _choice("train.batch_size", self.batch_size, ("full",))
+        else:
+            _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.epochs", self.epochs, 1)
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"train.grad_clip must be positive or null, got {self.grad_clip!r}.")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    onnx: bool = False  # also write DIR/<variant>.onnx (checked against PyTorch's outputs)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0  # seeds the split, the initialization, the batch order and dropout
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
+    name: str | None = None  # a label for the run, shown in the app and the store
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compress: tuple[dict[str, Any], ...] = ()  # an ordered chain of compression steps
+    tune: dict[str, Any] | None = None  # hyperparameter search (see DESIGN.md)
+    diagnose: dict[str, Any] | None = None  # learning curves, bias-variance, complexity
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def validate(self) -> None:
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
+                            f"got {self.device!r}.")
+        for step in self.compress:
+            technique = step.get("technique") if isinstance(step, dict) else None
+            raise UserError(f"compression step {technique!r} is not available in this "
+                            f"version of the engine; remove it from 'compress'.")
+        for key in ("tune", "diagnose"):
+            if getattr(self, key) is not None:
+                raise UserError(f"'{key}' is not available in this version of the engine; "
+                                f"set it to null.")
+        if self.export.onnx:
+            raise UserError("ONNX export is not available in this version of the engine; "
+                            "set export.onnx to false.")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Recipe:
+        """Check `raw` and return the recipe with every default filled in."""
+        return _build(cls, raw, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The complete recipe as plain JSON data (lists, not tuples; flat schedule)."""
+        return _dump(self)
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file (.json, .yaml or .yml) and check it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file {str(path)!r} does not exist; check the path.")
+    text = path.read_text(encoding="utf-8")
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        if is_yaml:
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # json's ValueError or yaml's YAMLError
+        raise UserError(f"recipe file {str(path)!r} is not valid {'YAML' if is_yaml else 'JSON'}"
+                        f" ({str(exc).splitlines()[0]}); fix the syntax.") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe file {str(path)!r} must hold one JSON object "
+                        f"(keys seed, data, model, train, ...).")
+    return Recipe.from_dict(raw)
+
+
+def as_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Recipe:
+    """Accept a Recipe, a dict or a path, as the public API does."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return load_recipe(recipe)
+
+
+# --- generic dict <-> dataclass, with messages that name the key -------------------------
+
+_FLAT_OPTIONS = {ScheduleConfig: "options"}  # sections whose own settings are written flat
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    label = where or "the recipe"
+    if not isinstance(raw, dict):
+        raise UserError(f"{label} must be an object with keys, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    flat = _FLAT_OPTIONS.get(cls)
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names or key == flat:
+            if flat is not None:
+                extra[key] = value
+                continue
+            raise UserError(unknown_message("key", path, names))
+        kwargs[key] = _convert(hints[key], value, path)
+    if flat is not None:
+        kwargs[flat] = extra
+    obj = cls(**kwargs)
+    obj.validate()
+    return obj
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if dataclasses.is_dataclass(arg):
+                return _build(arg, value, path)
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
+            try:
+                return _convert(arg, value, path)
+            except UserError:
+                continue
+        names = " or ".join(_type_name(a) for a in options)
+        raise UserError(f"{path} must be {names}, got {value!r}.")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{path} must be a list, got {value!r}.")
+        inner = args[0]
+        return tuple(_convert(inner, v, f"{path}[{i}]") if inner is not Any else v
+                     for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{path} must be an object with keys, got {value!r}.")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise UserError(f"{path} must be a number, got {value!r}.")
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise UserError(f"{path} must be {_type_name(hint)}, got {value!r}.")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _dump(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out: dict[str, Any] = {}
+        flat = _FLAT_OPTIONS.get(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name == flat:
+                out.update(_dump(value))
+            else:
+                out[f.name] = _dump(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_dump(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _dump(v) for k, v in obj.items()}
+    return obj
+
+
+def _choice(path: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed or (isinstance(value, bool) != any(
+            isinstance(a, bool) and a == value for a in allowed)):
+        shown = ", ".join(json.dumps(a) for a in allowed)
+        raise UserError(f"{path} must be one of {shown}; got {json.dumps(value)}.")
+
+
+def _at_least(path: str, value: Any, low: float) -> None:
+    if value < low:
+        raise UserError(f"{path} must be at least {low}, got {value!r}.")

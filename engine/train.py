@@ -1,0 +1,222 @@
+"""The training loop: data resident on the device, batches by index permutation.
+
+No DataLoader: the whole training part is one tensor on the device and each epoch draws a
+permutation and slices it, so a step costs the model's arithmetic and little else (the
+benchmark in tests/benchmarks/ measures this against the textbook loop). bf16 autocast on
+CUDA; full float32 on the CPU. The history is kept per epoch; a NaN or infinite loss stops
+training with a message naming the likely cause, keeping the history so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.data import DataBundle, augment
+from engine.optimizers import OPTIMIZERS, make_optimizer
+from engine.recipe import AugmentConfig, TrainConfig
+from engine.regularization import EarlyStopping, clip_, decay_, freeze, is_weight, penalty
+from engine.schedules import LRSchedule
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    history: dict[str, list[float]]
+    best_epoch: int | None  # the epoch whose weights the model ends with (early stopping)
+    stopped: str  # "completed", "early_stopping" or "diverged"
+    message: str = ""  # for "diverged": what happened and what to try
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from engine.errors import UserError
+
+        raise UserError(f"device {name!r} was asked for but this machine has no CUDA GPU; "
+                        f"set device to 'auto' or 'cpu'.")
+    return torch.device(name)
+
+
+def metric_name(task: str) -> str:
+    return "accuracy" if task == "classification" else "r2"
+
+
+def loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if task == "classification":
+        return nn.functional.cross_entropy
+    return lambda out, y: nn.functional.mse_loss(out.reshape(y.shape), y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
+             batch: int = 8192) -> dict[str, float]:
+    """Loss and accuracy (classification) or MSE and R² (regression) on one split."""
+    from engine.models import set_training
+
+    if len(X) == 0:
+        return {}
+    set_training(model, False)
+    outs = torch.cat([model(X[i:i + batch]).float() for i in range(0, len(X), batch)])
+    loss = float(loss_fn(task)(outs, y))
+    if task == "classification":
+        return {"loss": loss, "accuracy": float((outs.argmax(1) == y).float().mean())}
+    pred = outs.reshape(y.shape)
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {"loss": loss, "mse": loss, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 0.0}
+
+
+def to_tensors(data: DataBundle, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every split on the device once; labels int64 (classes) or float32 (regression)."""
+    ydtype = torch.long if data.task == "classification" else torch.float32
+    out = {}
+    for part in ("train", "val", "test"):
+        out[f"X_{part}"] = torch.as_tensor(getattr(data, f"X_{part}"), dtype=torch.float32,
+                                           device=device)
+        out[f"y_{part}"] = torch.as_tensor(getattr(data, f"y_{part}"), dtype=ydtype,
+                                           device=device)
+    return out
+
+
+def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch.device,
+          seed: int, augment_cfg: AugmentConfig | None = None,
+          on_progress: ProgressFn | None = None,
+          tensors: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Train `model` in place on `data` as `cfg` says; return the history and how it ended."""
+    from engine.models import set_training
+
+    t = tensors or to_tensors(data, device)
+    X, y = t["X_train"], t["y_train"]
+    n = len(X)
+    has_val = len(t["X_val"]) > 0
+    if cfg.early_stopping is not None and not has_val:
+        from engine.errors import UserError
+
+        raise UserError("early stopping needs a validation part; set data.val_fraction above "
+                        "0 or train.early_stopping to null.")
+    entry = OPTIMIZERS.get(cfg.optimizer)
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    if entry.extra.get("deterministic_loss") and dropout:
+        from engine.errors import UserError
+
+        raise UserError(f"{cfg.optimizer} needs a deterministic loss, but the model uses "
+                        f"dropout; set model.dropout to 0 or pick lbfgs.")
+
+    freeze(model, cfg.freeze)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = [p for p in trainable if is_weight(p)]
+    others = [p for p in trainable if not is_weight(p)]
+    native_decay = entry.extra.get("native_decay", False)
+    groups = [{"params": weights, "weight_decay": cfg.weight_decay if native_decay else 0.0}]
+    if others:
+        groups.append({"params": others, "weight_decay": 0.0})
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.momentum,
+                               cfg.optimizer_options)
+    schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.epochs)
+    stopper = (EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta,
+                             cfg.early_stopping.restore_best)
+               if cfg.early_stopping is not None else None)
+    criterion = loss_fn(data.task)
+    metric = metric_name(data.task)
+    batch = n if cfg.batch_size == "full" else min(int(cfg.batch_size), n)
+    uses_closure = entry.extra.get("closure", False)
+    autocast = device.type == "cuda" and cfg.amp and not uses_closure
+    gen = torch.Generator(device=device).manual_seed(seed)
+    augmenting = augment_cfg is not None and data.is_image
+
+    history: dict[str, list[float]] = {k: [] for k in (
+        "epoch", "train_loss", f"train_{metric}", "val_loss", f"val_{metric}", "lr", "time_s")}
+    start = time.perf_counter()
+    stopped, message = "completed", ""
+
+    def objective(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(xb)
+        data_loss = criterion(out.float(), yb)
+        extra = penalty(weights, cfg.l1, cfg.l2)
+        return (data_loss if extra is None else data_loss + extra), out
+
+    for epoch in range(cfg.epochs):
+        lr = schedule.lr(epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        set_training(model, True)
+        order = torch.randperm(n, generator=gen, device=device) if batch < n else None
+        loss_sum = torch.zeros((), device=device)
+        hits = torch.zeros((), device=device)
+        for i in range(0, n, batch):
+            idx = order[i:i + batch] if order is not None else slice(None)
+            xb, yb = X[idx], y[idx]
+            if augmenting:
+                xb = augment(xb, augment_cfg, gen)
+            if uses_closure:
+                def closure(backward: bool = True, xb=xb, yb=yb) -> torch.Tensor:
+                    if backward:
+                        optimizer.zero_grad(set_to_none=True)
+                    loss, _ = objective(xb, yb)
+                    if backward:
+                        loss.backward()
+                        clip_(trainable, cfg.grad_clip)
+                    return loss
+                loss = optimizer.step(closure)
+                with torch.no_grad():
+                    _, out = objective(xb, yb)  # the batch's loss after the step
+                    loss = criterion(out.float(), yb)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss, out = objective(xb, yb)
+                loss.backward()
+                clip_(trainable, cfg.grad_clip)
+                optimizer.step()
+                if cfg.l1 > 0 or cfg.l2 > 0:  # history reports the data loss alone
+                    loss = criterion(out.detach().float(), yb)
+            decay_(weights if not native_decay else [], lr, cfg.weight_decay)
+            rows = len(yb)
+            loss_sum += loss.detach().float() * rows
+            if metric == "accuracy":
+                hits += (out.detach().argmax(1) == yb).sum()
+        train_loss = float(loss_sum) / n
+        if not math.isfinite(train_loss):
+            stopped = "diverged"
+            message = (f"the training loss became {train_loss} in epoch {epoch + 1}, so "
+                       f"training stopped; the learning rate ({lr:g}) is likely too high for "
+                       f"{cfg.optimizer}: lower it ten-fold or set train.grad_clip.")
+            break
+        if metric == "accuracy":
+            train_metric = float(hits) / n
+        else:
+            train_metric = evaluate(model, X, y, data.task)["r2"]
+        val = evaluate(model, t["X_val"], t["y_val"], data.task) if has_val else {}
+        history["epoch"].append(epoch + 1)
+        history["train_loss"].append(train_loss)
+        history[f"train_{metric}"].append(train_metric)
+        history["val_loss"].append(val.get("loss", math.nan))
+        history[f"val_{metric}"].append(val.get(metric, math.nan))
+        history["lr"].append(lr)
+        history["time_s"].append(time.perf_counter() - start)
+        if on_progress is not None:
+            on_progress({"event": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs,
+                         **{k: v[-1] for k, v in history.items() if k != "epoch"}})
+        if has_val:
+            schedule.observe(val["loss"])
+            if stopper is not None and stopper.update(epoch + 1, val["loss"], model):
+                stopped = "early_stopping"
+                break
+
+    best_epoch = history["epoch"][-1] if history["epoch"] else None
+    if stopper is not None and stopped != "diverged" and stopper.restore(model):
+        best_epoch = stopper.best_epoch
+    set_training(model, False)
+    return TrainResult(history, best_epoch, stopped, message, time.perf_counter() - start)
