@@ -53,14 +53,6 @@ def _n_samples(default: int) -> Param:
     return Param("n_samples", "int", default, "rows to generate", low=20, high=1_000_000)
 
 
-def _bunch(bunch: Any, task: str) -> Arrays:
-    meta = {"feature_names": [str(f) for f in bunch.feature_names], "task": task,
-            "is_image": False}
-    if task == "classification":
-        meta["class_names"] = [str(c) for c in bunch.target_names]
-    return bunch.data.astype(np.float32), bunch.target, meta
-
-
 def _points(X: np.ndarray, y: np.ndarray) -> Arrays:
     names = [f"x{i}" for i in range(X.shape[1])]
     return X.astype(np.float32), y, {"feature_names": names, "task": "classification",
@@ -77,34 +69,27 @@ def digits() -> Arrays:
                              "task": "classification", "is_image": True}
 
 
-@DATASETS.register("breast_cancer", "Benign or malignant tumour from 30 cell measurements "
-                   "(569 rows).")
-def breast_cancer() -> Arrays:
-    from sklearn.datasets import load_breast_cancer
+def _sklearn_table(loader: str, task: str) -> Arrays:
+    from sklearn import datasets
 
-    return _bunch(load_breast_cancer(), "classification")
-
-
-@DATASETS.register("wine", "Grape cultivar of a wine from 13 chemical measurements (178 rows).")
-def wine() -> Arrays:
-    from sklearn.datasets import load_wine
-
-    return _bunch(load_wine(), "classification")
+    bunch = getattr(datasets, loader)()
+    meta = {"feature_names": [str(f) for f in bunch.feature_names], "task": task,
+            "is_image": False}
+    if task == "classification":
+        meta["class_names"] = [str(c) for c in bunch.target_names]
+    return bunch.data.astype(np.float32), bunch.target, meta
 
 
-@DATASETS.register("iris", "Iris species from 4 petal and sepal measurements (150 rows).")
-def iris() -> Arrays:
-    from sklearn.datasets import load_iris
-
-    return _bunch(load_iris(), "classification")
-
-
-@DATASETS.register("diabetes", "Disease progression after one year from 10 patient measurements "
-                   "(regression, 442 rows).")
-def diabetes() -> Arrays:
-    from sklearn.datasets import load_diabetes
-
-    return _bunch(load_diabetes(), "regression")
+for _name, _task, _description in (
+        ("breast_cancer", "classification",
+         "Benign or malignant tumour from 30 cell measurements (569 rows)."),
+        ("wine", "classification", "Grape cultivar of a wine from 13 chemical measurements "
+                                   "(178 rows)."),
+        ("iris", "classification", "Iris species from 4 petal and sepal measurements (150 rows)."),
+        ("diabetes", "regression", "Disease progression after one year from 10 patient "
+                                   "measurements (regression, 442 rows).")):
+    DATASETS.register(_name, _description)(
+        functools.partial(_sklearn_table, f"load_{_name}", _task))
 
 
 @DATASETS.register("moons", "Two interleaving half-circles in 2-D, a small non-linear problem.",
@@ -194,7 +179,7 @@ def _read_frame(path: Path) -> pd.DataFrame:
     except (ValueError, OSError, UnicodeDecodeError, NotImplementedError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{kind} file {path.name!r} could not be read ({reason}); check that it "
-                        f"is a valid {kind} table with a header row.") from None
+                        f"is a valid {kind} table.") from None
 
 
 def _load_table(path: Path, cfg: DataConfig) -> Arrays:
@@ -207,7 +192,8 @@ def _load_table(path: Path, cfg: DataConfig) -> Arrays:
                         f"one of: {', '.join(columns)}.")
     if len(columns) < 2 or len(df) == 0:
         raise UserError(f"{path.name!r} needs at least one row and one feature column besides "
-                        f"the target {target!r}; check the file.")
+                        f"the target {target!r}; check that it is comma-separated with a header "
+                        f"row.")
     numeric = [c for c in columns if is_numeric_dtype(df[c]) and not is_bool_dtype(df[c])]
     df[numeric] = df[numeric].replace([np.inf, -np.inf], np.nan)  # infinities count as missing
     feats, y = df.drop(columns=[target]), df[target]
@@ -339,7 +325,8 @@ def _load_zip(path: Path, cfg: DataConfig) -> Arrays:
     else:
         X = np.stack([np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im for im in images])
         X = X.transpose(0, 3, 1, 2)
-    y = np.array([class_names.index(c) for c, _ in files], dtype=np.int64)
+    label = {c: i for i, c in enumerate(class_names)}
+    y = np.array([label[c] for c, _ in files], dtype=np.int64)
     return (X.astype(np.float32) / 255.0, y,
             {"class_names": class_names, "task": "classification", "is_image": True})
 
@@ -347,11 +334,12 @@ def _load_zip(path: Path, cfg: DataConfig) -> Arrays:
 def _decode(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str,
             size: tuple[int, int]) -> np.ndarray:
     """One entry as a uint8 array resized to `size` (H, W): (H, W) if grayscale else (H, W, 3)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(archive.read(info))) as img:
             mode = "L" if img.mode in GRAY_MODES else "RGB"
+            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
             img = img.convert(mode).resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, zipfile.BadZipFile,
@@ -590,19 +578,23 @@ def augment(xb: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) ->
     if xb.ndim != 4:
         raise ValueError(f"augment expects an image batch (B, C, H, W), got shape "
                          f"{tuple(xb.shape)}")
+    if not cfg.flip and cfg.shift == 0:
+        return xb.clone()
+    # One gather from the zero-padded batch does both: every output pixel (i, j) of sample b
+    # reads padded pixel (i + dy_b, j + dx_b), with the column mirrored for flipped samples
+    # (flipping the padded image equals padding the flipped one). No loop over samples.
     B, C, H, W = xb.shape
-    out = xb
+    s, dev = cfg.shift, xb.device
+    padded = torch.nn.functional.pad(xb, (s, s, s, s)) if s else xb
+    Wp = W + 2 * s
+    rows = torch.arange(H, device=dev).expand(B, H)
+    cols = torch.arange(W, device=dev).expand(B, W)
+    if s:
+        off = torch.randint(0, 2 * s + 1, (B, 2), generator=generator, device=dev)
+        rows, cols = rows + off[:, :1], cols + off[:, 1:]
     if cfg.flip:
-        flip = torch.rand(B, generator=generator, device=xb.device) < 0.5
-        out = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-    s = cfg.shift
-    if s > 0:
-        # Zero-pad, then gather an H x W window at a random offset per sample: one gather per
-        # axis replaces a Python loop over the batch.
-        padded = torch.nn.functional.pad(out, (s, s, s, s))
-        off = torch.randint(0, 2 * s + 1, (B, 2), generator=generator, device=xb.device)
-        rows = off[:, :1] + torch.arange(H, device=xb.device)  # (B, H)
-        cols = off[:, 1:] + torch.arange(W, device=xb.device)  # (B, W)
-        out = padded.gather(2, rows[:, None, :, None].expand(B, C, H, W + 2 * s))
-        out = out.gather(3, cols[:, None, None, :].expand(B, C, H, W))
-    return xb.clone() if out is xb else out
+        flip = torch.rand(B, generator=generator, device=dev) < 0.5
+        cols = torch.where(flip[:, None], Wp - 1 - cols, cols)
+    index = (rows[:, :, None] * Wp + cols[:, None, :]).reshape(B, 1, H * W)
+    out = padded.reshape(B, C, -1).gather(2, index.expand(B, C, H * W))
+    return out.reshape(B, C, H, W)

@@ -71,7 +71,9 @@ def adagrad(groups: Groups, lr: float, momentum: float, *, eps: float,
     Param("momentum", "float", 0.0, "momentum on top of the scaled step", low=0.0, high=0.999),
     Param("centered", "bool", False, "divide by the gradient's variance, not its 2nd moment"),
 ), default_lr=0.001)
-def rmsprop(groups: Groups, lr: float, momentum: float, **options: Any) -> torch.optim.Optimizer:
+def rmsprop(groups: Groups, lr: float, train_momentum: float, /,
+            **options: Any) -> torch.optim.Optimizer:
+    # RMSProp's own momentum option (default 0, as in torch) is separate from train.momentum
     return torch.optim.RMSprop(groups, lr=lr, **options)
 
 
@@ -183,7 +185,7 @@ class Newton(_SecondOrder):
             g = self._gather(grads)
             hessian = self._hessian(g)
             direction = -self._solve(hessian, g.detach())
-            if self._line_search(closure, float(loss), g.detach(), direction) == 0.0:
+            if self._line_search(closure, float(loss.detach()), g.detach(), direction) == 0.0:
                 break  # no decrease along the Newton direction: converged to precision
         return first
 
@@ -234,7 +236,7 @@ class BFGS(_SecondOrder):
                     state["h"] = h
             h = state.get("h")
             direction = -(h @ g) if h is not None else -g
-            t = self._line_search(closure, float(loss), g, direction)
+            t = self._line_search(closure, float(loss.detach()), g, direction)
             if t == 0.0:
                 state.pop("h", None)  # a stale estimate: restart from the gradient next time
                 state.pop("prev_g", None)

@@ -25,7 +25,8 @@ from engine.registry import unknown_message
 class FeatureSelectionConfig:
     method: str = "variance"  # "variance": drop features whose training variance <= threshold;
     #                            "kbest": keep the k with the highest mutual information
-    threshold: float = 0.0  # for "variance", in the units of the (scaled) feature squared
+    threshold: float = 0.0  # for "variance": in the raw feature's units squared (selection
+    #                          runs before scaling)
     k: int = 10  # for "kbest"
 
     def validate(self) -> None:
@@ -189,6 +190,9 @@ class TrainConfig:
 class ExportConfig:
     onnx: bool = False  # also write DIR/<variant>.onnx (checked against PyTorch's outputs)
 
+    def validate(self) -> None:
+        """Checked by Recipe.validate, which knows what this engine version can export."""
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -289,6 +293,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         kwargs[key] = _convert(hints[key], value, path)
     if flat is not None:
         kwargs[flat] = extra
+    for f in dataclasses.fields(cls):  # sections left out are built (and checked) from {}
+        if f.name not in kwargs and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                kwargs[f.name] = _build(type(default), {}, f"{where}.{f.name}".lstrip("."))
     obj = cls(**kwargs)
     obj.validate()
     return obj

@@ -1,0 +1,131 @@
+"""Built-in architectures, uploads (never unpickled), complexity figures, shape checks."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine.errors import UserError
+from engine.models import (
+    MODELS,
+    build_model,
+    complexity,
+    layer_names,
+    onnx_complexity,
+    save_model,
+)
+from engine.recipe import ModelConfig
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("shape", [(1, 8, 8), (30,), (3, 20)])
+def test_builtins_fit_images_tables_and_signals(name, shape):
+    model = build_model(ModelConfig(source=f"builtin:{name}"), shape, 5, seed=0)
+    assert model(torch.zeros(4, *shape)).shape == (4, 5)
+
+
+def test_cnn_uses_2d_convolutions_for_images_and_1d_for_rows():
+    image = build_model(ModelConfig(source="builtin:cnn"), (1, 8, 8), 10, seed=0)
+    row = build_model(ModelConfig(source="builtin:cnn"), (30,), 2, seed=0)
+    assert isinstance(image.conv1, torch.nn.Conv2d)
+    assert isinstance(row.conv1, torch.nn.Conv1d)
+
+
+def test_complexity_counts_parameters_flops_and_size():
+    cfg = ModelConfig(source="builtin:mlp", hidden=(16,))
+    model = build_model(cfg, (1, 8, 8), 10, seed=0)
+    with torch.no_grad():
+        model.fc1.weight[:, :10] = 0
+    c = complexity(model, (1, 8, 8))
+    assert c["params"] == 64 * 16 + 16 + 16 * 10 + 10
+    assert c["nonzero_params"] == c["params"] - 160
+    assert c["trainable_params"] == c["params"]
+    assert c["flops"] == 2 * (64 * 16 + 16 * 10)  # a multiply-add counts two
+    assert c["size_bytes"] > 4 * c["params"]  # the serialized file, not a parameter count
+
+
+def test_pt2_round_trip_and_fine_tune(tmp_path):
+    cfg = ModelConfig(source="builtin:mlp", hidden=(8,))
+    model = build_model(cfg, (4,), 3, seed=0)
+    size = save_model(model, (4,), tmp_path / "m.pt2")
+    assert size == (tmp_path / "m.pt2").stat().st_size
+    loaded = build_model(ModelConfig(source=str(tmp_path / "m.pt2")), (4,), 3, seed=0)
+    x = torch.randn(7, 4)  # a batch size other than the one exported: dynamic batch axis
+    assert torch.allclose(loaded(x), model(x))
+    result = engine.run({"data": {"source": "builtin:iris"},
+                         "model": {"source": str(tmp_path / "m.pt2")},
+                         "train": {"epochs": 30, "lr": 0.01, "freeze": ["fc1"]}})
+    assert result["variants"][0]["metrics"]["test_accuracy"] > 0.6
+    assert result["variants"][0]["metrics"]["trainable_params"] == 8 * 3 + 3
+
+
+def test_state_dict_upload_needs_its_architecture(tmp_path):
+    model = build_model(ModelConfig(source="builtin:mlp", hidden=(8,)), (4,), 3, seed=1)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    cfg = ModelConfig(source=str(tmp_path / "w.pt"), architecture="mlp", hidden=(8,))
+    loaded = build_model(cfg, (4,), 3, seed=0)
+    assert torch.equal(loaded.fc1.weight, model.fc1.weight)
+    with pytest.raises(UserError, match=r"model\.architecture"):
+        build_model(ModelConfig(source=str(tmp_path / "w.pt")), (4,), 3, seed=0)
+    with pytest.raises(UserError, match=r"\(16, 4\)|\(8, 4\)"):
+        build_model(ModelConfig(source=str(tmp_path / "w.pt"), architecture="mlp",
+                                hidden=(16,)), (4,), 3, seed=0)
+
+
+class Payload:
+    def __reduce__(self):  # would run a command if it were ever unpickled
+        return (print, ("pickle executed",))
+
+
+def test_a_pickle_disguised_as_pt_is_refused_without_running(tmp_path, capsys):
+    for name, writer in (("evil.pt", lambda f: pickle.dump(Payload(), f)),
+                         ("evil2.pt", lambda f: torch.save({"x": Payload()}, f))):
+        with open(tmp_path / name, "wb") as f:
+            writer(f)
+        with pytest.raises(UserError, match="never loaded"):
+            build_model(ModelConfig(source=str(tmp_path / name), architecture="mlp"), (4,), 3,
+                        seed=0)
+    assert "pickle executed" not in capsys.readouterr().out
+
+
+def test_torchscript_upload(tmp_path):
+    model = build_model(ModelConfig(source="builtin:mlp", hidden=(8,)), (4,), 3, seed=0)
+    torch.jit.save(torch.jit.script(model), tmp_path / "s.pt")
+    loaded = build_model(ModelConfig(source=str(tmp_path / "s.pt")), (4,), 3, seed=0)
+    x = torch.randn(5, 4)
+    assert torch.allclose(loaded(x), model(x))
+
+
+def test_a_model_that_does_not_fit_the_data_names_both_shapes(tmp_path):
+    model = build_model(ModelConfig(source="builtin:mlp", hidden=(8,)), (4,), 3, seed=0)
+    save_model(model, (4,), tmp_path / "m.pt2")
+    with pytest.raises(UserError, match=r"\(13,\)"):  # wine has 13 features
+        engine.run({"data": {"source": "builtin:wine"},
+                    "model": {"source": str(tmp_path / "m.pt2")}})
+    with pytest.raises(UserError, match=r"outputs of shape \(3,\).*\(2,\)"):
+        build_model(ModelConfig(source=str(tmp_path / "m.pt2")), (4,), 2, seed=0)
+
+
+def test_onnx_files_get_complexity_but_are_not_trained(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+                              [w])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    info = onnx_complexity(tmp_path / "m.onnx")
+    assert info["params"] == 12 and info["operators"] == {"MatMul": 1}
+    with pytest.raises(UserError, match="ONNX"):
+        build_model(ModelConfig(source=str(tmp_path / "m.onnx")), (4,), 3, seed=0)
+
+
+def test_layer_names_are_what_freeze_takes():
+    model = build_model(ModelConfig(source="builtin:cnn"), (1, 8, 8), 10, seed=0)
+    assert layer_names(model) == ["conv1", "conv2", "fc1", "fc2", "out"]
