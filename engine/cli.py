@@ -95,6 +95,10 @@ def _list(kind: str | None, *, as_json: bool) -> int:
         print(f"{reg.kind.upper()}: {reg.description}")
         for entry in reg:
             print(f"  {entry.name:<16} {entry.description}")
+            if "uses" in entry.extra:
+                print(f"      settings: model.{', model.'.join(entry.extra['uses'])}")
+            if "default_lr" in entry.extra:
+                print(f"      default train.lr: {entry.extra['default_lr']}")
             for p in entry.params:
                 bounds = ""
                 if p.choices:

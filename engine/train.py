@@ -142,7 +142,10 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
     stopped, message = "completed", ""
 
     def objective(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        if autocast:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = model(xb)
+        else:  # entering a disabled autocast still costs microseconds a step
             out = model(xb)
         data_loss = criterion(out.float(), yb)
         extra = penalty(weights, cfg.l1, cfg.l2)
