@@ -122,7 +122,7 @@ def load_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn
                             f"({type(exc).__name__}); export it with torch.export.save.") from None
     if suffix in (".pt", ".pth"):
         if _is_torchscript(path):
-            return torch.jit.load(str(path), map_location="cpu")
+            return _from_torchscript(path, input_shape)
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception:
@@ -131,6 +131,27 @@ def load_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn
                             f"or export with torch.export.save.") from None
         return _from_state_dict(state, cfg, input_shape, n_out, path.name)
     raise UserError(f"model files must end in .pt2, .pt, .pth or .onnx, got {path.name!r}.")
+
+
+def _from_torchscript(path: Path, input_shape: tuple[int, ...]) -> nn.Module:
+    """TorchScript, converted to a torch.export graph so every later step sees one format."""
+    from torch._export.converter import TS2EPConverter
+
+    script = torch.jit.load(str(path), map_location="cpu")
+    try:
+        graph = TS2EPConverter(script, (torch.zeros((2, *input_shape)),)).convert().module()
+    except Exception as exc:
+        raise UserError(f"{path.name} is TorchScript that could not be converted for training "
+                        f"({type(exc).__name__}); export the model with torch.export.save "
+                        f"instead.") from None
+    # the converter keeps the weights as buffers; make the script's parameters trainable again
+    for name, _ in script.named_parameters():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = graph.get_submodule(owner_name)
+        tensor = owner._buffers.pop(leaf, None)
+        if tensor is not None:
+            owner.register_parameter(leaf, nn.Parameter(tensor))
+    return graph
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from engine.data import DataBundle, augment
+from engine.errors import UserError
 from engine.optimizers import OPTIMIZERS, make_optimizer
 from engine.recipe import AugmentConfig, TrainConfig
 from engine.regularization import EarlyStopping, clip_, decay_, freeze, is_weight, penalty
@@ -34,7 +35,6 @@ class TrainResult:
     stopped: str  # "completed", "early_stopping" or "diverged"
     message: str = ""  # for "diverged": what happened and what to try
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,8 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from engine.errors import UserError
-
         raise UserError(f"device {name!r} was asked for but this machine has no CUDA GPU; "
                         f"set device to 'auto' or 'cpu'.")
     return torch.device(name)
@@ -102,15 +100,11 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
     n = len(X)
     has_val = len(t["X_val"]) > 0
     if cfg.early_stopping is not None and not has_val:
-        from engine.errors import UserError
-
         raise UserError("early stopping needs a validation part; set data.val_fraction above "
                         "0 or train.early_stopping to null.")
     entry = OPTIMIZERS.get(cfg.optimizer)
     dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
     if entry.extra.get("deterministic_loss") and dropout:
-        from engine.errors import UserError
-
         raise UserError(f"{cfg.optimizer} needs a deterministic loss, but the model uses "
                         f"dropout; set model.dropout to 0 or pick lbfgs.")
 

@@ -98,6 +98,11 @@ def test_torchscript_upload(tmp_path):
     loaded = build_model(ModelConfig(source=str(tmp_path / "s.pt")), (4,), 3, seed=0)
     x = torch.randn(5, 4)
     assert torch.allclose(loaded(x), model(x))
+    result = engine.run({"data": {"source": "builtin:iris"},
+                         "model": {"source": str(tmp_path / "s.pt")}, "train": {"epochs": 2}},
+                        out_dir=tmp_path / "out")
+    assert (tmp_path / "out" / "baseline.pt2").is_file()
+    assert result["variants"][0]["metrics"]["params"] == 4 * 8 + 8 + 8 * 3 + 3
 
 
 def test_a_model_that_does_not_fit_the_data_names_both_shapes(tmp_path):
