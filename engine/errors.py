@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A mistake in a recipe, a file or a setting that the user can fix."""
+
+
+class Cancelled(Exception):  # noqa: N818 - a request, not an error
+    """Raised from a progress callback to stop a run that the user cancelled."""

@@ -49,7 +49,8 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
     emit({"event": "stage", "stage": "train", "message": f"training on {device.type}",
           "epochs": recipe.train.epochs})
     fit = train(model, data, recipe.train, device=device, seed=recipe.seed,
-                augment_cfg=recipe.data.augment, on_progress=emit, tensors=tensors)
+                augment_cfg=recipe.data.augment, tensors=tensors,
+                on_progress=lambda event: emit({**event, "variant": "baseline"}))
 
     metrics: dict[str, Any] = {}
     for part in ("train", "val", "test"):
@@ -88,7 +89,8 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         if out_dir is not None:
             variant["model_file"] = path.name
             write_result(result, out_dir)
-    emit({"event": "variant", "name": "baseline", "metrics": metrics})
+    emit({"event": "variant", "name": "baseline", "technique": None, "metrics": metrics,
+          "model_file": variant.get("model_file")})
     emit({"event": "done"})
     return result
 
