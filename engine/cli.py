@@ -3,6 +3,7 @@
     python -m engine run assets/recipes/digits_mlp.json --out runs/digits
     python -m engine list            # every registry, with parameters
     python -m engine list optimizers --json
+    python -m engine worker RUN_ID --store URL   # what the app starts for a background run
 
 A user's mistake ends with one line `error: ...` and exit code 2, never a traceback.
 """
@@ -28,10 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     list_p = sub.add_parser("list", help="list datasets, models, optimizers, schedules, ...")
     list_p.add_argument("kind", nargs="?", help="one registry, e.g. optimizers")
     list_p.add_argument("--json", action="store_true", help="machine-readable output")
+    worker_p = sub.add_parser("worker", help="run one stored run in the background "
+                                             "(used by the app; see engine/jobs.py)")
+    worker_p.add_argument("run_id", help="the run's id in the store")
+    worker_p.add_argument("--store", required=True, help="the store's SQLAlchemy URL")
+    worker_p.add_argument("--threads", type=int, help="torch threads for this run")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(args.recipe, args.out, quiet=args.quiet)
+        if args.command == "worker":
+            from engine import jobs
+
+            return jobs.run_worker(args.run_id, args.store, threads=args.threads)
         return _list(args.kind, as_json=args.json)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

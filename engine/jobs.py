@@ -1,0 +1,269 @@
+"""Background runs: one worker process per run, reporting to the run store.
+
+    run_id = jobs.submit(recipe)          # returns at once; the run is "queued"
+    jobs.cancel(run_id)                   # the worker stops at its next progress event
+    jobs.reap()                           # call on every poll: dead workers -> "failed"
+
+A worker is `python -m engine worker RUN_ID --store URL`, started in its own session so
+it outlives the Streamlit session and an app restart; everything it learns goes to the
+store, which is what the pages read. Its stdout and stderr go to `<run folder>/worker.log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import engine
+from engine.errors import Cancelled, UserError
+from engine.recipe import Recipe, as_recipe
+from engine.store import ACTIVE, Store, artifacts_root, run_dir
+
+CANCELLED_MESSAGE = "cancelled by the user"
+DIED_MESSAGE = ("the worker process ended without finishing (killed or crashed); "
+                "the history so far is kept")
+NEVER_STARTED_MESSAGE = "the worker never started; see worker.log in the run's folder"
+START_TIMEOUT_S = 60.0  # a queued run without a worker after this long is failed
+CANCEL_CHECK_S = 0.2  # the worker reads the cancel flag at most this often
+
+_PROCS: dict[str, subprocess.Popen[bytes]] = {}  # workers this process started, by run id
+_PROCS_LOCK = threading.Lock()  # Streamlit runs sessions in threads
+
+
+def submit(recipe: Recipe | dict[str, Any], *, store: Store | None = None,
+           name: str | None = None, group: str | None = None,
+           threads: int | None = None) -> str:
+    """Check the recipe (a UserError reaches the caller and nothing is stored), store a
+    queued run and start its worker process; return the run id."""
+    recipe = as_recipe(recipe)
+    store = store or Store()
+    run_id = store.create_run(recipe.to_dict(), name=name or recipe.name, group=group)
+    folder = run_dir(run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "engine", "worker", run_id, "--store", store.url]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    # The worker's folder must not depend on its working directory: pass the root on.
+    env = {**os.environ, "WORKBENCH_ARTIFACTS": str(artifacts_root()), "PYTHONUNBUFFERED": "1"}
+    try:
+        with open(folder / "worker.log", "wb") as log:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=_repo_root(), env=env,
+                                    start_new_session=True)
+    except OSError as exc:
+        store.finish_run(run_id, "failed", error=f"could not start the worker: {exc}")
+        raise
+    with _PROCS_LOCK:
+        _PROCS[run_id] = proc
+    return run_id
+
+
+def run_worker(run_id: str, store_url: str, *, threads: int | None = None) -> int:
+    """Run one stored run in this process, recording every progress event; the body of
+    `python -m engine worker`. Returns the exit code: 0 done or cancelled, 2 a user's
+    error (the run is failed with its message), 1 an internal error."""
+    import torch
+
+    from engine.runner import TrainingDivergedError
+    from engine.train import resolve_device
+
+    store = Store(store_url)
+    run = store.get_run(run_id)
+    if run is None:
+        print(f"error: there is no run {run_id!r} in {store.url}", file=sys.stderr)
+        return 2
+    try:
+        recipe = as_recipe(run["recipe"])  # checked at submit; a newer engine may disagree
+    except UserError as exc:
+        store.finish_run(run_id, "failed", error=str(exc))
+        return 2
+    try:
+        device: str | None = str(resolve_device(recipe.device))
+    except UserError:
+        device = None  # engine.run raises the same error below and the run fails with it
+    if not store.start_run(run_id, pid=os.getpid(), host=socket.gethostname(), device=device):
+        print(f"run {run_id} is {store.get_run(run_id)['status']}; nothing to do")
+        return 0
+    if threads is not None:
+        torch.set_num_threads(threads)
+    print(f"run {run_id}: started on {device} with {torch.get_num_threads()} threads", flush=True)
+    start = time.perf_counter()
+    try:
+        result = engine.run(recipe, out_dir=run_dir(run_id),
+                            on_progress=_Reporter(store, run_id))
+    except Cancelled:
+        store.finish_run(run_id, "cancelled", error=CANCELLED_MESSAGE)
+        print(f"run {run_id}: cancelled")
+        return 0
+    except TrainingDivergedError as exc:
+        store.finish_run(run_id, "failed", error=str(exc), result=exc.result)
+        print(f"run {run_id}: failed: {exc}")
+        return 2
+    except UserError as exc:
+        store.finish_run(run_id, "failed", error=str(exc))
+        print(f"run {run_id}: failed: {exc}")
+        return 2
+    except Exception as exc:  # a bug: keep the traceback in worker.log, one line in the store
+        traceback.print_exc()
+        store.finish_run(run_id, "failed", error=f"internal error: {type(exc).__name__}: "
+                                                 f"{exc}; see worker.log")
+        return 1
+    store.finish_run(run_id, "done", result=result)
+    print(f"run {run_id}: done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+class _Reporter:
+    """The worker's `on_progress`: stores each event, and raises Cancelled at an epoch or
+    stage boundary once the user asked. The flag is read at most every CANCEL_CHECK_S, so
+    a run of short epochs does not double its store traffic; the first check always reads."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store, self.run_id = store, run_id
+        self.next_check = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.store.record_event(self.run_id, event)
+        if event.get("event") not in ("epoch", "stage"):
+            return
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + CANCEL_CHECK_S
+            if self.store.cancel_requested(self.run_id):
+                raise Cancelled(self.run_id)
+
+
+def cancel(run_id: str, *, store: Store | None = None, grace_s: float = 10.0) -> None:
+    """Ask the run to stop and wait (up to `grace_s`) until it has. A queued run with no
+    live worker is cancelled at once; a worker that has not stopped within `grace_s`
+    (a long epoch, a hang) is killed and the run marked cancelled. Finished runs are left
+    as they are; a worker on another host is only asked."""
+    store = store or Store()
+    store.request_cancel(run_id)
+    deadline = time.monotonic() + grace_s
+    while True:
+        run = store.get_run(run_id)
+        if run is None or run["status"] not in ACTIVE:
+            return
+        if not _worker_alive(run):
+            store.finish_run(run_id, "cancelled", error=CANCELLED_MESSAGE)
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    pid = _local_pid(run)
+    if pid is None:
+        return  # on another host: its worker sees the flag at its next event
+    _kill(run_id, pid)
+    store.finish_run(run_id, "cancelled", error=f"{CANCELLED_MESSAGE}; the worker did not "
+                                                f"stop within {grace_s:g} s and was killed")
+
+
+def reap(store: Store | None = None, *, hang_timeout_s: float | None = None) -> list[str]:
+    """Mark this host's runs whose worker is gone as failed, and return their ids.
+
+    Cheap enough for every poll: one query when nothing is active. A worker silent for
+    longer than `hang_timeout_s` (if given) is killed and its run failed too. Runs of
+    other hosts are left to their own reaper."""
+    store = store or Store()
+    exited = _poll_children()  # before the query: a worker that ended has written its end
+    host, now = socket.gethostname(), time.time()
+    marked = []
+    for run in store.active_runs():
+        if run["host"] != host:
+            continue
+        dead = run["id"] in exited or not _worker_alive(run)
+        if dead and run["status"] == "running":
+            error = DIED_MESSAGE
+        elif dead and (run["id"] in exited or now - run["created"] > START_TIMEOUT_S):
+            error = NEVER_STARTED_MESSAGE  # it ended, or none came, before start_run
+        elif (hang_timeout_s is not None and run["status"] == "running"
+              and now - (run["updated"] or run["started"]) > hang_timeout_s):
+            _kill(run["id"], run["pid"])
+            error = (f"no progress for {hang_timeout_s:g} s, so the worker was killed; "
+                     f"the history so far is kept")
+        else:
+            continue
+        if store.finish_run(run["id"], "failed", error=error):
+            marked.append(run["id"])
+    return marked
+
+
+def is_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (ended, waiting to be reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS), or it ended just now
+        return not Path("/proc").is_dir()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the name in (...) may hold spaces
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def _worker_alive(run: dict[str, Any]) -> bool:
+    """A child of ours is asked directly, another local worker through its pid; one on
+    another host is taken to be alive (only its own host can tell)."""
+    with _PROCS_LOCK:
+        proc = _PROCS.get(run["id"])
+    if proc is not None:
+        return proc.poll() is None
+    if run["pid"] is None:
+        return False
+    return run["host"] != socket.gethostname() or is_alive(run["pid"])
+
+
+def _local_pid(run: dict[str, Any]) -> int | None:
+    """The pid to kill for this run on this host, if any (a child of ours may not have
+    stored its pid yet)."""
+    with _PROCS_LOCK:
+        proc = _PROCS.get(run["id"])
+    if proc is not None:
+        return proc.pid
+    return run["pid"] if run["host"] == socket.gethostname() else None
+
+
+def _poll_children() -> set[str]:
+    """Run ids whose worker (a child of this process) has ended; polling also reaps it."""
+    with _PROCS_LOCK:
+        ended = {run_id for run_id, proc in _PROCS.items() if proc.poll() is not None}
+        for run_id in ended:
+            del _PROCS[run_id]
+    return ended
+
+
+def _kill(run_id: str, pid: int) -> None:
+    """SIGKILL the worker's process group (its own session, so data-loader children die
+    with it); never this process or its group (a worker run in-process)."""
+    if pid == os.getpid():
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid != os.getpgid(0):
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    with _PROCS_LOCK:
+        proc = _PROCS.pop(run_id, None)
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)  # reap the zombie
+
+
+def _repo_root() -> Path:
+    return Path(engine.__file__).resolve().parents[1]

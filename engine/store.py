@@ -1,0 +1,461 @@
+"""The run store: runs, their progress, per-epoch history and variants, in SQL.
+
+One SQLite file by default (`./runs/workbench.db`); any SQLAlchemy URL works, so a shared
+PostgreSQL store later is a change of URL. The app and several worker processes write at
+once: every write is one short transaction, and on SQLite the database runs in WAL mode
+(readers never block the writer) with write transactions opened by `BEGIN IMMEDIATE`, so
+a writer waits for the lock (busy_timeout) instead of failing on a stale read snapshot.
+
+JSON documents (recipe, progress, result, events) are stored as text: portable, and NaN,
+which JSON lacks, becomes null. Artifacts of a run (model files, result.json, worker.log)
+live on disk under `artifacts_root()/<run_id>/`.
+
+    store = Store()                        # WORKBENCH_STORE or ./runs/workbench.db
+    run_id = store.create_run(recipe.to_dict(), name="digits")
+    store.record_event(run_id, {"event": "epoch", "epoch": 1, ...})
+    store.history(run_id)                  # {"epoch": [1], "train_loss": [...], ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import and_, func, select
+
+from engine.errors import UserError
+
+ACTIVE = ("queued", "running")
+FINISHED = ("done", "failed", "cancelled")
+
+metadata = sa.MetaData()
+
+
+def _owner() -> sa.Column:
+    """The run a row belongs to: deleting the run deletes the row (SQLite enforces foreign
+    keys only with PRAGMA foreign_keys=ON, set on every connection)."""
+    return sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
+                     nullable=False)
+
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("group_id", sa.String(100), index=True),  # runs started together (a race)
+    sa.Column("kind", sa.String(20), nullable=False, default="train"),
+    sa.Column("status", sa.String(20), nullable=False, index=True),
+    sa.Column("recipe", sa.Text, nullable=False),
+    sa.Column("created", sa.Float, nullable=False, index=True),  # epoch seconds
+    sa.Column("started", sa.Float),
+    sa.Column("finished", sa.Float),
+    sa.Column("updated", sa.Float),  # time of the latest event: the reaper's hang check
+    sa.Column("device", sa.String(40)),
+    sa.Column("host", sa.String(200)),  # the submitting host, then the worker's
+    sa.Column("pid", sa.Integer),
+    sa.Column("error", sa.Text),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("progress", sa.Text),  # stage, epoch/epochs and the latest epoch's figures
+    sa.Column("result", sa.Text),  # the final result without histories (see `result`)
+)
+epochs = sa.Table(
+    "epochs", metadata,
+    _owner(),
+    sa.Column("variant", sa.String(200), nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("record", sa.Text, nullable=False),
+    sa.PrimaryKeyConstraint("run_id", "variant", "epoch"),  # one row per epoch
+)
+variants = sa.Table(
+    "variants", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _owner(),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("technique", sa.String(100)),
+    sa.Column("metrics", sa.Text, nullable=False),
+    sa.Column("model_file", sa.Text),  # absolute path, or null
+    sa.UniqueConstraint("run_id", "name"),
+)
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _owner(),
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("event", sa.Text, nullable=False),
+    sa.Index("ix_events_run_id_id", "run_id", "id"),
+)
+
+_ENGINES: dict[tuple[int, str], tuple[sa.Engine, sa.Engine]] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def default_url() -> str:
+    """`WORKBENCH_STORE` if set, else a SQLite file `./runs/workbench.db` (made absolute)."""
+    if os.environ.get("WORKBENCH_STORE"):
+        return os.environ["WORKBENCH_STORE"]
+    folder = Path("runs").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'workbench.db'}"
+
+
+def artifacts_root() -> Path:
+    """`WORKBENCH_ARTIFACTS` if set, else `./runs/artifacts`; always absolute."""
+    return Path(os.environ.get("WORKBENCH_ARTIFACTS") or "runs/artifacts").resolve()
+
+
+def run_dir(run_id: str) -> Path:
+    """The folder holding one run's model files, result.json and worker.log."""
+    return artifacts_root() / run_id
+
+
+class Store:
+    """The run store at `url` (see `default_url`). Cheap to create: engines are shared."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = _absolute(url or default_url())
+        self._db, self._writer = _engine(self.url)
+
+    # --- life cycle of a run -------------------------------------------------------------
+
+    def create_run(self, recipe: dict[str, Any], *, name: str | None = None,
+                   group: str | None = None, kind: str = "train") -> str:
+        """Store a queued run and return its id."""
+        run_id = uuid.uuid4().hex[:12]
+        with self._writer.begin() as conn:
+            conn.execute(runs.insert().values(
+                id=run_id, name=None if name is None else name[:200], group_id=group,
+                kind=kind, status="queued", recipe=_dumps(recipe), created=time.time(),
+                cancel_requested=False,
+                host=socket.gethostname()))  # so the reaper knows whose queued run it is
+        return run_id
+
+    def start_run(self, run_id: str, *, pid: int, host: str,
+                  device: str | None = None) -> bool:
+        """Mark a queued run running; False if it is no longer queued (cancelled meanwhile)."""
+        now = time.time()
+        with self._writer.begin() as conn:
+            changed = conn.execute(
+                runs.update().where(runs.c.id == run_id, runs.c.status == "queued")
+                .values(status="running", started=now, updated=now, pid=pid, host=host,
+                        device=device)).rowcount
+            if not changed:
+                _require(conn, run_id)
+        return bool(changed)
+
+    def finish_run(self, run_id: str, status: str, *, error: str | None = None,
+                   result: dict[str, Any] | None = None) -> bool:
+        """End a run as done, failed or cancelled. A finished run is never changed again
+        (a late "failed" from the reaper must not undo "done"); returns whether it changed."""
+        if status not in FINISHED:
+            raise ValueError(f"status must be one of {FINISHED}, got {status!r}")
+        now = time.time()
+        with self._writer.begin() as conn:
+            changed = conn.execute(
+                runs.update().where(runs.c.id == run_id, runs.c.status.in_(ACTIVE))
+                .values(status=status, finished=now, updated=now, error=error,
+                        result=None if result is None else _dumps(_without_histories(result))),
+            ).rowcount
+            if not changed:
+                _require(conn, run_id)
+                return False
+            conn.execute(events.insert().values(run_id=run_id, time=now, event=_dumps(
+                {"event": "finished", "status": status, "error": error})))
+        return True
+
+    def record_event(self, run_id: str, event: dict[str, Any]) -> None:
+        """Store one progress event of `engine.run`: the event itself, the progress summary,
+        and an epoch row ("epoch" events) or a variant row ("variant" events)."""
+        now = time.time()
+        kind = event.get("event")
+        with self._writer.begin() as conn:
+            old = conn.execute(select(runs.c.progress).where(runs.c.id == run_id)).first()
+            if old is None:
+                raise _not_found(run_id)
+            progress = {**(_loads(old.progress) or {}), **_progress_update(event), "time": now}
+            conn.execute(runs.update().where(runs.c.id == run_id)
+                         .values(progress=_dumps(progress), updated=now))
+            conn.execute(events.insert().values(run_id=run_id, time=now, event=_dumps(event)))
+            if kind == "epoch":
+                self._put_epoch(conn, run_id, event)
+            elif kind == "variant":
+                self._put_variant(conn, run_id, event)
+
+    def request_cancel(self, run_id: str) -> None:
+        """Flag the run; its worker stops at its next check (see `engine.jobs.cancel`)."""
+        with self._writer.begin() as conn:
+            if not conn.execute(runs.update().where(runs.c.id == run_id)
+                                .values(cancel_requested=True)).rowcount:
+                raise _not_found(run_id)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        """Whether the user asked to cancel the run (what the worker polls)."""
+        with self._db.connect() as conn:
+            return bool(_require(conn, run_id).cancel_requested)
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete the run's rows (epochs, variants and events cascade) and its folder."""
+        with self._writer.begin() as conn:
+            if _require(conn, run_id).status in ACTIVE:
+                raise UserError(f"run {run_id!r} is still active; cancel it before deleting it.")
+            conn.execute(runs.delete().where(runs.c.id == run_id))
+        folder = run_dir(run_id)
+        if folder.parent == artifacts_root():  # never follow an odd id out of the root
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """Every column of the run (JSON decoded) plus `duration_s`; None if unknown."""
+        with self._db.connect() as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+        return None if row is None else _run_dict(row._mapping)
+
+    def list_runs(self, *, limit: int = 200, status: str | None = None,
+                  group: str | None = None) -> list[dict[str, Any]]:
+        """Runs newest first, without `result`, each with its baseline's `metrics` ({} until
+        the baseline is stored): one query, enough for a table of runs."""
+        baseline = and_(variants.c.run_id == runs.c.id, variants.c.name == "baseline")
+        columns = [c for c in runs.c if c.name != "result"]
+        query = (select(*columns, variants.c.metrics.label("metrics"))
+                 .select_from(runs.outerjoin(variants, baseline))
+                 .order_by(runs.c.created.desc()).limit(limit))
+        if status is not None:
+            query = query.where(runs.c.status == status)
+        if group is not None:
+            query = query.where(runs.c.group_id == group)
+        with self._db.connect() as conn:
+            rows = conn.execute(query).all()
+        return [{**_run_dict(r._mapping), "metrics": _loads(r.metrics) or {}} for r in rows]
+
+    def active_runs(self) -> list[dict[str, Any]]:
+        """Queued and running runs, oldest first."""
+        columns = [c for c in runs.c if c.name != "result"]
+        query = select(*columns).where(runs.c.status.in_(ACTIVE)).order_by(runs.c.created)
+        with self._db.connect() as conn:
+            return [_run_dict(r._mapping) for r in conn.execute(query)]
+
+    def history(self, run_id: str, variant: str = "baseline") -> dict[str, list[Any]]:
+        """Per-epoch columns in epoch order, as the engine's history: epoch, train_loss,
+        train_accuracy (or train_r2), val_loss, ..., lr, time_s. NaN reads back as None;
+        {} before the first epoch."""
+        query = (select(epochs.c.epoch, epochs.c.record)
+                 .where(epochs.c.run_id == run_id, epochs.c.variant == variant)
+                 .order_by(epochs.c.epoch))
+        with self._db.connect() as conn:
+            _require(conn, run_id)
+            rows = conn.execute(query).all()
+        return _columns([(r.epoch, json.loads(r.record)) for r in rows])
+
+    def variants(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's variants in the order they were made: name, position, technique,
+        metrics, model_file (an absolute path or None)."""
+        query = (select(variants.c.name, variants.c.position, variants.c.technique,
+                        variants.c.metrics, variants.c.model_file)
+                 .where(variants.c.run_id == run_id).order_by(variants.c.position))
+        with self._db.connect() as conn:
+            _require(conn, run_id)
+            rows = conn.execute(query).all()
+        return [{**r._mapping, "metrics": json.loads(r.metrics)} for r in rows]
+
+    def events(self, run_id: str, *, after_id: int = 0) -> list[dict[str, Any]]:
+        """Events newer than `after_id`, oldest first: the event's keys plus `id` and `time`
+        (pass the last `id` back to poll for new ones)."""
+        query = (select(events.c.id, events.c.time, events.c.event)
+                 .where(events.c.run_id == run_id, events.c.id > after_id)
+                 .order_by(events.c.id))
+        with self._db.connect() as conn:
+            _require(conn, run_id)
+            rows = conn.execute(query).all()
+        return [{**json.loads(r.event), "id": r.id, "time": r.time} for r in rows]
+
+    def result(self, run_id: str) -> dict[str, Any]:
+        """The run's result shaped like result.json, each variant's history read back from
+        the epochs table and `model_file` absolute. For a run that did not finish (failed,
+        killed, still running) it holds what exists: the recipe and the variants so far."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise _not_found(run_id)
+        result = run["result"] or {"recipe": run["recipe"], "device": run["device"],
+                                   "variants": [], "tuning": None, "diagnostics": {}}
+        stored = {v["name"]: v for v in result.get("variants", [])}
+        table = {v["name"]: v for v in self.variants(run_id)}
+        with self._db.connect() as conn:
+            rows = conn.execute(select(epochs.c.variant, epochs.c.epoch, epochs.c.record)
+                                .where(epochs.c.run_id == run_id)
+                                .order_by(epochs.c.variant, epochs.c.epoch)).all()
+        trained: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        for r in rows:
+            trained.setdefault(r.variant, []).append((r.epoch, json.loads(r.record)))
+        out = []
+        for name in dict.fromkeys([*stored, *table, *trained]):  # ordered, no repeats
+            row = table.get(name, {"technique": None, "metrics": {}, "model_file": None})
+            variant = stored.get(name) or {"name": name, "technique": row["technique"],
+                                           "metrics": row["metrics"]}
+            model_file = row["model_file"] or _model_path(run_id, variant.get("model_file"))
+            out.append({**variant, "model_file": model_file,
+                        "history": _columns(trained.get(name, []))})
+        return {**result, "variants": out, "run_id": run_id, "status": run["status"],
+                "error": run["error"]}
+
+    # --- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _put_epoch(conn: Any, run_id: str, event: dict[str, Any]) -> None:
+        variant = event.get("variant", "baseline")
+        record = _dumps({k: v for k, v in event.items() if k not in ("event", "variant")})
+        where = and_(epochs.c.run_id == run_id, epochs.c.variant == variant,
+                     epochs.c.epoch == event["epoch"])
+        # A repeated epoch replaces the old row: update-or-insert works on every backend.
+        if not conn.execute(epochs.update().where(where).values(record=record)).rowcount:
+            conn.execute(epochs.insert().values(run_id=run_id, variant=variant,
+                                                epoch=event["epoch"], record=record))
+
+    @staticmethod
+    def _put_variant(conn: Any, run_id: str, event: dict[str, Any]) -> None:
+        values = {"technique": event.get("technique"),
+                  "metrics": _dumps(event.get("metrics") or {}),
+                  "model_file": _model_path(run_id, event.get("model_file"))}
+        where = and_(variants.c.run_id == run_id, variants.c.name == event["name"])
+        if not conn.execute(variants.update().where(where).values(**values)).rowcount:
+            position = conn.execute(select(func.count()).select_from(variants)
+                                    .where(variants.c.run_id == run_id)).scalar_one()
+            conn.execute(variants.insert().values(run_id=run_id, name=event["name"],
+                                                  position=position, **values))
+
+
+# --- engines, one per URL per process -----------------------------------------------------
+
+def _engine(url: str) -> tuple[sa.Engine, sa.Engine]:
+    """(reader, writer) for `url`, made once per process: the app builds a Store on every
+    rerun, and a forked child must not share its parent's connections."""
+    key = (os.getpid(), url)
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            parsed = sa.make_url(url)
+            sqlite = parsed.get_backend_name() == "sqlite"
+            if sqlite and parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # A server may drop idle connections; a SQLite file never does.
+            db = sa.create_engine(url, pool_pre_ping=not sqlite)
+            if sqlite:
+                _configure_sqlite(db)
+            writer = db.execution_options(sqlite_immediate=True)
+            with writer.begin() as conn:  # one writer at a time checks and creates tables
+                metadata.create_all(conn)
+            _ENGINES[key] = (db, writer)
+        return _ENGINES[key]
+
+
+def _configure_sqlite(db: sa.Engine) -> None:
+    @sa.event.listens_for(db, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # sqlite3 leaves BEGIN to `_on_begin`
+        cursor = dbapi_conn.cursor()
+        for pragma in ("busy_timeout=10000", "journal_mode=WAL", "foreign_keys=ON",
+                       "synchronous=NORMAL"):  # busy_timeout first: WAL may need the lock
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @sa.event.listens_for(db, "begin")
+    def _on_begin(conn: Any) -> None:
+        # A deferred transaction that reads, then writes after another writer committed,
+        # fails at once with SQLITE_BUSY; IMMEDIATE takes the write lock up front and waits.
+        immediate = conn.get_execution_options().get("sqlite_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _absolute(url: str) -> str:
+    """A relative SQLite path made absolute, so a worker started elsewhere finds the file."""
+    parsed = sa.make_url(url)
+    if (parsed.get_backend_name() == "sqlite" and parsed.database
+            and parsed.database != ":memory:" and not parsed.database.startswith("file:")):
+        parsed = parsed.set(database=str(Path(parsed.database).resolve()))
+    return parsed.render_as_string(hide_password=False)
+
+
+# --- rows and JSON ------------------------------------------------------------------------
+
+def _require(conn: Any, run_id: str) -> Any:
+    row = conn.execute(select(runs.c.status, runs.c.cancel_requested)
+                       .where(runs.c.id == run_id)).first()
+    if row is None:
+        raise _not_found(run_id)
+    return row
+
+
+def _not_found(run_id: str) -> UserError:
+    return UserError(f"there is no run {run_id!r} in the store; pick one from the list of runs.")
+
+
+def _run_dict(row: Any) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("recipe", "progress", "result"):
+        if key in out:
+            out[key] = _loads(out[key])
+    out["cancel_requested"] = bool(out["cancel_requested"])
+    started, finished = out["started"], out["finished"]
+    out["duration_s"] = None if started is None else (finished or time.time()) - started
+    return out
+
+
+def _progress_update(event: dict[str, Any]) -> dict[str, Any]:
+    """What one event changes in the run's progress summary (a cheap progress bar)."""
+    kind = event.get("event")
+    if kind in ("stage", "epoch"):
+        return {k: v for k, v in event.items() if k != "event"}
+    if kind == "variant":
+        return {"message": f"variant {event.get('name')} evaluated"}
+    if kind == "done":
+        return {"stage": "done", "message": "finished"}
+    return {"message": event["message"]} if "message" in event else {}
+
+
+def _columns(records: list[tuple[int, dict[str, Any]]]) -> dict[str, list[Any]]:
+    """Epoch records -> the engine's history shape, columns in first-seen key order."""
+    if not records:
+        return {}
+    keys = dict.fromkeys(k for _, r in records for k in r if k not in ("epoch", "epochs"))
+    return {"epoch": [e for e, _ in records],
+            **{k: [r.get(k) for _, r in records] for k in keys}}
+
+
+def _model_path(run_id: str, model_file: str | None) -> str | None:
+    """A model file named inside the run's folder, as an absolute path (absolute stays)."""
+    return None if model_file is None else str(run_dir(run_id) / model_file)
+
+
+def _without_histories(result: dict[str, Any]) -> dict[str, Any]:
+    """Histories live in the epochs table; the stored result keeps the rest."""
+    return {**result, "variants": [{k: v for k, v in variant.items() if k != "history"}
+                                   for variant in result.get("variants", [])]}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(_clean(obj), allow_nan=False, default=str)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-ready: NaN and infinities become None; numpy and torch scalars plain numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _clean(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
