@@ -167,6 +167,11 @@ def load_arrays(cfg: DataConfig) -> Arrays:
     return loaders[ext](path, cfg)
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """The raw table of a .csv or .parquet file, for previews and choosing the target."""
+    return _read_frame(Path(path))
+
+
 def _read_frame(path: Path) -> pd.DataFrame:
     kind = "CSV" if path.suffix.lower() == ".csv" else "Parquet"
     try:
@@ -598,3 +603,26 @@ def augment(xb: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) ->
     index = (rows[:, :, None] * Wp + cols[:, None, :]).reshape(B, 1, H * W)
     out = padded.reshape(B, C, -1).gather(2, index.expand(B, C, H * W))
     return out.reshape(B, C, H, W)
+
+
+def preview(cfg: DataConfig, *, seed: int, rows: int = 10, images: int = 16) -> dict[str, Any]:
+    """What the Data page shows: the summary, the first raw rows or sample images."""
+    bundle = load_data(cfg, seed=seed)
+    out = bundle.summary()
+    if bundle.is_image:  # raw pixels: per-pixel scaling would make the digits unreadable
+        X, y, meta = load_arrays(cfg)
+        _, labels, names = resolve_task(y[:images], bundle.task, meta)
+        out["images"] = list(X[:images])
+        out["image_labels"] = [names[int(v)] if names else f"{float(v):.3g}" for v in labels]
+        return out
+    path = Path(cfg.source)
+    if path.suffix.lower() in (".csv", ".parquet"):
+        head = read_table(path).head(rows)
+    else:
+        X, y, meta = load_arrays(cfg)
+        flat = X[:rows].reshape(min(rows, len(X)), -1)
+        names = meta.get("feature_names") or [f"x{i}" for i in range(flat.shape[1])]
+        head = pd.DataFrame(flat, columns=names)
+        head["target"] = y[:rows]
+    out["head"] = head.to_dict(orient="list")
+    return out

@@ -273,3 +273,34 @@ def layer_names(model: nn.Module) -> list[str]:
     """Names of the modules that own parameters, as `train.freeze` takes them."""
     names = {name.rsplit(".", 1)[0] for name, _ in model.named_parameters()}
     return sorted(names)
+
+
+def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """One row per leaf layer: name, type, output shape per sample, parameters."""
+    rows: list[dict[str, Any]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+            def hook(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+                shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()
+                rows.append({"layer": name, "type": type(mod).__name__,
+                             "output": "x".join(map(str, shape)),
+                             "params": sum(p.numel() for p in mod.parameters())})
+            hooks.append(module.register_forward_hook(hook))
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def describe(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> dict[str, Any]:
+    """What the Model page shows: complexity figures and the layer table (ONNX: operators)."""
+    if cfg.source.lower().endswith(".onnx"):
+        return onnx_complexity(cfg.source)
+    model = build_model(cfg, input_shape, n_out, seed=0)
+    return {**complexity(model, input_shape), "layers": layer_table(model, input_shape)}

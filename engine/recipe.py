@@ -20,6 +20,13 @@ from typing import Any
 from engine.errors import UserError
 from engine.registry import unknown_message
 
+# the allowed values of the recipe's enumerated settings, for validation and for the app
+TASKS = ("auto", "classification", "regression")
+SCALINGS = ("standard", "minmax", False)  # `standardize: true` means "standard"
+MISSING = ("refuse", "drop", "mean", "median")
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
+SELECTIONS = ("variance", "kbest")
+
 
 @dataclass(frozen=True)
 class FeatureSelectionConfig:
@@ -30,7 +37,7 @@ class FeatureSelectionConfig:
     k: int = 10  # for "kbest"
 
     def validate(self) -> None:
-        _choice("data.feature_selection.method", self.method, ("variance", "kbest"))
+        _choice("data.feature_selection.method", self.method, SELECTIONS)
         _at_least("data.feature_selection.threshold", self.threshold, 0.0)
         _at_least("data.feature_selection.k", self.k, 1)
 
@@ -61,9 +68,9 @@ class DataConfig:
     params: dict[str, Any] = field(default_factory=dict)  # the dataset's own settings
 
     def validate(self) -> None:
-        _choice("data.task", self.task, ("auto", "classification", "regression"))
-        _choice("data.standardize", self.standardize, (True, False, "standard", "minmax"))
-        _choice("data.missing", self.missing, ("refuse", "drop", "mean", "median"))
+        _choice("data.task", self.task, TASKS)
+        _choice("data.standardize", self.standardize, (True, *SCALINGS))
+        _choice("data.missing", self.missing, MISSING)
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -96,8 +103,7 @@ class ModelConfig:
     kernel_size: int = 3  # cnn: convolution window, in pixels or samples
 
     def validate(self) -> None:
-        _choice("model.activation", self.activation,
-                ("relu", "tanh", "gelu", "sigmoid", "leaky_relu"))
+        _choice("model.activation", self.activation, ACTIVATIONS)
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout!r}.")
         for name in ("hidden", "channels"):

@@ -18,6 +18,7 @@ from engine.data import (
     kfold,
     load_arrays,
     load_data,
+    preview,
     stratified_kfold,
 )
 from engine.errors import UserError
@@ -340,3 +341,13 @@ def test_augment_shift_moves_rows_with_zero_fill(flip):
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) > 4  # offsets (and flips) really vary across the batch
+
+
+def test_preview_shows_raw_images_or_rows():
+    images = preview(DataConfig(source="builtin:digits"), seed=0)
+    assert len(images["images"]) == 16 and images["images"][0].shape == (1, 8, 8)
+    assert images["images"][0].min() >= 0  # raw pixels, not standardized ones
+    assert set(images["image_labels"]) <= {str(i) for i in range(10)}
+    assert sum(images["classes"].values()) == images["rows"]["train"]
+    rows = preview(DataConfig(source="builtin:wine"), seed=0)
+    assert len(rows["head"]["target"]) == 10 and "alcohol" in rows["head"]

@@ -14,6 +14,7 @@ from engine.models import (
     MODELS,
     build_model,
     complexity,
+    describe,
     layer_names,
     onnx_complexity,
     save_model,
@@ -134,3 +135,10 @@ def test_onnx_files_get_complexity_but_are_not_trained(tmp_path):
 def test_layer_names_are_what_freeze_takes():
     model = build_model(ModelConfig(source="builtin:cnn"), (1, 8, 8), 10, seed=0)
     assert layer_names(model) == ["conv1", "conv2", "fc1", "fc2", "out"]
+
+
+def test_describe_gives_figures_and_layers_for_the_model_page():
+    info = describe(ModelConfig(source="builtin:cnn"), (1, 8, 8), 10)
+    assert [r["layer"] for r in info["layers"]][:3] == ["conv1", "cact1", "pool1"]
+    assert info["layers"][0]["output"] == "16x8x8"
+    assert sum(r["params"] for r in info["layers"]) == info["params"]

@@ -1,0 +1,117 @@
+"""Plotly figures from stored results: pure functions, tested on their data.
+
+Each figure has a `*_records` function that computes what is drawn as plain records
+(tests assert on those) and a builder that turns the records into a figure. Pages only
+place the figures. Axis titles always carry units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+
+METRIC_LABELS = {"loss": "loss", "accuracy": "accuracy (fraction correct)", "r2": "R²",
+                 "lr": "learning rate"}
+SPLIT_DASH = {"train": "dot", "val": "solid"}
+PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
+           "#db2777", "#4b5563", "#65a30d")
+
+
+def curve_records(histories: Mapping[str, Mapping[str, Sequence[Any]]],
+                  metric: str) -> list[dict[str, Any]]:
+    """One record per (run label, split, epoch) for `metric` ("loss", "accuracy", "r2").
+
+    Missing values (NaN or None, as a run without a validation part has) are left out."""
+    records = []
+    for label, history in histories.items():
+        epochs = history.get("epoch", [])
+        for split in ("train", "val"):
+            values = history.get(f"{split}_{metric}") or []
+            for epoch, value in zip(epochs, values, strict=False):
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    continue
+                records.append({"label": label, "split": split, "epoch": epoch,
+                                "value": float(value)})
+    return records
+
+
+def curves(histories: Mapping[str, Mapping[str, Sequence[Any]]], metric: str, *,
+           title: str | None = None) -> go.Figure:
+    """Train (dotted) and validation (solid) curves of `metric`, one colour per run."""
+    records = curve_records(histories, metric)
+    fig = go.Figure()
+    colours = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(histories)}
+    for label in histories:
+        for split in ("train", "val"):
+            points = [r for r in records if r["label"] == label and r["split"] == split]
+            if not points:
+                continue
+            name = f"{label} · {split}" if len(histories) > 1 else split
+            fig.add_trace(go.Scatter(
+                x=[p["epoch"] for p in points], y=[p["value"] for p in points], name=name,
+                mode="lines+markers" if len(points) < 30 else "lines",
+                line={"color": colours[label], "dash": SPLIT_DASH[split]},
+                legendgroup=label))
+    fig.update_layout(title=title or f"{METRIC_LABELS.get(metric, metric)} per epoch",
+                      xaxis_title="epoch", yaxis_title=METRIC_LABELS.get(metric, metric),
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10}, height=340,
+                      legend={"orientation": "h", "y": -0.25})
+    if metric == "loss" and records and min(r["value"] for r in records) > 0:
+        spread = max(r["value"] for r in records) / min(r["value"] for r in records)
+        if spread > 50:  # losses spanning decades read better on a log axis
+            fig.update_yaxes(type="log")
+    return fig
+
+
+def lr_schedule(rates: Sequence[float], *, title: str = "learning rate per epoch"
+                ) -> go.Figure:
+    """The rate each epoch will use, as the engine computes it."""
+    fig = go.Figure(go.Scatter(x=list(range(1, len(rates) + 1)), y=list(rates),
+                               mode="lines+markers" if len(rates) < 60 else "lines",
+                               line={"color": PALETTE[0]}, name="learning rate"))
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="learning rate",
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10}, height=260)
+    return fig
+
+
+def class_balance_records(counts: Mapping[str, int]) -> list[dict[str, Any]]:
+    total = sum(counts.values()) or 1
+    return [{"class": str(k), "count": int(v), "share": v / total} for k, v in counts.items()]
+
+
+def class_balance(counts: Mapping[str, int], *, title: str = "class balance (training part)"
+                  ) -> go.Figure:
+    records = class_balance_records(counts)
+    fig = go.Figure(go.Bar(x=[r["class"] for r in records], y=[r["count"] for r in records],
+                           text=[f"{r['share']:.0%}" for r in records],
+                           marker_color=PALETTE[0]))
+    fig.update_layout(title=title, xaxis_title="class", yaxis_title="rows",
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10}, height=280)
+    return fig
+
+
+def image_grid(images: Sequence[Any], labels: Sequence[str], *, columns: int = 8,
+               title: str = "sample images") -> go.Figure:
+    """A grid of (C, H, W) images in [0, 1] (or any range: each is scaled on its own)."""
+    import numpy as np
+    from plotly.subplots import make_subplots
+
+    n = len(images)
+    rows = max(1, math.ceil(n / columns))
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=[str(x) for x in labels],
+                        horizontal_spacing=0.01, vertical_spacing=0.08)
+    for i, image in enumerate(images):
+        img = np.asarray(image, dtype=np.float32)
+        lo, hi = float(img.min()), float(img.max())
+        img = (img - lo) / (hi - lo) if hi > lo else img * 0
+        rgb = np.repeat(img[:1], 3, 0) if img.shape[0] == 1 else img[:3]
+        fig.add_trace(go.Image(z=(rgb.transpose(1, 2, 0) * 255).astype("uint8")),
+                      row=i // columns + 1, col=i % columns + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=title, height=110 * rows + 60, margin={"l": 5, "r": 5, "t": 60,
+                                                                    "b": 5})
+    return fig

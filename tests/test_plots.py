@@ -1,0 +1,51 @@
+"""Plot builders: assert on the records they draw, and that figures carry units."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine import plots
+
+
+def test_curve_records_skip_missing_values_and_keep_order():
+    history = {"epoch": [1, 2, 3], "train_loss": [1.0, 0.5, 0.25],
+               "val_loss": [1.1, math.nan, None]}
+    records = plots.curve_records({"a": history}, "loss")
+    assert [(r["split"], r["epoch"], r["value"]) for r in records] == [
+        ("train", 1, 1.0), ("train", 2, 0.5), ("train", 3, 0.25), ("val", 1, 1.1)]
+
+
+def test_curves_overlay_runs_with_one_colour_each():
+    histories = {"sgd": {"epoch": [1, 2], "train_accuracy": [0.5, 0.6],
+                         "val_accuracy": [0.4, 0.5]},
+                 "adam": {"epoch": [1, 2], "train_accuracy": [0.7, 0.9],
+                          "val_accuracy": [0.6, 0.8]}}
+    fig = plots.curves(histories, "accuracy")
+    assert [t.name for t in fig.data] == ["sgd · train", "sgd · val", "adam · train",
+                                          "adam · val"]
+    assert fig.data[0].line.color == fig.data[1].line.color != fig.data[2].line.color
+    assert fig.data[0].line.dash == "dot" and fig.data[1].line.dash == "solid"
+    assert fig.layout.xaxis.title.text == "epoch"
+    assert "accuracy" in fig.layout.yaxis.title.text
+
+
+def test_loss_spanning_decades_uses_a_log_axis():
+    fig = plots.curves({"a": {"epoch": [1, 2, 3], "train_loss": [10.0, 1.0, 0.01]}}, "loss")
+    assert fig.layout.yaxis.type == "log"
+
+
+def test_lr_schedule_and_class_balance():
+    fig = plots.lr_schedule([0.1, 0.05, 0.025])
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [0.1, 0.05, 0.025]
+    records = plots.class_balance_records({"a": 3, "b": 1})
+    assert records == [{"class": "a", "count": 3, "share": 0.75},
+                       {"class": "b", "count": 1, "share": 0.25}]
+    assert plots.class_balance({"a": 3, "b": 1}).data[0].text == ("75%", "25%")
+
+
+def test_image_grid_has_one_image_per_sample():
+    images = np.random.default_rng(0).random((10, 1, 8, 8)).astype(np.float32)
+    fig = plots.image_grid(images, [str(i) for i in range(10)], columns=5)
+    assert len(fig.data) == 10 and fig.data[0].z.shape == (8, 8, 3)
