@@ -1,0 +1,52 @@
+"""The workbench's entry point: the page list and the sidebar, nothing else.
+
+    streamlit run app.py
+"""
+
+import streamlit as st
+
+from engine import jobs
+from engine.store import Store
+
+st.set_page_config(page_title="Model optimization workbench", page_icon=":material/speed:",
+                   layout="wide")
+
+
+@st.cache_resource
+def device_name() -> str:
+    import torch
+
+    from engine.train import resolve_device
+
+    device = resolve_device("auto")
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+@st.cache_resource
+def reap_once() -> bool:
+    """At start-up: runs whose worker died while the app was down are marked failed."""
+    jobs.reap(Store())
+    return True
+
+
+@st.fragment(run_every=2.0)
+def active_runs() -> None:
+    for run in Store().active_runs():
+        progress = run.get("progress") or {}
+        st.progress(min(progress.get("epoch", 0) / max(progress.get("epochs") or 1, 1), 1.0),
+                    text=f"{run['name']}: epoch {progress.get('epoch', 0)} of "
+                         f"{progress.get('epochs', '?')}")
+
+
+reap_once()
+page = st.navigation([
+    st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:",
+            default=True),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
+])
+with st.sidebar:
+    st.caption(f"Device: **{device_name()}**")
+    st.caption(f"Run store: `{Store().url}`")
+    active_runs()
+page.run()

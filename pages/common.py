@@ -1,0 +1,174 @@
+"""Widgets shared by the pages: the current selection, registry-driven inputs, errors.
+
+No business logic here: defaults come from the engine's dataclasses and registries, work
+goes to the engine, results come from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from engine import plots
+from engine.errors import UserError
+from engine.recipe import Recipe
+from engine.registry import Param
+
+UPLOAD_LIMIT_MB = 200  # also server.maxUploadSize in .streamlit/config.toml
+
+
+@st.cache_data
+def default_sections() -> dict[str, Any]:
+    """The recipe's defaults, from the engine's dataclasses (never a second copy)."""
+    return Recipe.from_dict({}).to_dict()
+
+
+def selection() -> dict[str, Any]:
+    """The data and model sections chosen on the Data & Model page (defaults: digits, mlp)."""
+    if "selection" not in st.session_state:
+        defaults = default_sections()
+        st.session_state["selection"] = {"data": dict(defaults["data"]),
+                                         "model": dict(defaults["model"])}
+    return st.session_state["selection"]
+
+
+def describe(section: dict[str, Any]) -> str:
+    source = section["source"]
+    return source.removeprefix("builtin:") if source.startswith("builtin:") else Path(
+        source).name
+
+
+def param_input(param: Param, key: str, value: Any = None, *, label: str | None = None) -> Any:
+    """One widget for a registry parameter: its type, default, bounds and help."""
+    value = param.default if value is None else value
+    label = label or param.name.replace("_", " ")
+    if param.choices:
+        return st.selectbox(label, list(param.choices), index=list(param.choices).index(value),
+                            key=key, help=param.help)
+    if param.type == "bool":
+        return st.checkbox(label, value=bool(value), key=key, help=param.help)
+    if param.type == "int":
+        return int(st.number_input(label, value=int(value), step=1, key=key, help=param.help,
+                                   min_value=int(param.low) if param.low is not None else None,
+                                   max_value=int(param.high) if param.high is not None else None))
+    if param.type == "float":
+        if value is None:  # optional numbers (grad_clip) are switched on by a checkbox
+            return None
+        return float(st.number_input(label, value=float(value), key=key, help=param.help,
+                                     format="%g", min_value=param.low, max_value=param.high))
+    return st.text_input(label, value=str(value), key=key, help=param.help)
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """'128, 64' -> [128, 64]; a bad list is a UserError naming the field."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{what} must be whole numbers separated by commas, such as "
+                        f"'128, 64'.") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{what} needs at least one positive width, such as '128, 64'.")
+    return values
+
+
+def save_upload(upload: Any, folder: Path) -> Path:
+    """Write an uploaded file under a name derived from its content; never executes it."""
+    data = upload.getvalue()
+    if len(data) > UPLOAD_LIMIT_MB * 2**20:
+        raise UserError(f"{upload.name} is larger than {UPLOAD_LIMIT_MB} MB; upload a smaller "
+                        f"file.")
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{digest}_{Path(upload.name).name}"
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
+def recipe_download(recipe: dict[str, Any], key: str) -> None:
+    st.download_button("Download recipe (JSON)", json.dumps(recipe, indent=2),
+                       file_name="recipe.json", mime="application/json", key=key,
+                       help="Replay it headless: python -m engine run recipe.json --out DIR")
+
+
+def show_error(exc: Exception) -> None:
+    """A user's mistake as one sentence on the page; anything else as a short notice."""
+    if isinstance(exc, UserError):
+        st.error(str(exc))
+    else:
+        st.error(f"Something went wrong inside the engine ({type(exc).__name__}: {exc}). "
+                 f"Your settings are kept; try again or report it.")
+
+
+@st.cache_data(max_entries=16, show_spinner="Loading the data...")
+def data_preview(data_json: str, seed: int) -> dict[str, Any]:
+    """The engine's data preview, cached by the data section's JSON."""
+    from engine.data import preview
+
+    return preview(Recipe.from_dict({"data": json.loads(data_json)}).data, seed=seed)
+
+
+@st.cache_data(max_entries=16, show_spinner="Building the model...")
+def model_preview(model_json: str, data_json: str) -> dict[str, Any]:
+    """Complexity figures and layers of the model as it would be built for this data."""
+    from engine.models import describe
+
+    summary = data_preview(data_json, 0)
+    n_out = len(summary.get("classes") or {}) or 1
+    cfg = Recipe.from_dict({"model": json.loads(model_json)}).model
+    return describe(cfg, tuple(summary["input_shape"]), n_out)
+
+
+def registry_choice(registry: Any, label: str, key: str, current: str,
+                    options: dict[str, Any], *, names: list[str] | None = None
+                    ) -> tuple[str, dict[str, Any]]:
+    """A technique from a registry and its own settings, each widget built from its Param."""
+    names = names or registry.names()
+    name = st.selectbox(label, names, index=names.index(current) if current in names else 0,
+                        key=key, help="; ".join(f"{e.name}: {e.description}" for e in registry
+                                                if e.name in names))
+    entry = registry.get(name)
+    st.caption(entry.description)
+    values = options if name == current else {}
+    if entry.params:
+        with st.expander(f"{name} settings"):
+            values = {p.name: param_input(p, f"{key}_{name}_{p.name}", values.get(p.name))
+                      for p in entry.params}
+    return name, values
+
+
+def show_data(summary: dict[str, Any]) -> None:
+    """Rows per split, input shape, sample images or rows, class balance."""
+    cols = st.columns(4)
+    for col, part in zip(cols, ("train", "val", "test"), strict=False):
+        col.metric(f"{part} rows", summary["rows"][part])
+    cols[3].metric("input shape", "x".join(map(str, summary["input_shape"])))
+    st.caption(f"Task: {summary['task']}")
+    if summary.get("images"):
+        st.plotly_chart(plots.image_grid(summary["images"], summary["image_labels"]),
+                        key="dm_images")
+    elif summary.get("head"):
+        st.dataframe(pd.DataFrame(summary["head"]), height=220)
+    if summary.get("classes"):
+        st.plotly_chart(plots.class_balance(summary["classes"]), key="dm_balance")
+
+
+def show_model(info: dict[str, Any]) -> None:
+    """Complexity figures and the layer table (operators for an ONNX file)."""
+    cols = st.columns(4)
+    cols[0].metric("parameters", f"{info['params']:,}")
+    cols[1].metric("trainable", f"{info.get('trainable_params', info['params']):,}")
+    cols[2].metric("FLOPs / sample", f"{info['flops']:,}" if "flops" in info else "n/a")
+    cols[3].metric("size", f"{info['size_bytes'] / 1024:.1f} KiB",
+                   help="The weights as torch.save writes them; a run reports the size of "
+                        "the .pt2 file it ships.")
+    if info.get("layers"):
+        st.dataframe(pd.DataFrame(info["layers"]), hide_index=True, height=260)
+    if info.get("operators"):
+        st.caption("ONNX operators: " + ", ".join(f"{k} x{v}" for k, v in
+                                                 info["operators"].items()))

@@ -1,0 +1,132 @@
+"""Data & Model: choose what to train on and what to train, and see both before running."""
+
+import json
+
+import streamlit as st
+
+from engine.data import DATASETS, read_table
+from engine.models import MODELS
+from engine.recipe import ACTIVATIONS, MISSING, SCALINGS, TASKS, Recipe
+from engine.store import artifacts_root
+from pages.common import (
+    UPLOAD_LIMIT_MB,
+    data_preview,
+    int_list,
+    model_preview,
+    param_input,
+    save_upload,
+    selection,
+    show_data,
+    show_error,
+    show_model,
+)
+
+st.title("Data & Model")
+sel = selection()
+data, model = dict(sel["data"]), dict(sel["model"])
+uploads = artifacts_root().parent / "uploads"
+
+st.header("Data")
+left, right = st.columns([2, 3])
+with left:
+    builtin = data["source"].startswith("builtin:")
+    kind = st.radio("Dataset", ["Built-in", "Upload"], index=0 if builtin else 1,
+                    horizontal=True, key="dm_data_kind")
+    if kind == "Built-in":
+        names = DATASETS.names()
+        current = data["source"].removeprefix("builtin:") if builtin else names[0]
+        name = st.selectbox("Built-in dataset", names, index=names.index(current),
+                            key="dm_dataset", help="Shipped with the packages; no download.")
+        entry = DATASETS.get(name)
+        st.caption(entry.description)
+        params = data["params"] if name == current and builtin else {}
+        if entry.params:
+            with st.expander("Dataset settings"):
+                params = {p.name: param_input(p, f"dm_ds_{name}_{p.name}", params.get(p.name))
+                          for p in entry.params}
+        data.update(source=f"builtin:{name}", params=params, target=None)
+    else:
+        upload = st.file_uploader(
+            f"CSV, Parquet, NPZ (arrays X and y) or ZIP of class/image folders, up to "
+            f"{UPLOAD_LIMIT_MB} MB", type=["csv", "parquet", "npz", "zip"], key="dm_data_file")
+        if upload is not None:
+            data.update(source=str(save_upload(upload, uploads)), params={})
+        if data["source"].startswith("builtin:"):
+            st.info("Upload a file to use it; the built-in dataset stays selected until then.")
+        elif data["source"].lower().endswith((".csv", ".parquet")):
+            try:
+                columns = list(read_table(data["source"]).columns)
+                target = data["target"] if data["target"] in columns else columns[-1]
+                data["target"] = st.selectbox("Target column", columns,
+                                              index=columns.index(target), key="dm_target")
+            except Exception as exc:
+                show_error(exc)
+            data["missing"] = st.selectbox("Missing values", MISSING,
+                                           index=MISSING.index(data["missing"]),
+                                           key="dm_missing")
+    with st.expander("Task, split and scaling"):
+        data["task"] = st.selectbox("Task", TASKS, index=TASKS.index(data["task"]),
+                                    key="dm_task")
+        data["val_fraction"] = st.slider("Validation fraction", 0.0, 0.5,
+                                         float(data["val_fraction"]), 0.05, key="dm_val")
+        data["test_fraction"] = st.slider("Test fraction", 0.0, 0.5,
+                                          float(data["test_fraction"]), 0.05, key="dm_test")
+        scaling = "standard" if data["standardize"] is True else data["standardize"]
+        data["standardize"] = st.selectbox(
+            "Scaling (fitted on the training part)", SCALINGS, index=SCALINGS.index(scaling),
+            format_func=lambda s: {False: "none"}.get(s, s), key="dm_scaling")
+
+st.header("Model")
+mleft, mright = st.columns([2, 3])
+with mleft:
+    builtin = model["source"].startswith("builtin:")
+    mkind = st.radio("Model", ["Built-in", "Upload"], index=0 if builtin else 1,
+                     horizontal=True, key="dm_model_kind")
+    if mkind == "Built-in":
+        names = MODELS.names()
+        current = model["source"].removeprefix("builtin:") if builtin else names[1]
+        name = st.selectbox("Architecture", names, index=names.index(current), key="dm_arch")
+        entry = MODELS.get(name)
+        st.caption(entry.description)
+        uses = entry.extra["uses"]
+        model["source"] = f"builtin:{name}"
+        try:
+            if "channels" in uses:
+                model["channels"] = int_list(st.text_input(
+                    "Convolution filters per block", ", ".join(map(str, model["channels"])),
+                    key="dm_channels"), "Convolution filters")
+                model["kernel_size"] = int(st.number_input(
+                    "Kernel size", 1, 15, int(model["kernel_size"]), key="dm_kernel"))
+            if "hidden" in uses:
+                model["hidden"] = int_list(st.text_input(
+                    "Hidden layer widths", ", ".join(map(str, model["hidden"])),
+                    key="dm_hidden"), "Hidden layer widths")
+            if "activation" in uses:
+                model["activation"] = st.selectbox(
+                    "Activation", ACTIVATIONS, index=ACTIVATIONS.index(model["activation"]),
+                    key="dm_activation")
+        except Exception as exc:
+            show_error(exc)
+    else:
+        upload = st.file_uploader(
+            f".pt2 (torch.export), .pt state_dict or TorchScript, or .onnx, up to "
+            f"{UPLOAD_LIMIT_MB} MB; files are never unpickled",
+            type=["pt2", "pt", "pth", "onnx"], key="dm_model_file")
+        if upload is not None:
+            model["source"] = str(save_upload(upload, uploads))
+        archs = [None, *MODELS.names()]
+        model["architecture"] = st.selectbox(
+            "Architecture of a state_dict", archs, index=archs.index(model["architecture"]),
+            format_func=lambda a: a or "(not a state_dict)", key="dm_state_arch")
+
+try:
+    checked = Recipe.from_dict({"data": data, "model": model})
+    sel["data"], sel["model"] = data, model  # only settings the engine accepts are kept
+    with right:
+        show_data(data_preview(json.dumps(checked.to_dict()["data"]), 0))
+    with mright:
+        show_model(model_preview(json.dumps(checked.to_dict()["model"]),
+                                 json.dumps(checked.to_dict()["data"])))
+    st.page_link("pages/train.py", label="Train this model", icon=":material/play_arrow:")
+except Exception as exc:
+    show_error(exc)

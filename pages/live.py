@@ -1,0 +1,57 @@
+"""The live view of runs: progress, curves growing epoch by epoch, cancel, final figures.
+
+A fragment that polls the store every second; the page around it never blocks, and the
+runs go on in their worker processes whether or not anyone watches.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from engine import jobs, plots
+from engine.store import Store
+
+
+def metric_of(histories: dict) -> str:
+    keys = {k for h in histories.values() for k in h}
+    return "accuracy" if "val_accuracy" in keys or "train_accuracy" in keys else "r2"
+
+
+@st.fragment(run_every=1.0)
+def watch(run_ids: list[str], key: str) -> None:
+    store = Store()
+    jobs.reap(store)
+    runs = [r for r in (store.get_run(i) for i in run_ids) if r is not None]
+    if not runs:
+        return
+    active = [r for r in runs if r["status"] in ("queued", "running")]
+    for run in runs:
+        progress = run.get("progress") or {}
+        done = progress.get("epoch", 0) / max(progress.get("epochs") or 1, 1)
+        text = (f"{run['name']} · {run['status']} · "
+                f"epoch {progress.get('epoch', 0)} of {progress.get('epochs', '?')}")
+        st.progress(1.0 if run["status"] == "done" else min(done, 1.0), text=text)
+        if run.get("error"):
+            st.error(f"{run['name']}: {run['error']}")
+    histories = {r["name"]: store.history(r["id"]) for r in runs}
+    left, right = st.columns(2)
+    left.plotly_chart(plots.curves(histories, "loss"), key=f"{key}_loss")
+    right.plotly_chart(plots.curves(histories, metric_of(histories)), key=f"{key}_metric")
+    if active and st.button("Cancel", key=f"{key}_cancel", icon=":material/stop:"):
+        for run in active:
+            jobs.cancel(run["id"], store=store, grace_s=3.0)
+    finished = [r for r in runs if r["status"] == "done"]
+    if finished:
+        rows = []
+        for run in finished:
+            for v in store.variants(run["id"]):
+                m = v["metrics"]
+                rows.append({"run": run["name"], "variant": v["name"],
+                             "test score": m.get("test_accuracy", m.get("test_r2")),
+                             "parameters": m.get("params"), "size (KiB)":
+                             round(m.get("size_bytes", 0) / 1024, 1),
+                             "latency (ms, batch 1)": m.get("latency_ms"),
+                             "epochs": m.get("epochs_run"), "train time (s)":
+                             m.get("train_time_s")})
+        st.dataframe(pd.DataFrame(rows), hide_index=True)

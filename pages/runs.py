@@ -1,0 +1,81 @@
+"""Runs: every run in the store; overlay several, open one, download or delete it."""
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from engine import jobs, plots
+from engine.store import Store
+from pages.common import show_error
+from pages.live import metric_of
+
+st.title("Runs")
+store = Store()
+jobs.reap(store)
+runs = store.list_runs()
+if not runs:
+    st.info("No runs yet. Start one on the Train page; it will be listed here.")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/play_arrow:")
+    st.stop()
+
+
+def row(run: dict) -> dict:
+    recipe, m = run["recipe"], run.get("metrics") or {}
+    return {"name": run["name"], "status": run["status"],
+            "data": recipe["data"]["source"].removeprefix("builtin:"),
+            "model": recipe["model"]["source"].removeprefix("builtin:"),
+            "optimizer": recipe["train"]["optimizer"],
+            "test score": m.get("test_accuracy", m.get("test_r2")),
+            "parameters": m.get("params"), "size (KiB)": round(m["size_bytes"] / 1024, 1)
+            if m.get("size_bytes") else None, "time (s)": round(run.get("duration_s") or 0, 1),
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created"]))}
+
+
+picked = st.dataframe(pd.DataFrame([row(r) for r in runs]), hide_index=True,
+                      on_select="rerun", selection_mode="multi-row", key="runs_table")
+chosen = [runs[i] for i in picked.selection.rows]
+if not chosen:
+    st.caption("Select one run to open it, or several to overlay their curves.")
+    st.stop()
+
+histories = {f"{r['name']} ({r['id'][:6]})": store.history(r["id"]) for r in chosen}
+left, right = st.columns(2)
+left.plotly_chart(plots.curves(histories, "loss"), key="runs_loss")
+right.plotly_chart(plots.curves(histories, metric_of(histories)), key="runs_metric")
+if len(chosen) > 1:
+    st.stop()
+
+run = chosen[0]
+st.subheader(f"{run['name']} · {run['status']}")
+if run.get("error"):
+    st.error(run["error"])
+variants = store.variants(run["id"])
+if variants:
+    st.dataframe(pd.DataFrame([{"variant": v["name"], **v["metrics"]} for v in variants]),
+                 hide_index=True)
+with st.expander("Recipe"):
+    st.json(run["recipe"])
+cols = st.columns(4)
+cols[0].download_button("Recipe (JSON)", json.dumps(run["recipe"], indent=2),
+                        file_name=f"recipe-{run['id']}.json", key="runs_dl_recipe")
+cols[1].download_button("Result (JSON)", json.dumps(store.result(run["id"]), indent=2),
+                        file_name=f"result-{run['id']}.json", key="runs_dl_result")
+for i, v in enumerate(v for v in variants if v.get("model_file")):
+    path = Path(v["model_file"])
+    if path.is_file():
+        cols[2 + i % 2].download_button(f"Model: {path.name}", path.read_bytes(),
+                                        file_name=f"{run['id']}-{path.name}",
+                                        key=f"runs_dl_model_{i}")
+if run["status"] in ("queued", "running"):
+    if st.button("Cancel run", key="runs_cancel"):
+        jobs.cancel(run["id"], store=store, grace_s=3.0)
+        st.rerun()
+elif st.button("Delete run", key="runs_delete", help="Removes the run and its files."):
+    try:
+        store.delete_run(run["id"])
+        st.rerun()
+    except Exception as exc:
+        show_error(exc)

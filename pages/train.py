@@ -1,0 +1,123 @@
+"""Train: every optimizer, schedule and regularizer from the engine, a run, its live curves."""
+
+import uuid
+
+import streamlit as st
+
+from engine import jobs, plots
+from engine.optimizers import OPTIMIZERS
+from engine.recipe import Recipe
+from engine.schedules import SCHEDULES, preview
+from pages.common import (
+    default_sections,
+    describe,
+    recipe_download,
+    registry_choice,
+    selection,
+    show_error,
+)
+from pages.live import watch
+
+st.title("Train")
+sel = selection()
+defaults = default_sections()["train"]
+cfg = st.session_state.setdefault("train_cfg", {**defaults, "schedule": {"name": "cosine"}})
+st.caption(f"Data: **{describe(sel['data'])}** · Model: **{describe(sel['model'])}**")
+st.page_link("pages/data_model.py", label="Change data or model", icon=":material/tune:")
+
+opt_col, sched_col, reg_col = st.columns(3)
+with opt_col:
+    st.subheader("Optimizer")
+    name, options = registry_choice(OPTIMIZERS, "Optimizer", "tr_opt", cfg["optimizer"],
+                                    cfg.get("optimizer_options", {}))
+    entry = OPTIMIZERS.get(name)
+    lr = st.number_input("Learning rate", min_value=1e-7, max_value=100.0, format="%g",
+                         value=float(cfg["lr"] if name == cfg["optimizer"] and cfg["lr"]
+                                     else entry.extra["default_lr"]), key=f"tr_lr_{name}")
+    momentum = cfg["momentum"]
+    if name in ("momentum", "nesterov"):
+        momentum = st.slider("Momentum", 0.0, 0.99, float(momentum), 0.01, key="tr_momentum")
+    sizes = ["full", 1, 8, 16, 32, 64, 128, 256, 512]
+    batch = st.selectbox("Batch size", sizes, index=sizes.index(
+        "full" if entry.extra.get("closure") else cfg["batch_size"]), key=f"tr_batch_{name}",
+        help="full: batch gradient descent; 1: stochastic; otherwise mini-batch.")
+    epochs = int(st.number_input("Epochs", 1, 5000, int(cfg["epochs"]), key="tr_epochs"))
+with sched_col:
+    st.subheader("Schedule")
+    schedule = cfg["schedule"] or {"name": "constant"}
+    sched_name, sched_opts = registry_choice(
+        SCHEDULES, "Schedule", "tr_sched", schedule["name"],
+        {k: v for k, v in schedule.items() if k not in ("name", "warmup_epochs")})
+    warmup = int(st.number_input("Linear warm-up (epochs)", 0, max(0, epochs - 1),
+                                 min(int(schedule.get("warmup_epochs", 0)), epochs - 1),
+                                 key="tr_warmup"))
+    schedule = {"name": sched_name, "warmup_epochs": warmup, **sched_opts}
+with reg_col:
+    st.subheader("Regularization")
+    l1 = st.number_input("L1 penalty", 0.0, 10.0, float(cfg["l1"]), format="%g", key="tr_l1")
+    l2 = st.number_input("L2 penalty (coupled)", 0.0, 10.0, float(cfg["l2"]), format="%g",
+                         key="tr_l2")
+    wd = st.number_input("Weight decay (decoupled)", 0.0, 10.0, float(cfg["weight_decay"]),
+                         format="%g", key="tr_wd")
+    dropout = st.slider("Dropout", 0.0, 0.9, float(sel["model"]["dropout"]), 0.05,
+                        key="tr_dropout")
+    stopping = st.checkbox("Early stopping", cfg["early_stopping"] is not None, key="tr_es")
+    patience = int(st.number_input("Patience (epochs)", 1, 500, int(
+        (cfg["early_stopping"] or defaults["early_stopping"])["patience"]), key="tr_patience",
+        disabled=not stopping))
+    clip = st.checkbox("Gradient clipping", cfg["grad_clip"] is not None, key="tr_clip")
+    clip_norm = st.number_input("Max gradient norm", 1e-4, 1e4, float(cfg["grad_clip"] or 1.0),
+                                format="%g", key="tr_clip_norm", disabled=not clip)
+    seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="tr_seed"))
+
+cfg.update(optimizer=name, optimizer_options=options, lr=lr, momentum=momentum,
+           batch_size=batch, epochs=epochs, schedule=schedule, l1=l1, l2=l2, weight_decay=wd,
+           early_stopping={**defaults["early_stopping"], "patience": patience}
+           if stopping else None, grad_clip=clip_norm if clip else None)
+raw = {"seed": seed, "data": sel["data"], "model": {**sel["model"], "dropout": dropout},
+       "train": cfg}
+try:
+    recipe = Recipe.from_dict(raw)
+    with sched_col:
+        st.plotly_chart(plots.lr_schedule(preview(recipe.train.schedule, lr, epochs)),
+                        key="tr_lr_preview")
+except Exception as exc:
+    recipe = None
+    show_error(exc)
+
+race = st.toggle("Race: the same model with several optimizers or schedules, side by side",
+                 key="tr_race")
+if race:
+    race_kind = st.radio("Vary", ["optimizer", "schedule"], horizontal=True, key="tr_race_kind")
+    pool = OPTIMIZERS.names() if race_kind == "optimizer" else SCHEDULES.names()
+    chosen = st.multiselect(f"{race_kind.capitalize()}s to race", pool, key="tr_race_pick",
+                            default=["sgd", "momentum", "adam"] if race_kind == "optimizer"
+                            else ["constant", "step", "cosine"])
+    st.caption("Each optimizer uses its own default learning rate and batch size in a race." if
+               race_kind == "optimizer" else "Every schedule starts from the learning rate above.")
+
+run_col, dl_col = st.columns([1, 4])
+if recipe is not None:
+    with dl_col:
+        recipe_download(recipe.to_dict(), key="tr_download")
+    if run_col.button("Run", type="primary", key="tr_run", icon=":material/play_arrow:"):
+        try:
+            if race and chosen:
+                group = uuid.uuid4().hex[:8]
+                ids = []
+                for choice in chosen:
+                    train = dict(cfg, schedule={"name": choice}) if race_kind == "schedule" \
+                        else dict(cfg, optimizer=choice, lr=None, optimizer_options={},
+                                  batch_size="full" if OPTIMIZERS.get(choice).extra.get(
+                                      "closure") else cfg["batch_size"])
+                    ids.append(jobs.submit({**raw, "train": train}, name=choice, group=group,
+                                           threads=1))
+            else:
+                ids = [jobs.submit(recipe, name=f"{describe(sel['model'])} · {name}")]
+            st.session_state["watch"] = ids
+        except Exception as exc:
+            show_error(exc)
+
+if st.session_state.get("watch"):
+    st.subheader("Live")
+    watch(st.session_state["watch"], key="tr_live")

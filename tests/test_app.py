@@ -1,0 +1,149 @@
+"""One headless AppTest per page: it renders, its main widgets are there, and a run completes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine.store import Store
+
+
+@pytest.fixture(autouse=True)
+def own_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_STORE", f"sqlite:///{tmp_path}/store.db")
+    monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(tmp_path / "artifacts"))
+
+
+def open_app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    at.run()
+    if page is not None:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def wait_finished(run_id: str, timeout: float = 120) -> dict:
+    store = Store()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = store.get_run(run_id)
+        if run["status"] not in ("queued", "running"):
+            return run
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} did not finish in {timeout} s")
+
+
+def test_data_model_page_opens_on_the_builtin_pair():
+    at = open_app()
+    assert at.title[0].value == "Data & Model"
+    assert at.selectbox(key="dm_dataset").value == "digits"
+    assert at.selectbox(key="dm_arch").value == "mlp"
+    labels = [m.label for m in at.metric]
+    for label in ("train rows", "input shape", "parameters", "FLOPs / sample", "size"):
+        assert label in labels
+    assert at.metric[labels.index("input shape")].value == "1x8x8"
+    assert len(at.get("plotly_chart")) == 2  # sample images and class balance
+
+
+def test_data_model_page_switches_dataset_and_model():
+    at = open_app()
+    at.selectbox(key="dm_dataset").set_value("breast_cancer").run()
+    at.selectbox(key="dm_arch").set_value("cnn").run()
+    assert not at.exception and not at.error
+    shape = at.metric[[m.label for m in at.metric].index("input shape")].value
+    assert shape == "30"
+    assert at.session_state["selection"]["data"]["source"] == "builtin:breast_cancer"
+    assert at.session_state["selection"]["model"]["source"] == "builtin:cnn"
+    at.text_input(key="dm_hidden").input("64, x").run()
+    assert "whole numbers" in at.error[0].value  # a bad width is one sentence, not a crash
+
+
+def test_train_page_lists_every_registered_choice():
+    from engine.optimizers import OPTIMIZERS
+    from engine.schedules import SCHEDULES
+
+    at = open_app("pages/train.py")
+    assert at.selectbox(key="tr_opt").options == OPTIMIZERS.names()
+    assert at.selectbox(key="tr_sched").options == SCHEDULES.names()
+    assert at.button(key="tr_run").label == "Run"
+    assert len(at.get("plotly_chart")) == 1  # the learning-rate preview
+    at.selectbox(key="tr_opt").set_value("newton").run()
+    assert at.number_input(key="tr_lr_newton").value == 1.0  # the optimizer's own default
+    assert at.selectbox(key="tr_batch_newton").value == "full"
+
+
+def test_train_page_runs_digits_and_shows_the_curve():
+    at = open_app("pages/train.py")
+    at.number_input(key="tr_epochs").set_value(3).run()
+    at.button(key="tr_run").click().run()
+    assert not at.exception and not at.error
+    [run_id] = at.session_state["watch"]
+    run = wait_finished(run_id)
+    assert run["status"] == "done", run.get("error")
+    at.run()
+    assert not at.exception
+    assert "epoch 3 of 3" in at.get("progress")[0].proto.text
+    assert len(at.get("plotly_chart")) == 3  # preview + live loss + live accuracy
+    assert len(Store().history(run_id)["epoch"]) == 3
+
+
+def test_train_page_race_starts_one_run_per_optimizer():
+    at = open_app("pages/train.py")
+    at.number_input(key="tr_epochs").set_value(2).run()
+    at.toggle(key="tr_race").set_value(True).run()
+    at.multiselect(key="tr_race_pick").set_value(["sgd", "adam"]).run()
+    at.button(key="tr_run").click().run()
+    ids = at.session_state["watch"]
+    assert len(ids) == 2
+    runs = [wait_finished(i) for i in ids]
+    assert [r["status"] for r in runs] == ["done", "done"]
+    assert runs[0]["group_id"] == runs[1]["group_id"]
+    assert {r["recipe"]["train"]["optimizer"] for r in runs} == {"sgd", "adam"}
+
+
+def test_runs_page_empty_then_lists_a_run():
+    at = open_app("pages/runs.py")
+    assert "No runs yet" in at.info[0].value
+    from engine import jobs
+
+    run_id = jobs.submit({"data": {"source": "builtin:iris"}, "train": {"epochs": 2}},
+                         name="iris quick")
+    wait_finished(run_id)
+    at.run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert list(table["name"]) == ["iris quick"]
+    assert "done" in table["status"][0]
+
+
+def test_data_model_page_takes_an_uploaded_table_and_its_target():
+    at = open_app()
+    at.radio(key="dm_data_kind").set_value("Upload").run()
+    rows = "\n".join(f"{i % 7},{(i * 3) % 5},{'ab'[i % 2]},{'yes' if i % 3 else 'no'}"
+                     for i in range(60))
+    at.file_uploader(key="dm_data_file").upload("t.csv", f"a,b,colour,label\n{rows}\n".encode(),
+                                                "text/csv").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="dm_target").options == ["a", "b", "colour", "label"]
+    assert at.selectbox(key="dm_target").value == "label"  # the last column by default
+    assert at.session_state["selection"]["data"]["source"].endswith("_t.csv")
+    shape = at.metric[[m.label for m in at.metric].index("input shape")].value
+    assert shape == "4"  # a, b and the one-hot colour
+    at.selectbox(key="dm_target").set_value("a").run()
+    assert not at.exception
+    assert at.session_state["selection"]["data"]["target"] == "a"
+
+
+def test_a_pickle_uploaded_as_a_model_is_one_sentence_on_the_page():
+    import pickle
+
+    at = open_app()
+    at.radio(key="dm_model_kind").set_value("Upload").run()
+    at.file_uploader(key="dm_model_file").upload("m.pt", pickle.dumps({"a": 1})).run()
+    at.selectbox(key="dm_state_arch").set_value("mlp").run()
+    assert not at.exception
+    assert any("never loaded" in e.value for e in at.error)
