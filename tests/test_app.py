@@ -147,3 +147,26 @@ def test_a_pickle_uploaded_as_a_model_is_one_sentence_on_the_page():
     at.selectbox(key="dm_state_arch").set_value("mlp").run()
     assert not at.exception
     assert any("never loaded" in e.value for e in at.error)
+
+
+def test_a_killed_worker_shows_as_failed_with_its_history_after_an_app_restart():
+    import os
+    import signal
+
+    from engine import jobs
+
+    run_id = jobs.submit({"data": {"source": "builtin:digits"},
+                          "train": {"epochs": 5000, "early_stopping": None}}, name="doomed")
+    store = Store()
+    deadline = time.time() + 90
+    while len(store.history(run_id).get("epoch", [])) < 2:
+        assert time.time() < deadline, "the worker never trained"
+        time.sleep(0.2)
+    os.killpg(store.get_run(run_id)["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    at = open_app("pages/runs.py")  # a fresh app: it reaps at start-up and on this page
+    table = at.dataframe[0].value
+    assert list(table["status"]) == ["failed"]
+    run = Store().get_run(run_id)
+    assert "killed or crashed" in run["error"]
+    assert len(Store().history(run_id)["epoch"]) >= 2
