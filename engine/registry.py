@@ -20,7 +20,7 @@ class Param:
     """One parameter of a registered technique."""
 
     name: str
-    type: str  # "int", "float", "bool", "str", "list[int]"
+    type: str  # "int", "float", "bool", "str", "list[int]", "list[float]", "dict"
     default: Any
     help: str = ""
     low: float | None = None  # inclusive bounds for numbers
@@ -33,7 +33,8 @@ class Param:
         if value is None and self.default is None:
             return None
         ok_types = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
-                    "list[int]": (list, tuple)}[self.type]
+                    "list[int]": (list, tuple), "list[float]": (list, tuple),
+                    "dict": (dict,)}[self.type]
         if isinstance(value, bool) and self.type in ("int", "float"):
             ok_types = ()
         if not isinstance(value, ok_types):
@@ -44,6 +45,10 @@ class Param:
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
                 raise UserError(f"{where} must be a list of positive integers, got {value!r}.")
             value = list(value)
+        if self.type == "list[float]":
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise UserError(f"{where} must be a list of numbers, got {value!r}.")
+            value = [float(v) for v in value]
         if self.choices is not None and value not in self.choices:
             raise UserError(f"{where} must be one of {', '.join(map(str, self.choices))}; "
                             f"got {value!r}.")

@@ -91,8 +91,15 @@ def to_tensors(data: DataBundle, device: torch.device) -> dict[str, torch.Tensor
 def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch.device,
           seed: int, augment_cfg: AugmentConfig | None = None,
           on_progress: ProgressFn | None = None,
-          tensors: dict[str, torch.Tensor] | None = None) -> TrainResult:
-    """Train `model` in place on `data` as `cfg` says; return the history and how it ended."""
+          tensors: dict[str, torch.Tensor] | None = None,
+          after_step: Callable[[nn.Module], None] | None = None,
+          loss_override: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+          | None = None) -> TrainResult:
+    """Train `model` in place on `data` as `cfg` says; return the history and how it ended.
+
+    Compression hooks in here: `after_step(model)` runs after every optimizer step (to
+    re-apply a pruning mask or a weight-sharing constraint), and `loss_override(out, xb,
+    yb)` replaces the task loss (distillation)."""
     from engine.models import set_training
 
     t = tensors or to_tensors(data, device)
@@ -141,7 +148,10 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
                 out = model(xb)
         else:  # entering a disabled autocast still costs microseconds a step
             out = model(xb)
-        data_loss = criterion(out.float(), yb)
+        if loss_override is not None:
+            data_loss = loss_override(out.float(), xb, yb)
+        else:
+            data_loss = criterion(out.float(), yb)
         extra = penalty(weights, cfg.l1, cfg.l2)
         return (data_loss if extra is None else data_loss + extra), out
 
@@ -177,9 +187,11 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
                 loss.backward()
                 clip_(trainable, cfg.grad_clip)
                 optimizer.step()
-                if cfg.l1 > 0 or cfg.l2 > 0:  # history reports the data loss alone
-                    loss = criterion(out.detach().float(), yb)
+                if (cfg.l1 > 0 or cfg.l2 > 0) and loss_override is None:
+                    loss = criterion(out.detach().float(), yb)  # the data loss alone
             decay_(weights if not native_decay else [], lr, cfg.weight_decay)
+            if after_step is not None:
+                after_step(model)
             rows = len(yb)
             loss_sum += loss.detach().float() * rows
             if metric == "accuracy":
