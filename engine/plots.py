@@ -115,3 +115,85 @@ def image_grid(images: Sequence[Any], labels: Sequence[str], *, columns: int = 8
     fig.update_layout(title=title, height=110 * rows + 60, margin={"l": 5, "r": 5, "t": 60,
                                                                     "b": 5})
     return fig
+
+
+# --- compression: Pareto fronts and sensitivity -------------------------------------------
+
+FAMILY_COLOURS = {None: "#111827", "prune": "#2563eb", "quantize": "#dc2626",
+                  "distill": "#16a34a", "lowrank": "#9333ea", "share": "#ea580c",
+                  "deep_compression": "#0891b2"}  # the same colour per family on every page
+AXIS_TITLES = {"size_bytes": "size of the shipped file (KiB, log scale)",
+               "latency_ms": "latency at batch 1 (ms, log scale)",
+               "test_accuracy": "test accuracy (fraction correct)", "test_r2": "test R²"}
+
+
+def pareto_records(points: Sequence[Mapping[str, Any]], x: str, y: str
+                   ) -> list[dict[str, Any]]:
+    """Each point with `pareto`: True when no other point is at least as small in `x` and
+    at least as good in `y`, and strictly better in one (smaller x, larger y are better)."""
+    usable = [p for p in points if p.get(x) is not None and p.get(y) is not None]
+    out = []
+    for p in usable:
+        dominated = any(q[x] <= p[x] and q[y] >= p[y] and (q[x] < p[x] or q[y] > p[y])
+                        for q in usable if q is not p)
+        out.append({**p, "pareto": not dominated})
+    return out
+
+
+def pareto(points: Sequence[Mapping[str, Any]], x: str, y: str, *,
+           title: str | None = None) -> go.Figure:
+    """Scatter of variants (one colour per technique family, the baseline a star) with the
+    Pareto front drawn; hover shows run, variant and chain. `points` need keys name,
+    technique, chain, run and the two metrics."""
+    records = pareto_records(points, x, y)
+    scale = 1 / 1024 if x == "size_bytes" else 1
+    fig = go.Figure()
+    for family in dict.fromkeys(r.get("technique") for r in records):
+        group = [r for r in records if r.get("technique") == family]
+        fig.add_trace(go.Scatter(
+            x=[r[x] * scale for r in group], y=[r[y] for r in group], mode="markers",
+            name=family or "baseline",
+            marker={"color": FAMILY_COLOURS.get(family, "#6b7280"), "size": 14 if family
+                    is None else 10, "symbol": "star" if family is None else "circle",
+                    "line": {"width": 1, "color": "white"}},
+            text=[f"{r.get('run', '')} · {r['name']}<br>{r.get('chain', '')}" for r in group],
+            hovertemplate="%{text}<br>x=%{x:.3g}<br>y=%{y:.4f}<extra></extra>"))
+    front = sorted((r for r in records if r["pareto"]), key=lambda r: r[x])
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=[r[x] * scale for r in front], y=[r[y] for r in front],
+                                 mode="lines", name="Pareto front",
+                                 line={"color": "#6b7280", "dash": "dash", "shape": "hv"}))
+    fig.update_layout(title=title or f"{AXIS_TITLES.get(y, y)} vs {x.split('_')[0]}",
+                      xaxis_title=AXIS_TITLES.get(x, x), yaxis_title=AXIS_TITLES.get(y, y),
+                      height=420, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def sensitivity_matrix(sens: Mapping[str, Any]) -> dict[str, Any]:
+    """{"layers", "columns", "z"}: the score of each layer (row) under each change (column)."""
+    records = sens.get("records", [])
+    layers = list(dict.fromkeys(r["layer"] for r in records))
+    columns = list(dict.fromkeys(f"{r['technique']} {r['setting']}" for r in records))
+    z = [[None] * len(columns) for _ in layers]
+    for r in records:
+        z[layers.index(r["layer"])][columns.index(f"{r['technique']} {r['setting']}")] = \
+            r["score"]
+    return {"layers": layers, "columns": columns, "z": z}
+
+
+def sensitivity_heatmap(sens: Mapping[str, Any]) -> go.Figure:
+    data = sensitivity_matrix(sens)
+    metric = sens.get("metric", "score")
+    fig = go.Figure(go.Heatmap(
+        z=data["z"], x=data["columns"], y=data["layers"], colorscale="RdYlGn",
+        zmin=min((v for row in data["z"] for v in row if v is not None), default=0),
+        zmax=sens.get("baseline"), colorbar={"title": metric},
+        text=[[f"{v:.3f}" if v is not None else "" for v in row] for row in data["z"]],
+        texttemplate="%{text}"))
+    fig.update_layout(title=f"{metric} on the {sens.get('part', 'val')} part with one layer "
+                            f"changed (unchanged: {sens.get('baseline', 0):.3f})",
+                      xaxis_title="change applied to that layer alone", yaxis_title="layer",
+                      height=120 + 40 * len(data["layers"]),
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return fig

@@ -161,7 +161,8 @@ class TrainConfig:
     l2: float = 0.0  # coupled L2 penalty: adds l2/2 * sum(w^2) to the loss (weights only)
     l1: float = 0.0  # L1 penalty: adds l1 * sum(|w|) to the loss (weights only)
     batch_size: int | str = 64  # examples per step; 1 is stochastic GD, "full" is batch GD
-    epochs: int = 30  # passes over the training part (iterations for full-batch methods)
+    epochs: int = 30  # passes over the training part (iterations for full-batch methods);
+    #                   0 evaluates (and compresses) an uploaded or earlier model as it is
     schedule: ScheduleConfig | None = field(default_factory=ScheduleConfig)  # None: constant
     early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
     grad_clip: float | None = None  # clip the gradient's global L2 norm to this value
@@ -187,9 +188,26 @@ class TrainConfig:
             _choice("train.batch_size", self.batch_size, ("full",))
         else:
             _at_least("train.batch_size", self.batch_size, 1)
-        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.epochs", self.epochs, 0)  # 0: evaluate a loaded model as it is
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise UserError(f"train.grad_clip must be positive or null, got {self.grad_clip!r}.")
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    amounts: tuple[float, ...] = (0.5, 0.75, 0.9)  # magnitude pruning of one layer at a time
+    bits: tuple[int, ...] = (2, 4, 8)  # uniform per-channel quantization of one layer
+    ranks: tuple[float, ...] = (0.1, 0.25, 0.5)  # SVD rank fractions of one layer
+    part: str = "val"  # scored on the validation part, so the test part stays untouched
+
+    def validate(self) -> None:
+        _choice("sensitivity.part", self.part, ("val", "test"))
+        if any(not 0 < a < 1 for a in self.amounts):
+            raise UserError("sensitivity.amounts must lie strictly between 0 and 1.")
+        if any(not 1 <= b <= 16 for b in self.bits):
+            raise UserError("sensitivity.bits must be whole numbers from 1 to 16.")
+        if any(not 0 < r <= 1 for r in self.ranks):
+            raise UserError("sensitivity.ranks must be fractions in (0, 1].")
 
 
 @dataclass(frozen=True)
@@ -209,6 +227,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compress: tuple[dict[str, Any], ...] = ()  # an ordered chain of compression steps
+    sensitivity: SensitivityConfig | None = None  # per-layer sensitivity to compression
     tune: dict[str, Any] | None = None  # hyperparameter search (see DESIGN.md)
     diagnose: dict[str, Any] | None = None  # learning curves, bias-variance, complexity
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -218,10 +237,9 @@ class Recipe:
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
                             f"got {self.device!r}.")
-        for step in self.compress:
-            technique = step.get("technique") if isinstance(step, dict) else None
-            raise UserError(f"compression step {technique!r} is not available in this "
-                            f"version of the engine; remove it from 'compress'.")
+        object.__setattr__(self, "compress", tuple(
+            _resolve_step(step, i, last=i == len(self.compress) - 1)
+            for i, step in enumerate(self.compress)))
         for key in ("tune", "diagnose"):
             if getattr(self, key) is not None:
                 raise UserError(f"'{key}' is not available in this version of the engine; "
@@ -241,6 +259,23 @@ class Recipe:
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+
+def _resolve_step(step: Any, i: int, *, last: bool) -> dict[str, Any]:
+    """A compression step with its settings checked and its defaults filled in."""
+    from engine.compress import load_all
+
+    where = f"compress[{i}]"
+    if not isinstance(step, dict) or "technique" not in step:
+        raise UserError(f"{where} must be an object with a 'technique' key, such as "
+                        f'{{"technique": "prune", "amount": 0.8}}.')
+    entry = load_all().get(step["technique"])
+    params = entry.resolve({k: v for k, v in step.items() if k != "technique"}, where)
+    if params.get("method") in entry.extra.get("terminal_methods", ()) and not last:
+        raise UserError(f"{where}: {step['technique']} {params['method']} yields an ONNX "
+                        f"Runtime model that later steps cannot change; put it last in "
+                        f"the chain.")
+    return {"technique": step["technique"], **params}
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -19,7 +19,7 @@ import torch
 
 from engine.errors import UserError
 from engine.recipe import Recipe, as_recipe
-from engine.train import ProgressFn, evaluate, resolve_device, to_tensors, train
+from engine.train import ProgressFn, resolve_device, to_tensors, train
 
 
 class TrainingDivergedError(UserError):
@@ -34,8 +34,8 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run a recipe end to end and return its result (see DESIGN.md for the keys)."""
     from engine.data import load_data
-    from engine.latency import machine, torch_latency
-    from engine.models import build_model, complexity, save_model
+    from engine.latency import machine
+    from engine.models import build_model
 
     recipe = as_recipe(recipe)
     emit = on_progress or (lambda event: None)
@@ -52,47 +52,159 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
                 augment_cfg=recipe.data.augment, tensors=tensors,
                 on_progress=lambda event: emit({**event, "variant": "baseline"}))
 
-    metrics: dict[str, Any] = {}
-    for part in ("train", "val", "test"):
-        scores = evaluate(model, tensors[f"X_{part}"], tensors[f"y_{part}"], data.task)
-        metrics.update({f"{part}_{k}": v for k, v in scores.items()})
-    metrics.update(complexity(model, data.input_shape))
-    metrics["latency_ms"] = torch_latency(model, data.input_shape)["median_ms"]
-    metrics["epochs_run"] = len(fit.history["epoch"])
-    metrics["best_epoch"] = fit.best_epoch
-    metrics["train_time_s"] = fit.seconds
-
-    variant = {"name": "baseline", "technique": None, "metrics": metrics,
-               "history": fit.history, "stopped": fit.stopped}
-    result = {
-        "recipe": recipe.to_dict(),
-        "device": str(device),
-        "machine": machine(),
-        "data": data.summary(),
-        "variants": [variant],
-        "tuning": None,
-        "diagnostics": {},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if fit.stopped == "diverged":
-        variant["error"] = fit.message
-        if out_dir is not None:
-            write_result(result, out_dir)
-        raise TrainingDivergedError(fit.message, result)
-
-    emit({"event": "stage", "stage": "save", "message": "saving the model"})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "baseline.pt2"
-        metrics["size_bytes"] = save_model(model, data.input_shape, path)
+        ctx = _context(recipe, data, tensors, device, n_out, emit)
+        baseline = _measure("baseline", StepResultLike(model, fit.history), ctx, folder,
+                            chain=[], reference=None, huffman=False)
+        baseline["metrics"].update(epochs_run=len(fit.history["epoch"]),
+                                   best_epoch=fit.best_epoch, train_time_s=fit.seconds)
+        baseline["stopped"] = fit.stopped
+        result = {
+            "recipe": recipe.to_dict(),
+            "device": str(device),
+            "machine": machine(),
+            "data": data.summary(),
+            "variants": [baseline],
+            "tuning": None,
+            "diagnostics": {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if fit.stopped == "diverged":
+            baseline["error"] = fit.message
+            if out_dir is not None:
+                write_result(result, out_dir)
+            raise TrainingDivergedError(fit.message, result)
+        _announce(baseline, emit, keep_file=out_dir is not None)
+        _compress_chain(recipe, model, ctx, folder, result, emit, keep=out_dir is not None)
+        if recipe.sensitivity is not None:
+            from engine.compress.sensitivity import sensitivity
+
+            emit({"event": "stage", "stage": "sensitivity",
+                  "message": "measuring each layer's sensitivity"})
+            result["sensitivity"] = sensitivity(model, ctx, recipe.sensitivity)
         if out_dir is not None:
-            variant["model_file"] = path.name
             write_result(result, out_dir)
-    emit({"event": "variant", "name": "baseline", "technique": None, "metrics": metrics,
-          "model_file": variant.get("model_file")})
     emit({"event": "done"})
     return result
+
+
+class StepResultLike:
+    """The baseline, shaped like a compression step's result so one function measures all."""
+
+    def __init__(self, model: torch.nn.Module, history: dict[str, list[float]]) -> None:
+        self.model, self.history, self.runtime = model, history, "torch"
+        self.onnx_bytes, self.metrics, self.notes, self.huffman = None, {}, [], False
+
+
+def _context(recipe: Recipe, data: Any, tensors: dict[str, torch.Tensor],
+             device: torch.device, n_out: int, emit: ProgressFn) -> Any:
+    from engine.compress import CompressContext
+
+    return CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
+                           n_out=n_out, train_cfg=recipe.train, model_cfg=recipe.model,
+                           data=data, device=device, seed=recipe.seed, on_progress=emit)
+
+
+def _compress_chain(recipe: Recipe, model: torch.nn.Module, ctx: Any, folder: Path,
+                    result: dict[str, Any], emit: ProgressFn, *, keep: bool) -> None:
+    """Each step starts from the previous step's model and yields one measured variant."""
+    if not recipe.compress:
+        return
+    from engine.compress import load_all
+
+    registry = load_all()
+    baseline = result["variants"][0]
+    current, chain, huffman, used = model, [], False, set()
+    for i, step in enumerate(recipe.compress):
+        entry = registry.get(step["technique"])
+        params = {k: v for k, v in step.items() if k != "technique"}
+        name = step_name(step, used)
+        emit({"event": "stage", "stage": "compress", "message": f"step {i + 1} of "
+              f"{len(recipe.compress)}: {name}", "step": i + 1, "steps": len(recipe.compress)})
+        outcome = entry.fn(current, params, ctx)
+        huffman = huffman or outcome.huffman
+        chain.append(describe_step(step))
+        variant = _measure(name, outcome, ctx, folder, chain=list(chain), reference=baseline,
+                           huffman=huffman, technique=step["technique"])
+        result["variants"].append(variant)
+        _announce(variant, emit, keep_file=keep)
+        if outcome.model is not None:
+            current = outcome.model
+
+
+def _measure(name: str, outcome: Any, ctx: Any, folder: Path, *, chain: list[str],
+             reference: dict[str, Any] | None, huffman: bool,
+             technique: str | None = None) -> dict[str, Any]:
+    """Evaluate a variant and measure what ships: the same harness for every variant."""
+    from engine.compress.encode import encode
+    from engine.latency import torch_latency
+    from engine.models import complexity, save_model
+
+    metrics: dict[str, Any] = {}
+    if outcome.runtime == "torch":
+        model = outcome.model
+        for part in ("train", "val", "test"):
+            metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(model, part).items()})
+        metrics.update(complexity(model, ctx.input_shape))
+        blob = encode(model, huffman=huffman)
+        (folder / f"{name}.wbz").write_bytes(blob)
+        metrics["size_bytes"] = len(blob)
+        metrics["pt2_bytes"] = save_model(model, ctx.input_shape, folder / f"{name}.pt2")
+        metrics["latency_ms"] = torch_latency(model, ctx.input_shape, repeats=200)["median_ms"]
+        model_file = f"{name}.pt2"
+        ref_size = reference["metrics"]["size_bytes"] if reference else None
+        ref_latency = reference["metrics"]["latency_ms"] if reference else None
+    else:
+        (folder / f"{name}.onnx").write_bytes(outcome.onnx_bytes)
+        metrics["size_bytes"] = len(outcome.onnx_bytes)
+        model_file = f"{name}.onnx"
+        ref_size = outcome.metrics.get("reference_size_bytes")
+        ref_latency = outcome.metrics.get("reference_latency_ms")
+        if reference:
+            for key in ("params", "nonzero_params", "flops"):
+                metrics[key] = reference["metrics"].get(key)
+    metrics.update(outcome.metrics)
+    notes = list(outcome.notes)
+    if ref_size and ref_latency:
+        metrics["size_ratio"] = ref_size / metrics["size_bytes"]
+        metrics["speedup"] = ref_latency / metrics["latency_ms"]
+        if metrics["size_ratio"] >= 1.2 and metrics["speedup"] < 1.05:
+            metrics["smaller_not_faster"] = True
+            notes.append(f"{name} is {metrics['size_ratio']:.1f}x smaller but not faster "
+                         f"({metrics['speedup']:.2f}x the reference's speed on "
+                         f"{outcome.runtime}): the arithmetic it runs did not shrink.")
+    metrics.update(runtime=outcome.runtime, chain=" -> ".join(chain) or "trained model",
+                   notes=notes)
+    return {"name": name, "technique": technique, "metrics": metrics,
+            "history": outcome.history or {}, "model_file": model_file}
+
+
+def _announce(variant: dict[str, Any], emit: ProgressFn, *, keep_file: bool) -> None:
+    if not keep_file:
+        variant.pop("model_file", None)
+    emit({"event": "variant", "name": variant["name"], "technique": variant["technique"],
+          "metrics": variant["metrics"], "model_file": variant.get("model_file")})
+
+
+def step_name(step: dict[str, Any], used: set[str]) -> str:
+    """A variant is named after its step: `prune-magnitude`, `share`, `prune-magnitude-2`."""
+    base = step["technique"] + (f"-{step['method']}" if step.get("method") else "")
+    name, k = base, 2
+    while name in used:
+        name, k = f"{base}-{k}", k + 1
+    used.add(name)
+    return name
+
+
+def describe_step(step: dict[str, Any]) -> str:
+    """One line for hover texts and tables: `prune magnitude amount=0.9`."""
+    shown = [step["technique"], str(step.get("method", ""))]
+    for key in ("amount", "bits", "rank_fraction", "temperature", "width_multiplier"):
+        if key in step:
+            shown.append(f"{key}={step[key]}")
+    return " ".join(s for s in shown if s)
 
 
 def write_result(result: dict[str, Any], out_dir: str | Path) -> Path:

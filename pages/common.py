@@ -61,6 +61,13 @@ def param_input(param: Param, key: str, value: Any = None, *, label: str | None 
             return None
         return float(st.number_input(label, value=float(value), key=key, help=param.help,
                                      format="%g", min_value=param.low, max_value=param.high))
+    if param.type in ("dict", "list[int]", "list[float]"):  # structured values as JSON
+        text = st.text_input(label, value=json.dumps(value), key=key, help=param.help)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise UserError(f"{label} must be JSON, such as {json.dumps(param.default)}."
+                            ) from None
     return st.text_input(label, value=str(value), key=key, help=param.help)
 
 

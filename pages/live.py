@@ -41,6 +41,11 @@ def watch(run_ids: list[str], key: str) -> None:
     if active and st.button("Cancel", key=f"{key}_cancel", icon=":material/stop:"):
         for run in active:
             jobs.cancel(run["id"], store=store, grace_s=3.0)
+    flag = f"{key}_was_active"
+    if st.session_state.get(flag) and not active:  # just finished: redraw the whole page
+        st.session_state[flag] = False
+        st.rerun()
+    st.session_state[flag] = bool(active)
     finished = [r for r in runs if r["status"] == "done"]
     if finished:
         rows = []

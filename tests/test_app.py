@@ -170,3 +170,45 @@ def test_a_killed_worker_shows_as_failed_with_its_history_after_an_app_restart()
     run = Store().get_run(run_id)
     assert "killed or crashed" in run["error"]
     assert len(Store().history(run_id)["epoch"]) >= 2
+
+
+def test_compress_page_builds_a_chain_and_runs_it():
+    at = open_app("pages/compress.py")
+    from engine.compress import load_all
+
+    assert at.selectbox(key="cmp_tech").options == load_all().names()
+    assert len(at.session_state["cmp_chain"]) == 1  # a magnitude-pruning step to start with
+    at.selectbox(key="cmp_tech").set_value("quantize").run()
+    at.selectbox(key="cmp_tech_quantize_method").set_value("uniform").run()
+    at.button(key="cmp_add").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert [s["technique"] for s in at.session_state["cmp_chain"]] == ["prune", "quantize"]
+    at.checkbox(key="cmp_sens").uncheck().run()
+    at.button(key="cmp_run_btn").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run = wait_finished(at.session_state["cmp_watch"], timeout=240)
+    assert run["status"] == "done", run.get("error")
+    names = [v["name"] for v in Store().variants(run["id"])]
+    assert names == ["baseline", "prune-magnitude", "quantize-uniform"]
+    at.run()
+    assert not at.exception
+
+
+def test_compare_page_draws_both_fronts():
+    from engine import jobs
+
+    at = open_app("pages/compare.py")
+    assert "No finished runs" in at.info[0].value
+    run_id = jobs.submit({"data": {"source": "builtin:iris"},
+                          "model": {"source": "builtin:mlp", "hidden": [16]},
+                          "train": {"epochs": 20},
+                          "compress": [{"technique": "prune", "amount": 0.5,
+                                        "finetune_epochs": 1},
+                                       {"technique": "quantize", "method": "fp16"}]})
+    assert wait_finished(run_id, timeout=240)["status"] == "done"
+    at.run()
+    assert not at.exception and not at.error
+    assert len(at.get("plotly_chart")) == 2
+    table = at.dataframe[0].value
+    assert list(table["variant"]) == ["baseline", "prune-magnitude", "quantize-fp16"]
+    assert table["smaller by"][2] > 1.5  # pruned, then fp16: smaller than the baseline

@@ -34,7 +34,14 @@ def test_run_writes_result_and_model(tmp_path, capsys):
     for key in ("train_loss", "val_loss", "val_accuracy", "lr", "time_s"):
         assert len(variant["history"][key]) == 4
     model_file = tmp_path / "out" / variant["model_file"]
-    assert variant["metrics"]["size_bytes"] == model_file.stat().st_size
+    assert variant["metrics"]["pt2_bytes"] == model_file.stat().st_size
+    # the size that ships: the .wbz weights file, decodable into the same model
+    wbz = tmp_path / "out" / "baseline.wbz"
+    assert variant["metrics"]["size_bytes"] == wbz.stat().st_size
+    from engine.compress.encode import load
+
+    assert torch.allclose(load(wbz.read_bytes())(torch.ones(2, 4)),
+                          torch.export.load(str(model_file)).module()(torch.ones(2, 4)))
     assert torch.export.load(str(model_file)).module()(torch.zeros(3, 4)).shape == (3, 3)
     assert "test accuracy" in capsys.readouterr().out
 

@@ -70,7 +70,8 @@ def test_dataset_params_are_filled_from_the_registry():
     ({"model": {"dropout": 1.5}}, "model.dropout"),
     ({"model": {"source": "builtin:resnet"}}, "unknown model 'resnet'"),
     ({"device": "tpu"}, "device must be"),
-    ({"compress": [{"technique": "prune"}]}, "not available"),
+    ({"compress": [{"technique": "prunning"}]}, "did you mean 'prune'"),
+    ({"compress": [{"amount": 0.5}]}, "'technique' key"),
     ([1, 2], "must be an object"),
 ])
 def test_bad_recipes_get_one_clear_sentence(raw, words):

@@ -1,0 +1,187 @@
+"""Knowledge distillation: train a smaller student on the teacher's softened outputs.
+
+Response distillation is Hinton, Vinyals & Dean (2015): the student matches the teacher's
+class probabilities at temperature T, scaled by T² so that the soft term's gradients keep
+their size as T changes, plus the usual loss on the true labels. Feature distillation adds
+Romero et al.'s (FitNets, 2015) hint loss: the student's last hidden representation (the
+input of its output layer), passed through a learned linear projection, matches the
+teacher's. The teacher is the model the step is given; it is copied, never changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy, kl_div, log_softmax, mse_loss
+
+from engine.compress import COMPRESSORS, CompressContext, StepResult, clone
+from engine.errors import UserError
+from engine.recipe import ModelConfig
+from engine.registry import Param
+
+
+def student_config(student: dict, width_multiplier: float, teacher: ModelConfig) -> ModelConfig:
+    """The student's model section: the one given, or the teacher's built-in architecture
+    with every hidden width and channel count scaled by `width_multiplier` (at least 1)."""
+    from engine.recipe import Recipe
+
+    if student:
+        try:
+            return Recipe.from_dict({"model": student}).model
+        except UserError as exc:
+            raise UserError(f"the distillation student is not a valid model section: {exc}") \
+                from None
+    source = teacher.source
+    if not source.startswith("builtin:"):
+        if teacher.architecture is None:  # an uploaded graph: its widths are unknown
+            raise UserError("distill cannot shrink an uploaded teacher by itself; set the "
+                            "step's student to a model section, e.g. "
+                            '{"source": "builtin:mlp", "hidden": [32]}.')
+        source = f"builtin:{teacher.architecture}"  # a state_dict of a known architecture
+
+    def scale(widths: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(max(1, round(w * width_multiplier)) for w in widths)
+
+    return dataclasses.replace(teacher, source=source, architecture=None,
+                               hidden=scale(teacher.hidden), channels=scale(teacher.channels))
+
+
+def hinton_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, y: torch.Tensor, *,
+                task: str, temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T² * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y); for
+    regression alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, y)."""
+    if task == "classification":
+        T = temperature
+        soft = kl_div(log_softmax(student_out / T, 1), log_softmax(teacher_out / T, 1),
+                        reduction="batchmean", log_target=True) * T * T
+        hard = cross_entropy(student_out, y)
+    else:
+        soft = mse_loss(student_out.reshape(teacher_out.shape), teacher_out)
+        hard = mse_loss(student_out.reshape(y.shape), y)
+    return alpha * soft + (1 - alpha) * hard
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """The last Linear or Conv layer in module order: the output layer of a built-in."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    if not layers:
+        raise UserError("feature distillation needs a model whose output layer is a Linear "
+                        "or Conv layer; use mode 'response'.")
+    return layers[-1]
+
+
+class _Features:
+    """Records the input of a model's output layer on every forward pass, until removed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self._hook = output_layer(model).register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.value = args[0].flatten(1).float()  # float: autocast may hand over bf16
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+class _HintStudent(nn.Module):
+    """The student plus its hint projection, so the trainer's optimizer updates both."""
+
+    def __init__(self, student: nn.Module, projection: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+def _probe(model: nn.Module, feats: _Features, ctx: CompressContext, who: str) -> int:
+    """The width of the recorded features, checking that the hook sees the output layer."""
+    with torch.no_grad():
+        model(ctx.tensors["X_train"][:2])
+    if feats.value is None:
+        raise UserError(f"the {who}'s output layer is not called as a module (an exported "
+                        f"graph), so its features cannot be read; use mode 'response'.")
+    return feats.value.shape[1]
+
+
+def _describe(cfg: ModelConfig) -> str:
+    if not cfg.source.startswith("builtin:"):
+        return cfg.source
+    name = cfg.source.removeprefix("builtin:")
+    if name == "logreg":
+        return name
+    channels = f", channels {list(cfg.channels)}" if name == "cnn" else ""
+    return f"{name} (hidden {list(cfg.hidden)}{channels})"
+
+
+@COMPRESSORS.register(
+    "distill", "Knowledge distillation: train a smaller student model to reproduce this "
+    "model's softened predictions (and, in feature mode, its last hidden layer).", params=(
+        Param("student", "dict", {}, "the student's model section; empty: the teacher's "
+              "architecture at width_multiplier"),
+        Param("width_multiplier", "float", 0.5, "scales the teacher's hidden widths and "
+              "channels when no student is given (rounded, at least 1)", low=0.01, high=1.0),
+        Param("temperature", "float", 4.0, "softmax temperature T of the soft targets",
+              low=1.0, high=20.0),
+        Param("alpha", "float", 0.9, "weight of the soft-target term; 1 - alpha goes to "
+              "the true labels", low=0.0, high=1.0),
+        Param("epochs", "int", 30, "training epochs of the student", low=1, high=1000),
+        Param("mode", "str", "response", "response: outputs only; feature: also the last "
+              "hidden layer (FitNets hint)", choices=("response", "feature")),
+        Param("beta", "float", 1.0, "weight of the feature hint loss", low=0.0),
+    ))
+def distill(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
+    """Train a new student on `model`'s outputs; `model` is left as it is."""
+    from engine.models import build_model, set_training
+
+    teacher = clone(model)
+    set_training(teacher, False)
+    cfg = student_config(step["student"], step["width_multiplier"], ctx.model_cfg)
+    student = build_model(cfg, ctx.input_shape, ctx.n_out, seed=ctx.seed).to(ctx.device)
+    soft = dict(task=ctx.task, temperature=step["temperature"], alpha=step["alpha"])
+    hooks: list[_Features] = []
+    trained: nn.Module = student
+
+    if step["mode"] == "response":
+        def loss_fn(out: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                t_out = teacher(xb).float()
+            return hinton_loss(out, t_out, yb, **soft)
+    else:
+        set_training(student, False)  # the probe below should not touch batch statistics
+        hooks = [_Features(student), _Features(teacher)]
+        s_feats, t_feats = hooks
+        width_s = _probe(student, s_feats, ctx, "student")
+        width_t = _probe(teacher, t_feats, ctx, "teacher")
+        torch.manual_seed(ctx.seed)
+        projection = nn.Linear(width_s, width_t).to(ctx.device)
+        trained = _HintStudent(student, projection)
+
+        def loss_fn(out: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            hint_s = s_feats.value  # recorded by the forward pass that produced `out`
+            with torch.no_grad():
+                t_out = teacher(xb).float()
+            hint = mse_loss(projection(hint_s), t_feats.value)
+            return hinton_loss(out, t_out, yb, **soft) + step["beta"] * hint
+
+    try:
+        history = ctx.finetune(trained, step["epochs"], variant="distill", loss_fn=loss_fn)
+    finally:
+        for h in hooks:
+            h.remove()
+    set_training(student, False)
+    n_teacher = sum(p.numel() for p in model.parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    notes = [f"Student {_describe(cfg)}: {n_student:,} parameters vs the teacher's "
+             f"{n_teacher:,} ({n_student / n_teacher:.0%}).",
+             f"Trained {step['epochs']} epochs at T={step['temperature']:g}, "
+             f"alpha={step['alpha']:g}" + (f", hint weight beta={step['beta']:g}."
+                                           if step["mode"] == "feature" else ".")]
+    if n_student >= n_teacher:
+        notes.append("The student is not smaller than the teacher; lower width_multiplier "
+                     "or give a smaller student.")
+    return StepResult(model=student, history=history, notes=notes)

@@ -1,0 +1,351 @@
+"""Pruning: zero the least important weights, or remove whole neurons and filters.
+
+Unstructured methods score every weight of the Linear and Conv layers and zero the lowest
+`amount` fraction, per layer or under one global threshold: by magnitude (Han et al. 2015),
+at random (the control any pruning criterion should beat), or by Optimal Brain Damage
+saliency 0.5·h_ii·w_i² (LeCun et al. 1990) with a diagonal curvature h from the empirical
+Fisher or a Hutchinson estimate of the Hessian. Fine-tuning re-applies the masks after every
+optimizer step, so the result is a plain dense model with exact zeros.
+`structured` removes the hidden neurons and filters whose incoming weights have the smallest
+norm (Li et al. 2017), building physically smaller layers. `gradual` prunes in steps along
+Zhu & Gupta's (2017) cubic curve, fine-tuning between steps.
+Nothing here mutates the model it is given: every entry point copies first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from engine.compress import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.errors import UserError
+from engine.registry import Param
+
+CURVATURE_EXAMPLES = 1024  # training examples the curvature is estimated on (cost, not accuracy)
+HUTCHINSON_SAMPLES = 8  # Rademacher probes, one Hessian-vector product each
+NEEDS_BUILTIN = ("structured pruning needs a built-in architecture (mlp or cnn); use magnitude "
+                 "pruning for this model.")
+# layers that keep a neuron's or channel's identity between two prunable layers
+_PASSTHROUGH = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU,
+                nn.Tanh, nn.GELU, nn.Sigmoid, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
+                nn.AvgPool2d)
+_RESHAPING = (nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
+
+
+def magnitude_mask(weight: torch.Tensor, amount: float) -> torch.Tensor:
+    """Boolean mask of the weights kept when the `amount` fraction smallest in |w| go."""
+    return _keep_top(weight.detach().abs(), amount)
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros among the weights pruning acts on (biases excluded)."""
+    weights = [p for _, p in _weights(model)]
+    total = sum(p.numel() for p in weights)
+    return sum(int((p == 0).sum()) for p in weights) / total if total else 0.0
+
+
+def cubic_schedule(final: float, steps: int) -> list[float]:
+    """Sparsity after each of `steps` steps: s_t = s_f (1 - (1 - t/n)^3) (Zhu & Gupta), which
+    prunes fast while many redundant weights remain and slowly near the end."""
+    return [final * (1 - (1 - t / steps) ** 3) for t in range(1, steps + 1)]
+
+
+def _keep_top(scores: torch.Tensor, amount: float) -> torch.Tensor:
+    # a count, not a threshold: ties (zeros, equal saliencies) cannot shift the sparsity
+    k = round(amount * scores.numel())
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        keep[torch.topk(scores.flatten(), k, largest=False).indices] = False
+    return keep.view_as(scores)
+
+
+def _weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, weight) of every Linear and Conv layer. A torch.export graph hides its layer
+    types, so there every parameter with 2+ dimensions named `weight` stands in for them."""
+    layers = prunable(model)
+    if layers:
+        return [(f"{name}.weight".lstrip("."), layer.weight) for name, layer in layers]
+    return [(name, p) for name, p in model.named_parameters()
+            if p.ndim >= 2 and name.rsplit(".", 1)[-1] == "weight"]
+
+
+def _masks(scores: list[torch.Tensor], amount: float, scope: str) -> list[torch.Tensor]:
+    if scope == "layer":
+        return [_keep_top(s, amount) for s in scores]
+    keep = _keep_top(torch.cat([s.flatten() for s in scores]), amount)
+    return [m.view_as(s) for m, s in zip(keep.split([s.numel() for s in scores]), scores,
+                                         strict=True)]
+
+
+def _curvature(model: nn.Module, named: list[tuple[str, nn.Parameter]], kind: str,
+               ctx: CompressContext) -> list[torch.Tensor]:
+    """Diagonal curvature of the training loss for each weight tensor in `named`."""
+    from torch.func import functional_call, grad, vmap
+
+    from engine.models import set_training
+    from engine.train import loss_fn
+
+    X, y = ctx.tensors["X_train"], ctx.tensors["y_train"]
+    gen = torch.Generator().manual_seed(ctx.seed)
+    pick = torch.randperm(len(X), generator=gen)[:CURVATURE_EXAMPLES].to(X.device)
+    X, y = X[pick], y[pick]
+    criterion = loss_fn(ctx.task)
+    names, params = [n for n, _ in named], [p for _, p in named]
+    set_training(model, False)  # dropout off: the curvature of the model as it will be used
+    if kind == "fisher":  # mean of squared per-example gradients, vectorized by torch.func
+
+        def loss_one(ws: tuple[torch.Tensor, ...], x: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+            return criterion(functional_call(model, dict(zip(names, ws, strict=True)),
+                                             (x[None],)), t[None])
+
+        per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+        fisher = [torch.zeros_like(p) for p in params]
+        for i in range(0, len(X), 128):  # chunks bound the memory of per-example gradients
+            grads = per_example(tuple(p.detach() for p in params), X[i:i + 128], y[i:i + 128])
+            for f, g in zip(fisher, grads, strict=True):
+                f += (g ** 2).sum(0)
+        return [f / len(X) for f in fisher]
+    # Hutchinson: E[v ⊙ Hv] = diag(H) for Rademacher v
+    grads = torch.autograd.grad(criterion(model(X), y), params, create_graph=True)
+    diag = [torch.zeros_like(p) for p in params]
+    for _ in range(HUTCHINSON_SAMPLES):
+        vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
+        hvs = torch.autograd.grad(grads, params, vs, retain_graph=True)
+        for d, v, hv in zip(diag, vs, hvs, strict=True):
+            d += v * hv
+    # for ReLU nets the true diagonal is >= 0 (only the Gauss-Newton term survives), so a
+    # negative estimate is probe noise; its size still says how sharply the loss bends
+    return [(d / HUTCHINSON_SAMPLES).abs() for d in diag]
+
+
+def _spread(total: int, steps: int) -> list[int]:
+    """Fine-tuning epochs per pruning step: `total` spread evenly, remainder at the end
+    (recovering at the final sparsity matters most), at least 1 each when total > 0."""
+    if total <= 0:
+        return [0] * steps
+    base, extra = divmod(total, steps)
+    return [max(1, base + (t >= steps - extra)) for t in range(steps)]
+
+
+def _plan_notes(plan: list[tuple[float, int]]) -> list[str]:
+    epochs = sum(e for _, e in plan)
+    notes = [f"Fine-tuned for {epochs} epochs after pruning." if epochs
+             else "Not fine-tuned (finetune_epochs is 0)."]
+    if len(plan) > 1:
+        notes.insert(0, f"Pruned gradually in {len(plan)} steps along the cubic schedule: "
+                        f"{', '.join(f'{s:.1%}' for s, _ in plan)}.")
+    return notes
+
+
+def _merge(histories: list[dict[str, list[float]]]) -> dict[str, list[float]] | None:
+    """One history across gradual steps: epochs renumbered 1..N, times made cumulative."""
+    parts = [h for h in histories if h]
+    if not parts:
+        return None
+    merged: dict[str, list[float]] = {k: [] for k in parts[0]}
+    for h in parts:
+        offset = merged["time_s"][-1] if merged.get("time_s") else 0.0
+        for key, values in h.items():
+            merged[key] += [v + offset for v in values] if key == "time_s" else values
+    merged["epoch"] = list(range(1, len(merged["epoch"]) + 1))
+    return merged
+
+
+def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
+                  plan: list[tuple[float, int]]) -> StepResult:
+    named = _weights(model)
+    if not named:
+        raise UserError("this model has no weight matrices or convolution kernels to prune; "
+                        "pick another model or technique.")
+    params = [p for _, p in named]
+    method = step["method"]
+    gen = torch.Generator().manual_seed(ctx.seed)
+    # random scores are drawn once, so that successive gradual masks are nested
+    fixed = [torch.rand(p.shape, generator=gen).to(p.device) for p in params
+             ] if method == "random" else []
+    masks = [torch.ones_like(p, dtype=torch.bool) for p in params]
+    histories = []
+    for amount, epochs in plan:
+        if method == "magnitude":
+            scores = [p.detach().abs() for p in params]
+        elif method == "random":
+            scores = fixed
+        else:
+            h = _curvature(model, named, step["curvature"], ctx)
+            scores = [0.5 * hi * p.detach() ** 2 for hi, p in zip(h, params, strict=True)]
+        # a weight pruned at an earlier step stays pruned
+        scores = [s.masked_fill(~m, -math.inf) for s, m in zip(scores, masks, strict=True)]
+        masks = _masks(scores, amount, step["scope"])
+        reapply = _masker(params, masks)
+        reapply(model)
+        histories.append(ctx.finetune(model, epochs, variant="prune", after_step=reapply))
+
+    how = {"magnitude": "by magnitude", "random": "at random",
+           "obd": f"by Optimal Brain Damage saliency ({step['curvature']} curvature)"}[method]
+    where = "in each layer" if step["scope"] == "layer" else "under one global threshold"
+    per_layer = ", ".join(f"{n.removesuffix('.weight')} {float((p == 0).float().mean()):.1%}"
+                          for n, p in named)
+    notes = [f"Pruned {step['amount']:.0%} of the weights {how} {where}; sparsity: "
+             f"{per_layer} (overall {sparsity(model):.1%})."]
+    pruned = {id(p) for p in params}
+    kept = [n for n, p in model.named_parameters() if id(p) not in pruned]
+    if kept:
+        notes.append(f"Not pruned: {', '.join(kept)} (biases, and layers other than Linear "
+                     f"and Conv, are kept whole).")
+    if not prunable(model):
+        notes.append("This model's layer types are hidden (a torch.export graph), so every "
+                     "parameter named weight with 2 or more dimensions was pruned.")
+    return StepResult(model=model, history=_merge(histories), notes=notes + _plan_notes(plan))
+
+
+def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
+            ) -> Callable[[nn.Module], None]:
+    dead = [~m for m in masks]
+
+    @torch.no_grad()
+    def reapply(_model: nn.Module) -> None:  # masked_fill, not a product: +0.0, never -0.0
+        for p, d in zip(params, dead, strict=True):
+            p.masked_fill_(d, 0.0)
+    return reapply
+
+
+def _chain(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Module]]]:
+    """(name, layer, the pass-through modules after it) for each Linear/Conv of a built-in."""
+    if not isinstance(model, nn.Sequential):
+        raise UserError(NEEDS_BUILTIN)
+    chain: list[tuple[str, nn.Module, list[nn.Module]]] = []
+    for name, m in model.named_children():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(m, "groups", 1) == 1:
+            chain.append((name, m, []))
+        elif isinstance(m, _PASSTHROUGH):
+            if chain:
+                chain[-1][2].append(m)
+        else:
+            raise UserError(f"{NEEDS_BUILTIN[:-1]} (layer {name!r} is a {type(m).__name__}).")
+    return chain
+
+
+def _resized(layer: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    kw = {"bias": b is not None, "device": w.device, "dtype": w.dtype}
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(w.shape[1], w.shape[0], **kw)
+    else:
+        new = type(layer)(w.shape[1], w.shape[0], layer.kernel_size, stride=layer.stride,
+                          padding=layer.padding, dilation=layer.dilation,
+                          padding_mode=layer.padding_mode, **kw)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    return new.train(layer.training)
+
+
+def structured_prune(model: nn.Module, amount: float, norm: str = "l1", *,
+                     widths: dict[str, int] | None = None
+                     ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A smaller copy of a built-in mlp or cnn (the input is not mutated): each hidden layer
+    loses round(amount·width) neurons or filters (at least 1 stays), those whose incoming
+    weights have the smallest L1/L2 norm, and the next layer loses their input columns.
+    `widths` (original widths) makes `amount` a fraction of those, for gradual steps.
+    Returns the copy and, per hidden layer, the indices of the outputs kept."""
+    _chain(model)  # refuse before copying
+    model = clone(model)
+    chain = _chain(model)
+    kept: dict[str, torch.Tensor] = {}
+    cols: torch.Tensor | None = None  # this layer's inputs that survived upstream removal
+    for i, (name, layer, between) in enumerate(chain):
+        w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+        w = w if cols is None else w[:, cols]
+        keep = torch.arange(w.shape[0], device=w.device)
+        if i + 1 < len(chain):  # ranked on the inputs that remain (Li et al.'s greedy variant)
+            n0 = (widths or {}).get(name, w.shape[0])
+            n_keep = min(w.shape[0], max(1, n0 - round(amount * n0)))
+            score = w.flatten(1).norm(p=1 if norm == "l1" else 2, dim=1)
+            keep = kept[name] = torch.topk(score, n_keep).indices.sort().values
+            nxt = chain[i + 1][1]
+            # a conv feeding a Linear through Flatten: channel c owns columns [c*S, (c+1)*S)
+            span = nxt.weight.shape[1] // w.shape[0] if isinstance(nxt, nn.Linear) else 1
+            cols = (keep[:, None] * span + torch.arange(span, device=w.device)).flatten()
+            _fold_constant(nxt, between, cols)
+        setattr(model, name, _resized(layer, w[keep], None if b is None else b[keep]))
+    return model, kept
+
+
+@torch.no_grad()
+def _fold_constant(nxt: nn.Module, between: list[nn.Module], cols: torch.Tensor) -> None:
+    """A masked neuron still emits act(0) (0.5 for a sigmoid); move what that adds to the
+    next layer into its bias, so removal equals masking (exactly for a Linear next; for a
+    Conv next, except where its padding meets the border)."""
+    a = torch.zeros(1, device=nxt.weight.device)
+    for m in between:
+        if not isinstance(m, _RESHAPING):
+            a = m(a)
+    if float(a) == 0 or nxt.bias is None:
+        return
+    gone = torch.ones(nxt.weight.shape[1], dtype=torch.bool, device=cols.device)
+    gone[cols] = False
+    nxt.bias += float(a) * nxt.weight[:, gone].flatten(1).sum(1)
+
+
+def _structured(model: nn.Module, step: dict, ctx: CompressContext,
+                plan: list[tuple[float, int]]) -> StepResult:
+    chain = _chain(model)
+    if len(chain) < 2:
+        return StepResult(model=clone(model), notes=[
+            "This model has no hidden layer (logistic regression), so structured pruning had "
+            "nothing to remove; the model is unchanged."])
+    widths = {name: layer.weight.shape[0] for name, layer, _ in chain[:-1]}
+    before = sum(p.numel() for p in model.parameters())
+    histories = []
+    for amount, epochs in plan:
+        model, _ = structured_prune(model, amount, step["norm"], widths=widths)
+        histories.append(ctx.finetune(model, epochs, variant="prune"))
+    after = sum(p.numel() for p in model.parameters())
+    sizes = ", ".join(f"{n} {w} → {model.get_submodule(n).weight.shape[0]}"
+                      for n, w in widths.items())
+    notes = [f"Removed {step['amount']:.0%} of each hidden layer's neurons or filters (lowest "
+             f"{step['norm'].upper()} norm of incoming weights): {sizes}; the output layer "
+             f"{chain[-1][0]} keeps all {chain[-1][1].weight.shape[0]} outputs.",
+             f"Parameters: {before:,} → {after:,} ({1 - after / before:.1%} fewer)."]
+    if step["scope"] == "global":
+        notes.append("The scope setting applies to unstructured methods only; structured "
+                     "pruning removes the same fraction from every hidden layer.")
+    return StepResult(model=model, history=_merge(histories), notes=notes + _plan_notes(plan))
+
+
+@COMPRESSORS.register(
+    "prune", "Pruning: zero the least important weights (by magnitude, at random or by "
+    "Optimal Brain Damage saliency) or remove whole neurons and filters, then fine-tune.",
+    params=(
+        Param("method", "str", "magnitude", "magnitude: smallest |w| go; random: a control; "
+              "structured: remove whole neurons/filters (smaller, faster layers); obd: "
+              "smallest curvature-weighted saliency 0.5·h·w² go",
+              choices=("magnitude", "random", "structured", "obd")),
+        Param("amount", "float", 0.8, "fraction of weights removed (structured: of each hidden "
+              "layer's neurons or filters)", low=0.0, high=0.99),
+        Param("scope", "str", "layer", "layer: each layer loses `amount`; global: one threshold "
+              "across layers, so redundant layers lose more (not for structured)",
+              choices=("layer", "global")),
+        Param("norm", "str", "l1", "structured: norm that ranks neurons and filters",
+              choices=("l1", "l2")),
+        Param("curvature", "str", "fisher", "obd: fisher (mean squared per-example gradients) "
+              "or hessian (Hutchinson estimate of its diagonal)", choices=("fisher", "hessian")),
+        Param("schedule", "str", "oneshot", "oneshot: prune once then fine-tune; gradual: "
+              "prune in steps along a cubic curve, fine-tuning between steps",
+              choices=("oneshot", "gradual")),
+        Param("steps", "int", 4, "gradual: number of pruning steps", low=1, high=50),
+        Param("finetune_epochs", "int", 5, "epochs of fine-tuning in all (gradual: spread over "
+              "the steps, at least 1 each)", low=0, high=1000),
+    ))
+def prune(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
+    """Prune a copy of `model` as `step` says and fine-tune it; `model` is not mutated."""
+    n = step["steps"] if step["schedule"] == "gradual" else 1
+    plan = list(zip(cubic_schedule(step["amount"], n), _spread(step["finetune_epochs"], n),
+                    strict=True))
+    if step["method"] == "structured":
+        return _structured(model, step, ctx, plan)  # copies inside structured_prune
+    return _unstructured(clone(model), step, ctx, plan)

@@ -1,0 +1,94 @@
+"""Compress: build a chain of techniques by clicking, run it, see what each step bought."""
+
+import streamlit as st
+
+from engine import jobs, plots
+from engine.compress import load_all
+from engine.recipe import Recipe
+from engine.runner import describe_step
+from engine.store import Store
+from pages.common import (
+    default_sections,
+    describe,
+    recipe_download,
+    registry_choice,
+    selection,
+    show_error,
+)
+from pages.live import watch
+
+st.title("Compress")
+COMPRESSORS = load_all()
+store = Store()
+jobs.reap(store)
+sel = selection()
+chain = st.session_state.setdefault("cmp_chain", [{"technique": "prune", "method": "magnitude",
+                                                   "amount": 0.8, "finetune_epochs": 5}])
+
+finished = [r for r in store.list_runs(status="done") if store.variants(r["id"])]
+start = st.radio("Start from", ["A fresh baseline", "A finished run's model"], horizontal=True,
+                 key="cmp_start", help="A fresh baseline trains the Data & Model selection "
+                 "with the Train page's settings first; a run's model is compressed as it is.")
+train_cfg = st.session_state.get("train_cfg") or default_sections()["train"]
+if start == "A finished run's model" and finished:
+    run = st.selectbox("Run", finished, key="cmp_run",
+                       format_func=lambda r: f"{r['name']} ({r['id'][:6]})")
+    model_file = store.variants(run["id"])[0]["model_file"]
+    base = {**run["recipe"], "model": {**run["recipe"]["model"], "source": model_file},
+            "train": {**run["recipe"]["train"], "epochs": 0}}
+    st.caption("Distillation from a run's model needs an explicit student model section.")
+else:
+    if start == "A finished run's model":
+        st.info("No finished run yet; a fresh baseline is used.")
+    base = {"data": sel["data"], "model": sel["model"], "train": train_cfg}
+    st.caption(f"Baseline: **{describe(sel['model'])}** on **{describe(sel['data'])}**, "
+               f"{train_cfg['optimizer']}, {train_cfg['epochs']} epochs.")
+
+left, right = st.columns([2, 3])
+with left:
+    st.subheader("Add a step")
+    technique, params = registry_choice(COMPRESSORS, "Technique", "cmp_tech", "prune", {})
+    add, preset = st.columns(2)
+    if add.button("Add step", key="cmp_add", icon=":material/add:"):
+        chain.append({"technique": technique, **params})
+    if preset.button("Deep Compression preset", key="cmp_preset",
+                     help="Prune 90%, share 5-bit weights, Huffman-code them (Han et al.)."):
+        chain[:] = [{"technique": "deep_compression"}]
+with right:
+    st.subheader("Chain")
+    if not chain:
+        st.caption("Empty: add a step on the left.")
+    for i, step in enumerate(chain):
+        text, remove = st.columns([5, 1])
+        text.markdown(f"{i + 1}. `{describe_step(step)}`")
+        if remove.button("Remove", key=f"cmp_rm_{i}"):
+            chain.pop(i)
+            st.rerun()
+    sensitivity = st.checkbox("Per-layer sensitivity analysis (heatmap)", True, key="cmp_sens")
+
+try:
+    recipe = Recipe.from_dict({**base, "compress": chain,
+                               "sensitivity": {} if sensitivity else None})
+    go, download = st.columns([1, 4])
+    with download:
+        recipe_download(recipe.to_dict(), key="cmp_download")
+    if go.button("Run chain", type="primary", key="cmp_run_btn", disabled=not chain):
+        st.session_state["cmp_watch"] = jobs.submit(
+            recipe, name=" -> ".join(s["technique"] for s in chain))
+except Exception as exc:
+    show_error(exc)
+
+run_id = st.session_state.get("cmp_watch")
+if run_id:
+    st.subheader("Progress")
+    watch([run_id], key="cmp_live")
+    run = store.get_run(run_id)
+    if run and run["status"] == "done":
+        sens = (run.get("result") or {}).get("sensitivity")
+        if sens:
+            st.plotly_chart(plots.sensitivity_heatmap(sens), key="cmp_heatmap")
+        for v in store.variants(run_id):
+            for note in v["metrics"].get("notes", []):
+                st.caption(f"{v['name']}: {note}")
+        st.page_link("pages/compare.py", label="Compare all variants",
+                     icon=":material/scatter_plot:")

@@ -1,0 +1,88 @@
+"""One test over the whole compression registry, and the chain as the runner runs it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine
+from engine.compress import COMPRESSORS, CompressContext, load_all
+from engine.compress.encode import encode
+from engine.data import load_data
+from engine.models import build_model
+from engine.recipe import Recipe
+from engine.train import to_tensors, train
+
+load_all()
+FAST = {"finetune_epochs": 1, "epochs": 5, "prune_epochs": 3, "share_epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    recipe = Recipe.from_dict({"data": {"source": "builtin:digits"},
+                               "model": {"source": "builtin:mlp", "hidden": [64, 32]},
+                               "train": {"epochs": 5, "early_stopping": None}})
+    data = load_data(recipe.data, seed=0)
+    device = torch.device("cpu")
+    tensors = to_tensors(data, device)
+    model = build_model(recipe.model, data.input_shape, data.n_classes, seed=0)
+    train(model, data, recipe.train, device=device, seed=0, tensors=tensors)
+    ctx = CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
+                          n_out=data.n_classes, train_cfg=recipe.train,
+                          model_cfg=recipe.model, data=data, device=device, seed=0)
+    return model, ctx
+
+
+@pytest.mark.parametrize("name", COMPRESSORS.names())
+def test_every_technique_copies_evaluates_and_really_shrinks(name, trained):
+    model, ctx = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    entry = COMPRESSORS.get(name)
+    options = {k: v for k, v in FAST.items() if any(p.name == k for p in entry.params)}
+    result = entry.fn(model, entry.resolve(options, "compress[0]"), ctx)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the input was changed"
+    baseline_size = len(encode(model))
+    if result.runtime == "torch":
+        assert result.model is not model
+        scores = {"test_accuracy": ctx.evaluate(result.model)["accuracy"]}
+        size = len(encode(result.model, huffman=result.huffman))
+    else:
+        scores = result.metrics
+        size = len(result.onnx_bytes)
+    assert scores["test_accuracy"] > 0.2, scores  # above chance (0.1) after brief tuning
+    assert size < baseline_size, f"{name} claims compression but ships {size} bytes"
+
+
+def test_a_chain_yields_one_variant_per_step_in_order(tmp_path):
+    result = engine.run({"data": {"source": "builtin:iris"},
+                         "model": {"source": "builtin:mlp", "hidden": [16]},
+                         "train": {"epochs": 30, "lr": 0.01},
+                         "compress": [{"technique": "prune", "amount": 0.5,
+                                       "finetune_epochs": 2},
+                                      {"technique": "share", "bits": 3, "finetune_epochs": 1},
+                                      {"technique": "prune", "amount": 0.7,
+                                       "finetune_epochs": 1}],
+                         "sensitivity": {"amounts": [0.5], "bits": [4], "ranks": [0.5]}},
+                        out_dir=tmp_path)
+    variants = result["variants"]
+    assert [v["name"] for v in variants] == ["baseline", "prune-magnitude", "share",
+                                              "prune-magnitude-2"]
+    assert variants[3]["metrics"]["chain"].count("->") == 2
+    sizes = [v["metrics"]["size_bytes"] for v in variants]
+    assert sizes[0] > sizes[1] > sizes[2]
+    for v in variants:
+        assert (tmp_path / f"{v['name']}.wbz").stat().st_size == v["metrics"]["size_bytes"]
+        assert (tmp_path / v["model_file"]).is_file()
+    # the pruned-but-dense variant is smaller, and the runner says whether it is faster
+    assert variants[1]["metrics"]["size_ratio"] > 1.2
+    assert "speedup" in variants[1]["metrics"]
+    sens = result["sensitivity"]
+    assert {r["technique"] for r in sens["records"]} == {"prune", "quantize", "lowrank"}
+    assert {r["layer"] for r in sens["records"]} == {"fc1", "out"}
+
+
+def test_onnx_runtime_steps_must_come_last():
+    with pytest.raises(engine.UserError, match="last in the chain"):
+        Recipe.from_dict({"compress": [{"technique": "quantize", "method": "static_int8"},
+                                       {"technique": "prune"}]})
