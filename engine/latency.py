@@ -59,3 +59,16 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def paired_latency(model: torch.nn.Module, reference: torch.nn.Module,
+                   input_shape: tuple[int, ...], *, rounds: int = 7,
+                   repeats: int = 100) -> tuple[float, float]:
+    """Median batch-1 latency (ms) of `model` and of `reference`, measured in alternating
+    rounds so that frequency changes and background load hit both alike: a speedup from
+    two figures taken minutes apart would be mostly noise at these sub-millisecond scales."""
+    ours, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(torch_latency(reference, input_shape, repeats=repeats)["median_ms"])
+        ours.append(torch_latency(model, input_shape, repeats=repeats)["median_ms"])
+    return statistics.median(ours), statistics.median(theirs)

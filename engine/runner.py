@@ -56,6 +56,7 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         ctx = _context(recipe, data, tensors, device, n_out, emit)
+        ctx.baseline_model = model
         baseline = _measure("baseline", StepResultLike(model, fit.history), ctx, folder,
                             chain=[], reference=None, huffman=False)
         baseline["metrics"].update(epochs_run=len(fit.history["epoch"]),
@@ -139,7 +140,7 @@ def _measure(name: str, outcome: Any, ctx: Any, folder: Path, *, chain: list[str
              technique: str | None = None) -> dict[str, Any]:
     """Evaluate a variant and measure what ships: the same harness for every variant."""
     from engine.compress.encode import encode
-    from engine.latency import torch_latency
+    from engine.latency import paired_latency, torch_latency
     from engine.models import complexity, save_model
 
     metrics: dict[str, Any] = {}
@@ -152,10 +153,15 @@ def _measure(name: str, outcome: Any, ctx: Any, folder: Path, *, chain: list[str
         (folder / f"{name}.wbz").write_bytes(blob)
         metrics["size_bytes"] = len(blob)
         metrics["pt2_bytes"] = save_model(model, ctx.input_shape, folder / f"{name}.pt2")
-        metrics["latency_ms"] = torch_latency(model, ctx.input_shape, repeats=200)["median_ms"]
         model_file = f"{name}.pt2"
         ref_size = reference["metrics"]["size_bytes"] if reference else None
-        ref_latency = reference["metrics"]["latency_ms"] if reference else None
+        if reference is None:
+            metrics["latency_ms"] = torch_latency(model, ctx.input_shape,
+                                                  repeats=500)["median_ms"]
+            ref_latency = None
+        else:  # timed in alternation with the baseline, so the speedup is not noise
+            metrics["latency_ms"], ref_latency = paired_latency(
+                model, ctx.baseline_model, ctx.input_shape)
     else:
         (folder / f"{name}.onnx").write_bytes(outcome.onnx_bytes)
         metrics["size_bytes"] = len(outcome.onnx_bytes)

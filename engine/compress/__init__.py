@@ -66,6 +66,7 @@ class CompressContext:
     device: torch.device
     seed: int
     on_progress: Callable[[dict[str, Any]], None] = lambda event: None
+    baseline_model: nn.Module | None = None  # the trained model, the latency reference
 
     def finetune(self, model: nn.Module, epochs: int, *, variant: str,
                  lr: float | None = None,

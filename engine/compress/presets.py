@@ -50,8 +50,8 @@ def _one_progress(ctx: CompressContext, variant: str, offsets: dict[str, int],
               low=0.0, high=0.99),
         Param("bits", "int", 5, "weight sharing: 2^bits shared values per layer",
               low=1, high=8),
-        Param("prune_epochs", "int", 5, "fine-tuning epochs after pruning", low=0, high=1000),
-        Param("share_epochs", "int", 3, "centroid fine-tuning epochs after sharing",
+        Param("prune_epochs", "int", 20, "fine-tuning epochs after pruning", low=0, high=1000),
+        Param("share_epochs", "int", 5, "centroid fine-tuning epochs after sharing",
               low=0, high=1000),
     ))
 def deep_compression(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
