@@ -166,7 +166,11 @@ def pareto(points: Sequence[Mapping[str, Any]], x: str, y: str, *,
     fig.update_layout(title=title or f"{AXIS_TITLES.get(y, y)} vs {x.split('_')[0]}",
                       xaxis_title=AXIS_TITLES.get(x, x), yaxis_title=AXIS_TITLES.get(y, y),
                       height=420, margin={"l": 10, "r": 10, "t": 40, "b": 10})
-    fig.update_xaxes(type="log")
+    xs = [r[x] for r in records if r[x] and r[x] > 0]
+    if xs and max(xs) / min(xs) > 10:  # a log axis only where the points span decades
+        fig.update_xaxes(type="log")
+    else:
+        fig.update_layout(xaxis_title=fig.layout.xaxis.title.text.replace(", log scale", ""))
     return fig
 
 

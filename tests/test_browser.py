@@ -128,4 +128,20 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         expect(page.get_by_role("button", name="Model: baseline.pt2")).to_be_visible()
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "runs.png", full_page=True)
+
+        # Compress: the Deep Compression preset with the sensitivity heatmap, then Compare
+        page.get_by_role("link", name="Compress", exact=True).click()
+        expect(page.get_by_role("heading", name="Compress", exact=True)).to_be_visible()
+        page.get_by_role("button", name="Deep Compression preset").click()
+        expect(page.locator("code", has_text="deep_compression").first).to_be_visible()
+        page.get_by_role("button", name="Run chain").click()
+        expect(page.get_by_text("· done · ")).to_be_visible(timeout=180_000)
+        expect(page.get_by_text("layer changed")).to_be_visible()  # the heatmap's title
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "compress.png", full_page=True)
+        page.get_by_role("link", name="Compare", exact=True).click()
+        expect(page.get_by_role("heading", name="Compare", exact=True)).to_be_visible()
+        expect(page.locator(".js-plotly-plot")).to_have_count(2)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "compare.png", full_page=True)
         browser.close()

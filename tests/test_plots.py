@@ -49,3 +49,31 @@ def test_image_grid_has_one_image_per_sample():
     images = np.random.default_rng(0).random((10, 1, 8, 8)).astype(np.float32)
     fig = plots.image_grid(images, [str(i) for i in range(10)], columns=5)
     assert len(fig.data) == 10 and fig.data[0].z.shape == (8, 8, 3)
+
+
+def test_pareto_records_mark_the_non_dominated_points():
+    points = [{"name": "base", "size_bytes": 100, "test_accuracy": 0.95},
+              {"name": "small", "size_bytes": 10, "test_accuracy": 0.94},
+              {"name": "worse", "size_bytes": 50, "test_accuracy": 0.90},
+              {"name": "tiny", "size_bytes": 5, "test_accuracy": 0.80}]
+    marks = {r["name"]: r["pareto"] for r in plots.pareto_records(points, "size_bytes",
+                                                                   "test_accuracy")}
+    assert marks == {"base": True, "small": True, "worse": False, "tiny": True}
+    fig = plots.pareto([{**p, "technique": None if p["name"] == "base" else "prune"}
+                        for p in points], "size_bytes", "test_accuracy")
+    front = next(t for t in fig.data if t.name == "Pareto front")
+    assert list(front.x) == [5 / 1024, 10 / 1024, 100 / 1024]  # KiB, smallest first
+    assert fig.data[0].marker.symbol == "star"  # the baseline
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_sensitivity_matrix_has_one_row_per_layer():
+    sens = {"metric": "accuracy", "baseline": 0.9, "records": [
+        {"layer": "fc1", "technique": "prune", "setting": "50%", "score": 0.88},
+        {"layer": "fc1", "technique": "quantize", "setting": "4-bit", "score": 0.89},
+        {"layer": "out", "technique": "prune", "setting": "50%", "score": 0.7}]}
+    data = plots.sensitivity_matrix(sens)
+    assert data["layers"] == ["fc1", "out"]
+    assert data["columns"] == ["prune 50%", "quantize 4-bit"]
+    assert data["z"] == [[0.88, 0.89], [0.7, None]]
+    assert plots.sensitivity_heatmap(sens).data[0].zmax == 0.9
