@@ -45,6 +45,7 @@ page = st.navigation([
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/compress.py", title="Compress", icon=":material/compress:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:"),
+    st.Page("pages/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
 ])
 with st.sidebar:

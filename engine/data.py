@@ -531,6 +531,8 @@ class DataBundle:
     preprocess: Preprocess
     source: str
     n_raw_features: int  # before feature selection
+    X_test_raw: np.ndarray | None = None  # the test part as a user has it: what an exported
+    #                                       model with its preprocessing inside takes
 
     @property
     def n_features(self) -> int:
@@ -570,7 +572,8 @@ def load_data(cfg: DataConfig, *, seed: int) -> DataBundle:
         task=task, n_classes=len(class_names) if class_names else 0,
         input_shape=tuple(X_train.shape[1:]), is_image=is_image,
         feature_names=list(names) if names is not None else None, class_names=class_names,
-        preprocess=prep, source=cfg.source, n_raw_features=int(np.prod(X.shape[1:])))
+        preprocess=prep, source=cfg.source, n_raw_features=int(np.prod(X.shape[1:])),
+        X_test_raw=X[test].astype(np.float32))
 
 
 # --- augmentation ------------------------------------------------------------------------------

@@ -112,8 +112,9 @@ def load_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn
         raise UserError(f"model file {cfg.source!r} does not exist; check the path.")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        raise UserError("an ONNX model has no PyTorch weights to train or fine-tune; upload "
-                        "a .pt2 (torch.export.save) or a state_dict to train it.")
+        raise UserError("an ONNX model has no PyTorch weights to train or fine-tune; a run "
+                        "evaluates it with ONNX Runtime as it is (engine.run), or upload a "
+                        ".pt2 (torch.export.save) or a state_dict to train it.")
     if suffix == ".pt2":
         try:
             return torch.export.load(str(path)).module()

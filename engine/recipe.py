@@ -212,7 +212,8 @@ class SensitivityConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    onnx: bool = False  # also write DIR/<variant>.onnx (checked against PyTorch's outputs)
+    onnx: bool = False  # also write DIR/<variant>.deploy.onnx for every variant: raw inputs
+    #                     in (preprocessing inside), checked against PyTorch, timed
 
     def validate(self) -> None:
         """Checked by Recipe.validate, which knows what this engine version can export."""
@@ -244,9 +245,6 @@ class Recipe:
             if getattr(self, key) is not None:
                 raise UserError(f"'{key}' is not available in this version of the engine; "
                                 f"set it to null.")
-        if self.export.onnx:
-            raise UserError("ONNX export is not available in this version of the engine; "
-                            "set export.onnx to false.")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:

@@ -44,6 +44,8 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
     emit({"event": "stage", "stage": "data", "message": "loading the data"})
     data = load_data(recipe.data, seed=recipe.seed)
     n_out = data.n_classes if data.task == "classification" else 1
+    if recipe.model.source.lower().endswith(".onnx"):
+        return _run_onnx(recipe, data, device, n_out, out_dir, emit)
     model = build_model(recipe.model, data.input_shape, n_out, seed=recipe.seed).to(device)
     tensors = to_tensors(data, device)
     emit({"event": "stage", "stage": "train", "message": f"training on {device.type}",
@@ -57,6 +59,7 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         folder.mkdir(parents=True, exist_ok=True)
         ctx = _context(recipe, data, tensors, device, n_out, emit)
         ctx.baseline_model = model
+        ctx.export_onnx = recipe.export.onnx
         baseline = _measure("baseline", StepResultLike(model, fit.history), ctx, folder,
                             chain=[], reference=None, huffman=False)
         baseline["metrics"].update(epochs_run=len(fit.history["epoch"]),
@@ -135,6 +138,73 @@ def _compress_chain(recipe: Recipe, model: torch.nn.Module, ctx: Any, folder: Pa
             current = outcome.model
 
 
+def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
+              out_dir: str | Path | None, emit: ProgressFn) -> dict[str, Any]:
+    """An uploaded .onnx model, which has no PyTorch module: ONNX Runtime evaluates and
+    times it as it is, and a dynamic int8 copy is made; no training, no other steps."""
+    from engine.compress.quantize import _SessionModule, onnx_latency_ms, quantize_onnx
+    from engine.export import ort_session
+    from engine.latency import machine
+    from engine.models import onnx_complexity
+
+    if recipe.compress or recipe.train.freeze:
+        raise UserError("an ONNX model can only be evaluated and int8-quantized here; "
+                        "remove the compress steps and train.freeze, or upload a .pt2.")
+    source = Path(recipe.model.source)
+    file = source.read_bytes()
+    session = ort_session(file, threads=1)
+    fits = _onnx_input_fits(session, data)
+    tensors = to_tensors(data, device)
+    ctx = _context(recipe, data, tensors, device, n_out, emit)
+    variants = []
+    for name, blob, notes in [("baseline", file, ["the uploaded ONNX model, as it is"]),
+                              ("quantize-dynamic_int8", *quantize_onnx(
+                                  file, method="dynamic_int8", per_channel=True))]:
+        metrics: dict[str, Any] = {**onnx_complexity(source), "size_bytes": len(blob),
+                                   "runtime": "onnxruntime", "chain": name, "notes": notes}
+        if fits:
+            module = _SessionModule(ort_session(blob))
+            for part in ("train", "val", "test"):
+                metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(module, part).items()})
+            metrics["latency_ms"] = onnx_latency_ms(blob, data.input_shape)
+        else:
+            metrics["notes"] = [*notes, f"its input {_onnx_input_shape(session)} does not fit "
+                                f"this dataset's samples {list(data.input_shape)}, so it is "
+                                f"timed and measured but not scored."]
+        metrics["size_bytes"] = len(blob)
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / f"{name}.onnx").write_bytes(blob)
+        variant = {"name": name, "technique": None if name == "baseline" else "quantize",
+                   "metrics": metrics, "history": {},
+                   "model_file": f"{name}.onnx" if out_dir is not None else None}
+        variants.append(variant)
+        _announce(variant, emit, keep_file=out_dir is not None)
+    base, q = variants[0]["metrics"], variants[1]["metrics"]
+    q["size_ratio"] = base["size_bytes"] / q["size_bytes"]
+    if fits:
+        q["speedup"] = base["latency_ms"] / q["latency_ms"]
+    result = {"recipe": recipe.to_dict(), "device": "onnxruntime-cpu", "machine": machine(),
+              "data": data.summary(), "variants": variants, "tuning": None,
+              "diagnostics": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if out_dir is not None:
+        write_result(result, out_dir)
+    emit({"event": "done"})
+    return result
+
+
+def _onnx_input_shape(session: Any) -> list[Any]:
+    return list(session.get_inputs()[0].shape[1:])
+
+
+def _onnx_input_fits(session: Any, data: Any) -> bool:
+    """Whether the model's declared input takes this dataset's preprocessed samples."""
+    declared = _onnx_input_shape(session)
+    return len(declared) == len(data.input_shape) and all(
+        not isinstance(d, int) or d == s for d, s in zip(declared, data.input_shape,
+                                                         strict=True))
+
+
 def _measure(name: str, outcome: Any, ctx: Any, folder: Path, *, chain: list[str],
              reference: dict[str, Any] | None, huffman: bool,
              technique: str | None = None) -> dict[str, Any]:
@@ -183,8 +253,24 @@ def _measure(name: str, outcome: Any, ctx: Any, folder: Path, *, chain: list[str
                          f"{outcome.runtime}): the arithmetic it runs did not shrink.")
     metrics.update(runtime=outcome.runtime, chain=" -> ".join(chain) or "trained model",
                    notes=notes)
+    if ctx.export_onnx:
+        metrics["deploy"] = _deploy(name, outcome, ctx, folder)
     return {"name": name, "technique": technique, "metrics": metrics,
             "history": outcome.history or {}, "model_file": model_file}
+
+
+def _deploy(name: str, outcome: Any, ctx: Any, folder: Path) -> dict[str, Any]:
+    """The deployable .onnx (preprocessing inside) and ONNX Runtime's view of it."""
+    from engine import deploy
+
+    if outcome.runtime == "torch":
+        file = deploy.export_model(outcome.model, ctx.data, name=name)
+        info = deploy.report(file, ctx.data, model=outcome.model)
+    else:
+        file = deploy.with_preprocessing(outcome.onnx_bytes, ctx.data)
+        info = deploy.report(file, ctx.data)
+    (folder / f"{name}.deploy.onnx").write_bytes(file)
+    return {**info, "file": f"{name}.deploy.onnx"}
 
 
 def _announce(variant: dict[str, Any], emit: ProgressFn, *, keep_file: bool) -> None:

@@ -212,3 +212,21 @@ def test_compare_page_draws_both_fronts():
     table = at.dataframe[0].value
     assert list(table["variant"]) == ["baseline", "prune-magnitude", "quantize-fp16"]
     assert table["smaller by"][2] > 1.5  # pruned, then fp16: smaller than the baseline
+
+
+def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
+    from engine import jobs
+
+    at = open_app("pages/deploy.py")
+    assert "No finished runs" in at.info[0].value
+    run_id = jobs.submit({"data": {"source": "builtin:iris"}, "train": {"epochs": 5},
+                          "compress": [{"technique": "quantize", "method": "dynamic_int8"}]})
+    assert wait_finished(run_id, timeout=240)["status"] == "done"
+    at.run()
+    at.button(key="dep_export").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    assert list(table["variant"]) == ["baseline", "quantize-dynamic_int8"]
+    assert bool(table["matches PyTorch"][0])
+    assert 'session.run(None, {"input": x})' in at.code[0].value
+    assert "CLASSES" in at.code[0].value

@@ -67,6 +67,7 @@ class CompressContext:
     seed: int
     on_progress: Callable[[dict[str, Any]], None] = lambda event: None
     baseline_model: nn.Module | None = None  # the trained model, the latency reference
+    export_onnx: bool = False  # export every variant for deployment (recipe export.onnx)
 
     def finetune(self, model: nn.Module, epochs: int, *, variant: str,
                  lr: float | None = None,

@@ -326,14 +326,33 @@ def _onnx_int8(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult
     pairs): ONNX Runtime runs both with the same int8 kernels, but QDQ stores each bias
     with its own scale and zero-point arrays and needs three times the nodes, which for a
     small MLP costs a fifth of the file. The price is that only ONNX Runtime reads it."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process
-
     from engine.export import compact, onnx_bytes
 
     method, per_channel = step["method"], step["per_channel"]
-    granularity = "per output channel" if per_channel else "per tensor"
     float_bytes = compact(onnx_bytes(clone(model).cpu(), ctx.input_shape))
-    notes = []
+    int8_bytes, notes = quantize_onnx(float_bytes, method=method, per_channel=per_channel,
+                                      calibration=ctx.tensors["X_train"][
+                                          :step["calibration_rows"]])
+    metrics = {**onnx_metrics(int8_bytes, ctx),
+               "latency_ms": onnx_latency_ms(int8_bytes, ctx.input_shape),
+               "reference_latency_ms": onnx_latency_ms(float_bytes, ctx.input_shape),
+               "reference_size_bytes": len(float_bytes)}
+    notes.append(f"{len(int8_bytes):,} bytes against {len(float_bytes):,} for the float32 "
+                 f"ONNX file ({len(float_bytes) / len(int8_bytes):.2f}x smaller).")
+    return StepResult(model=None, runtime="onnxruntime", onnx_bytes=int8_bytes,
+                      metrics=metrics, notes=notes)
+
+
+def quantize_onnx(float_bytes: bytes, *, method: str, per_channel: bool,
+                  calibration: torch.Tensor | None = None) -> tuple[bytes, list[str]]:
+    """(int8 .onnx bytes, notes) from a float .onnx file: `dynamic_int8`, or `static_int8`
+    calibrated on `calibration` rows. Also used for uploaded ONNX models."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process
+
+    from engine.export import compact
+
+    granularity = "per output channel" if per_channel else "per tensor"
+    notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "float.onnx").write_bytes(float_bytes)
@@ -355,22 +374,13 @@ def _onnx_int8(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult
         else:
             from onnxruntime.quantization import quantize_static
 
-            rows = ctx.tensors["X_train"][:step["calibration_rows"]]
-            quantize_static(str(source), str(target), _calibration_reader(rows),
+            quantize_static(str(source), str(target), _calibration_reader(calibration),
                             quant_format=QuantFormat.QOperator, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             notes.insert(0, f"int8 weights ({granularity}), uint8 activations with ranges "
-                            f"calibrated (min/max) on {len(rows)} training rows; QOperator "
-                            f"format, ONNX Runtime only.")
-        int8_bytes = compact(target.read_bytes())
-    metrics = {**onnx_metrics(int8_bytes, ctx),
-               "latency_ms": onnx_latency_ms(int8_bytes, ctx.input_shape),
-               "reference_latency_ms": onnx_latency_ms(float_bytes, ctx.input_shape),
-               "reference_size_bytes": len(float_bytes)}
-    notes.append(f"{len(int8_bytes):,} bytes against {len(float_bytes):,} for the float32 "
-                 f"ONNX file ({len(float_bytes) / len(int8_bytes):.2f}x smaller).")
-    return StepResult(model=None, runtime="onnxruntime", onnx_bytes=int8_bytes,
-                      metrics=metrics, notes=notes)
+                            f"calibrated (min/max) on {len(calibration)} training rows; "
+                            f"QOperator format, ONNX Runtime only.")
+        return compact(target.read_bytes()), notes
 
 
 def _calibration_reader(X: torch.Tensor) -> Any:

@@ -1,0 +1,210 @@
+"""Deployment: the ONNX file a user ships, and what ONNX Runtime makes of it.
+
+The exported file takes the raw inputs a user has (input "input", float32, shape
+(batch, *raw sample shape)): the feature selection and scaling fitted on the training part
+are a small graph in front of the model, joined with `onnx.compose`, so the same front
+serves float and int8 models alike. Every export is checked (`onnx.checker`), compared
+with PyTorch on the test part (the largest difference and the tolerance are recorded; a
+variant outside it is marked, not hidden), and evaluated with ONNX Runtime: the accuracy
+shown for a deployed variant is the file's own. Latency and throughput come from one
+harness for PyTorch eager and ONNX Runtime (CPU, and CUDA where it is available), with the
+thread count and the machine's description.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import UserError
+from engine.export import onnx_bytes, ort_predict, ort_session
+from engine.latency import machine, time_calls
+
+OPSET = 18
+TOLERANCE = 1e-4  # relative to the largest output magnitude
+
+
+class Preprocessing(nn.Module):
+    """x -> (x[:, keep] - shift) / scale, reshaped to the model's input shape."""
+
+    def __init__(self, prep: Any, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.select = prep.keep is not None
+        self.scaled = prep.shift is not None
+        if self.select:
+            self.register_buffer("keep", torch.as_tensor(np.asarray(prep.keep), dtype=torch.long))
+        if self.scaled:
+            self.register_buffer("shift", torch.as_tensor(prep.shift, dtype=torch.float32))
+            self.register_buffer("scale", torch.as_tensor(prep.scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.select:
+            x = x.reshape(x.shape[0], -1).index_select(1, self.keep)
+        x = x.reshape((x.shape[0], *self.input_shape))
+        if self.scaled:
+            x = (x - self.shift) / self.scale
+        return x
+
+
+def with_preprocessing(model_onnx: bytes, data: Any) -> bytes:
+    """Prepend the data's fitted preprocessing to an exported model (float or int8)."""
+    import onnx
+    from onnx import compose
+
+    raw_shape = tuple(data.X_test_raw.shape[1:])
+    front = onnx.load_from_string(onnx_bytes(Preprocessing(data.preprocess, data.input_shape),
+                                             raw_shape, opset=OPSET))
+    back = onnx.load_from_string(model_onnx)
+    front = compose.add_prefix(front, "pre_")
+    back = compose.add_prefix(back, "model_")
+    if back.ir_version != front.ir_version:
+        front.ir_version = back.ir_version
+    merged = compose.merge_models(front, back, io_map=[("pre_output", "model_input")])
+    merged.graph.input[0].name = "input"
+    merged.graph.output[0].name = "output"
+    for node in merged.graph.node:  # keep the public names "input" and "output"
+        node.input[:] = ["input" if i == "pre_input" else i for i in node.input]
+        node.output[:] = ["output" if o == "model_output" else o for o in node.output]
+    onnx.checker.check_model(merged, full_check=True)
+    return merged.SerializeToString()
+
+
+def export_model(model: nn.Module, data: Any, *, name: str = "model") -> bytes:
+    """The deployable .onnx bytes of a PyTorch model, its preprocessing inside."""
+    try:
+        core = onnx_bytes(model, data.input_shape, opset=OPSET)
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UserError(f"{name} could not be exported to ONNX ({type(exc).__name__}: "
+                        f"{reason}); export its model as a built-in architecture or keep it "
+                        f"in PyTorch.") from None
+    return with_preprocessing(core, data)
+
+
+def _scores(out: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
+    if task == "classification":
+        return {"accuracy": float((out.argmax(1) == y).mean())}
+    pred = out.reshape(y.shape)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {"mse": float(((y - pred) ** 2).mean()),
+            "r2": 1 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 0.0}
+
+
+def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: int = 1,
+           batch: int = 256) -> dict[str, Any]:
+    """Check, evaluate and time an exported file; with `model`, compare it with PyTorch."""
+    import onnx
+
+    proto = onnx.load_from_string(file)
+    X_raw, y = data.X_test_raw, data.y_test
+    session = ort_session(file, threads=threads)
+    out = ort_predict(session, X_raw)
+    info: dict[str, Any] = {
+        "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        "input": {"name": "input", "shape": ["batch", *X_raw.shape[1:]], "dtype": "float32",
+                  "preprocessing": "inside the file: feature selection and scaling fitted "
+                                   "on the training part"},
+        "output": {"name": "output", "shape": ["batch", *out.shape[1:]],
+                   "meaning": "class logits" if data.task == "classification"
+                   else "prediction"},
+        "bytes": len(file), "threads": threads, "machine": machine(),
+        "onnx": _scores(out, y, data.task),
+        "latency": {"onnxruntime_cpu": _ort_timing(file, X_raw, threads, batch)},
+    }
+    cuda = _ort_cuda_timing(file, X_raw, batch)
+    if cuda:
+        info["latency"]["onnxruntime_cuda"] = cuda
+    if model is not None:
+        from engine.models import set_training
+
+        set_training(model, False)
+        device = next(iter(model.parameters()), torch.zeros(())).device
+        with torch.no_grad():
+            ref = model(torch.as_tensor(data.X_test, device=device)).float().cpu().numpy()
+        diff = float(np.abs(ref.reshape(out.shape) - out).max()) if len(out) else 0.0
+        tol = TOLERANCE * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
+        info.update(torch=_scores(ref, y, data.task), max_abs_diff=diff, tolerance=tol,
+                    parity_ok=diff <= tol)
+        info["latency"]["torch_eager"] = _torch_timing(model, data.input_shape, batch, device)
+    return info
+
+
+def _ort_timing(file: bytes, X: np.ndarray, threads: int, batch: int) -> dict[str, float]:
+    session = ort_session(file, threads=threads)
+    one = np.ascontiguousarray(X[:1])
+    many = np.ascontiguousarray(np.resize(X, (batch, *X.shape[1:])))
+    single = time_calls(lambda: session.run(None, {"input": one}), repeats=300)
+    bulk = time_calls(lambda: session.run(None, {"input": many}), repeats=30)
+    return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
+            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch}
+
+
+def _ort_cuda_timing(file: bytes, X: np.ndarray, batch: int) -> dict[str, float] | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    session = ort.InferenceSession(file, providers=["CUDAExecutionProvider"])
+    one, many = X[:1], np.resize(X, (batch, *X.shape[1:]))
+    single = time_calls(lambda: session.run(None, {"input": one}), repeats=300)
+    bulk = time_calls(lambda: session.run(None, {"input": many}), repeats=30)
+    return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
+            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch}
+
+
+def _torch_timing(model: nn.Module, input_shape: tuple[int, ...], batch: int,
+                  device: torch.device) -> dict[str, float]:
+    from engine.latency import torch_latency
+
+    single = torch_latency(model, input_shape, repeats=300)
+    bulk = torch_latency(model, input_shape, batch=batch, repeats=30)
+    return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
+            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch}
+
+
+def predict_snippet(file_name: str, info: dict[str, Any], class_names: list[str] | None
+                    ) -> str:
+    """A small predict.py a user can run next to the downloaded file."""
+    shape = ", ".join(map(str, info["input"]["shape"][1:]))
+    labels = (f"CLASSES = {class_names!r}\n" if class_names else "")
+    decide = ("print([CLASSES[i] for i in scores.argmax(1)])" if class_names
+              else "print(scores.ravel())")
+    return f'''"""Run {file_name} with ONNX Runtime: pip install onnxruntime numpy"""
+import numpy as np
+import onnxruntime as ort
+
+{labels}session = ort.InferenceSession("{file_name}", providers=["CPUExecutionProvider"])
+# raw inputs, as in your data: the scaling fitted on the training part is inside the file
+x = np.zeros((1, {shape}), dtype=np.float32)  # replace with your rows: (n, {shape})
+scores = session.run(None, {{"input": x}})[0]
+{decide}
+'''
+
+
+def export_stored(recipe: dict[str, Any], model_file: str, *, name: str
+                  ) -> tuple[bytes, dict[str, Any]]:
+    """Export a stored variant (its .pt2, or the .onnx of an int8 variant) with the
+    preprocessing of its run's data, and report on it."""
+    from pathlib import Path
+
+    from engine.data import load_data
+    from engine.recipe import Recipe
+
+    checked = Recipe.from_dict(recipe)
+    data = load_data(checked.data, seed=checked.seed)
+    path = Path(model_file)
+    if not path.is_file():
+        raise UserError(f"the model file of {name} is gone ({path.name}); run the recipe "
+                        f"again to recreate it.")
+    if path.suffix == ".onnx":
+        file = with_preprocessing(path.read_bytes(), data)
+        return file, report(file, data)
+    model = torch.export.load(str(path)).module()
+    file = export_model(model, data, name=name)
+    return file, report(file, data, model=model)

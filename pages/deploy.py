@@ -1,0 +1,75 @@
+"""Deploy: each variant as an ONNX file that takes raw inputs, as ONNX Runtime runs it."""
+
+import pandas as pd
+import streamlit as st
+
+from engine import deploy, jobs
+from engine.store import Store, run_dir
+from pages.common import show_error
+
+st.title("Deploy")
+store = Store()
+jobs.reap(store)
+runs = store.list_runs(status="done")
+if not runs:
+    st.info("No finished runs yet. Train or compress a model first.")
+    st.stop()
+run = st.selectbox("Run", runs, key="dep_run", format_func=lambda r: f"{r['name']} "
+                   f"({r['id'][:6]})")
+folder = run_dir(run["id"])
+exported = st.session_state.setdefault("dep_exported", {})
+variants = store.variants(run["id"])
+
+for v in variants:  # exports made with the run (recipe export.onnx) or on this page
+    key = (run["id"], v["name"])
+    if key not in exported and "deploy" in v["metrics"]:
+        exported[key] = v["metrics"]["deploy"]
+missing = [v for v in variants if (run["id"], v["name"]) not in exported and v["model_file"]]
+if missing and st.button(f"Export {len(missing)} variant(s) to ONNX", type="primary",
+                         key="dep_export"):
+    for v in missing:
+        with st.spinner(f"Exporting and timing {v['name']}..."):
+            try:
+                file, info = deploy.export_stored(run["recipe"], v["model_file"],
+                                                  name=v["name"])
+                (folder / f"{v['name']}.deploy.onnx").write_bytes(file)
+                exported[(run["id"], v["name"])] = {**info, "file": f"{v['name']}.deploy.onnx"}
+            except Exception as exc:
+                show_error(exc)
+
+rows = []
+for v in variants:
+    info = exported.get((run["id"], v["name"]))
+    if info is None:
+        continue
+    metric = next(iter(info["onnx"]))
+    cpu, eager = info["latency"]["onnxruntime_cpu"], info["latency"].get("torch_eager", {})
+    rows.append({"variant": v["name"], f"ONNX {metric}": info["onnx"][metric],
+                 f"PyTorch {metric}": (info.get("torch") or {}).get(metric),
+                 "matches PyTorch": info.get("parity_ok"), "max |diff|": info.get("max_abs_diff"),
+                 "ONNX KiB": round(info["bytes"] / 1024, 1),
+                 "ORT p50 / p95 ms": f"{cpu['median_ms']:.4f} / {cpu['p95_ms']:.4f}",
+                 "PyTorch p50 / p95 ms": f"{eager['median_ms']:.4f} / {eager['p95_ms']:.4f}"
+                 if eager else "", "ORT rows/s": round(cpu["throughput_per_s"]),
+                 "PyTorch rows/s": round(eager["throughput_per_s"]) if eager else None})
+if not rows:
+    st.caption("Export the variants to compare them under ONNX Runtime.")
+    st.stop()
+st.dataframe(pd.DataFrame(rows), hide_index=True)
+info0 = exported[(run["id"], rows[0]["variant"])]
+st.caption(f"Latency at batch 1 and throughput at batch "
+           f"{info0['latency']['onnxruntime_cpu']['batch']}, {info0['threads']} thread(s), on "
+           f"{info0['machine']['processor']}. A variant whose outputs differ from PyTorch's "
+           f"beyond the tolerance is marked, not hidden.")
+
+name = st.selectbox("Download", [r["variant"] for r in rows], key="dep_pick")
+info = exported[(run["id"], name)]
+path = folder / info["file"]
+classes = ((store.get_run(run["id"])["result"] or {}).get("data") or {}).get("classes")
+snippet = deploy.predict_snippet(path.name, info, list(classes) if classes else None)
+left, right = st.columns(2)
+if path.is_file():
+    left.download_button(f"{path.name}", path.read_bytes(), file_name=path.name,
+                         key="dep_dl_onnx", icon=":material/download:")
+right.download_button("predict.py", snippet, file_name="predict.py", key="dep_dl_snippet")
+st.code(snippet, language="python")
