@@ -11,10 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import streamlit as st
 
-from engine import plots
 from engine.errors import UserError
 from engine.recipe import Recipe
 from engine.registry import Param
@@ -112,25 +110,6 @@ def show_error(exc: Exception) -> None:
                  f"Your settings are kept; try again or report it.")
 
 
-@st.cache_data(max_entries=16, show_spinner="Loading the data...")
-def data_preview(data_json: str, seed: int) -> dict[str, Any]:
-    """The engine's data preview, cached by the data section's JSON."""
-    from engine.data import preview
-
-    return preview(Recipe.from_dict({"data": json.loads(data_json)}).data, seed=seed)
-
-
-@st.cache_data(max_entries=16, show_spinner="Building the model...")
-def model_preview(model_json: str, data_json: str) -> dict[str, Any]:
-    """Complexity figures and layers of the model as it would be built for this data."""
-    from engine.models import describe
-
-    summary = data_preview(data_json, 0)
-    n_out = len(summary.get("classes") or {}) or 1
-    cfg = Recipe.from_dict({"model": json.loads(model_json)}).model
-    return describe(cfg, tuple(summary["input_shape"]), n_out)
-
-
 def registry_choice(registry: Any, label: str, key: str, current: str,
                     options: dict[str, Any], *, names: list[str] | None = None
                     ) -> tuple[str, dict[str, Any]]:
@@ -147,35 +126,3 @@ def registry_choice(registry: Any, label: str, key: str, current: str,
             values = {p.name: param_input(p, f"{key}_{name}_{p.name}", values.get(p.name))
                       for p in entry.params}
     return name, values
-
-
-def show_data(summary: dict[str, Any]) -> None:
-    """Rows per split, input shape, sample images or rows, class balance."""
-    cols = st.columns(4)
-    for col, part in zip(cols, ("train", "val", "test"), strict=False):
-        col.metric(f"{part} rows", summary["rows"][part])
-    cols[3].metric("input shape", "x".join(map(str, summary["input_shape"])))
-    st.caption(f"Task: {summary['task']}")
-    if summary.get("images"):
-        st.plotly_chart(plots.image_grid(summary["images"], summary["image_labels"]),
-                        key="dm_images")
-    elif summary.get("head"):
-        st.dataframe(pd.DataFrame(summary["head"]), height=220)
-    if summary.get("classes"):
-        st.plotly_chart(plots.class_balance(summary["classes"]), key="dm_balance")
-
-
-def show_model(info: dict[str, Any]) -> None:
-    """Complexity figures and the layer table (operators for an ONNX file)."""
-    cols = st.columns(4)
-    cols[0].metric("parameters", f"{info['params']:,}")
-    cols[1].metric("trainable", f"{info.get('trainable_params', info['params']):,}")
-    cols[2].metric("FLOPs / sample", f"{info['flops']:,}" if "flops" in info else "n/a")
-    cols[3].metric("size", f"{info['size_bytes'] / 1024:.1f} KiB",
-                   help="The weights as torch.save writes them; a run reports the size of "
-                        "the .pt2 file it ships.")
-    if info.get("layers"):
-        st.dataframe(pd.DataFrame(info["layers"]), hide_index=True, height=260)
-    if info.get("operators"):
-        st.caption("ONNX operators: " + ", ".join(f"{k} x{v}" for k, v in
-                                                 info["operators"].items()))

@@ -10,16 +10,13 @@ from engine.recipe import ACTIVATIONS, MISSING, SCALINGS, TASKS, Recipe
 from engine.store import artifacts_root
 from pages.common import (
     UPLOAD_LIMIT_MB,
-    data_preview,
     int_list,
-    model_preview,
     param_input,
     save_upload,
     selection,
-    show_data,
     show_error,
-    show_model,
 )
+from pages.previews import data_preview, model_preview, show_data, show_model
 
 st.title("Data & Model")
 sel = selection()

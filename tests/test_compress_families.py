@@ -23,22 +23,14 @@ from engine.errors import UserError
 from engine.models import build_model
 from engine.recipe import ModelConfig, Recipe
 from engine.train import to_tensors, train
+from tests.helpers import trained_context
 
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[nn.Module, CompressContext]:
-    recipe = Recipe.from_dict({"data": {"source": "builtin:digits"},
-                               "model": {"source": "builtin:mlp", "hidden": [128, 64]},
-                               "train": {"epochs": 10, "early_stopping": None}})
-    data = load_data(recipe.data, seed=0)
-    dev = torch.device("cpu")
-    tensors = to_tensors(data, dev)
-    model = build_model(recipe.model, data.input_shape, data.n_classes, seed=0)
-    train(model, data, recipe.train, device=dev, seed=0, tensors=tensors)
-    ctx = CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
-                          n_out=data.n_classes, train_cfg=recipe.train, model_cfg=recipe.model,
-                          data=data, device=dev, seed=0)
-    return model, ctx
+    return trained_context({"data": {"source": "builtin:digits"},
+                            "model": {"source": "builtin:mlp", "hidden": [128, 64]},
+                            "train": {"epochs": 10, "early_stopping": None}})
 
 
 def run(name: str, model: nn.Module, ctx: CompressContext, **options) -> StepResult:

@@ -11,28 +11,18 @@ from torch import nn
 import engine.compress.prune  # noqa: F401 - registers "prune"
 from engine.compress import COMPRESSORS, CompressContext, StepResult
 from engine.compress.prune import cubic_schedule, magnitude_mask, sparsity, structured_prune
-from engine.data import load_data
 from engine.errors import UserError
 from engine.models import build_model
-from engine.recipe import ModelConfig, Recipe
-from engine.train import to_tensors, train
+from engine.recipe import ModelConfig
+from tests.helpers import trained_context
 
 
 def _baseline(source: str, **model: object) -> tuple[nn.Module, CompressContext]:
     """A model trained briefly on digits and the context a technique gets in a run."""
-    recipe = Recipe.from_dict({"data": {"source": "builtin:digits"},
-                               "model": {"source": f"builtin:{source}", "hidden": [64, 32],
-                                         **model},
-                               "train": {"epochs": 8, "early_stopping": None}})
-    data = load_data(recipe.data, seed=0)
-    dev = torch.device("cpu")
-    tensors = to_tensors(data, dev)
-    net = build_model(recipe.model, data.input_shape, data.n_classes, seed=0)
-    train(net, data, recipe.train, device=dev, seed=0, tensors=tensors)
-    ctx = CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
-                          n_out=data.n_classes, train_cfg=recipe.train, model_cfg=recipe.model,
-                          data=data, device=dev, seed=0)
-    return net, ctx
+    return trained_context({"data": {"source": "builtin:digits"},
+                            "model": {"source": f"builtin:{source}", "hidden": [64, 32],
+                                      **model},
+                            "train": {"epochs": 8, "early_stopping": None}})
 
 
 @pytest.fixture(scope="module")

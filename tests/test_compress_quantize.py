@@ -12,28 +12,15 @@ from torch import nn
 
 from engine.compress import COMPRESSORS, CompressContext, StepResult
 from engine.compress.quantize import METHODS, ONNX_METHODS, quantize_tensor
-from engine.data import load_data
 from engine.errors import UserError
 from engine.export import ort_predict, ort_session
 from engine.models import build_model, load_model, save_model
-from engine.recipe import Recipe
-from engine.train import to_tensors, train
+from tests.helpers import trained_context
 
 FLOAT32_WEIGHT_BYTES = 17_226 * 4  # the digits MLP 64-128-64-10 as raw float32
 
 
-def make_context(raw: dict) -> tuple[nn.Module, CompressContext]:
-    recipe = Recipe.from_dict(raw)
-    data = load_data(recipe.data, seed=0)
-    dev = torch.device("cpu")
-    tensors = to_tensors(data, dev)
-    n_out = data.n_classes if data.task == "classification" else 1
-    model = build_model(recipe.model, data.input_shape, n_out, seed=0)
-    train(model, data, recipe.train, device=dev, seed=0, tensors=tensors)
-    ctx = CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
-                          n_out=n_out, train_cfg=recipe.train, model_cfg=recipe.model,
-                          data=data, device=dev, seed=0)
-    return model, ctx
+make_context = trained_context
 
 
 def run(model: nn.Module, ctx: CompressContext, **options) -> StepResult:

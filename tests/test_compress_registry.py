@@ -6,12 +6,10 @@ import pytest
 import torch
 
 import engine
-from engine.compress import COMPRESSORS, CompressContext, load_all
+from engine.compress import COMPRESSORS, load_all
 from engine.compress.encode import encode
-from engine.data import load_data
-from engine.models import build_model
 from engine.recipe import Recipe
-from engine.train import to_tensors, train
+from tests.helpers import trained_context
 
 load_all()
 FAST = {"finetune_epochs": 1, "epochs": 5, "prune_epochs": 3, "share_epochs": 1}
@@ -19,18 +17,9 @@ FAST = {"finetune_epochs": 1, "epochs": 5, "prune_epochs": 3, "share_epochs": 1}
 
 @pytest.fixture(scope="module")
 def trained():
-    recipe = Recipe.from_dict({"data": {"source": "builtin:digits"},
-                               "model": {"source": "builtin:mlp", "hidden": [64, 32]},
-                               "train": {"epochs": 5, "early_stopping": None}})
-    data = load_data(recipe.data, seed=0)
-    device = torch.device("cpu")
-    tensors = to_tensors(data, device)
-    model = build_model(recipe.model, data.input_shape, data.n_classes, seed=0)
-    train(model, data, recipe.train, device=device, seed=0, tensors=tensors)
-    ctx = CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
-                          n_out=data.n_classes, train_cfg=recipe.train,
-                          model_cfg=recipe.model, data=data, device=device, seed=0)
-    return model, ctx
+    return trained_context({"data": {"source": "builtin:digits"},
+                            "model": {"source": "builtin:mlp", "hidden": [64, 32]},
+                            "train": {"epochs": 5, "early_stopping": None}})
 
 
 @pytest.mark.parametrize("name", COMPRESSORS.names())
