@@ -24,11 +24,14 @@ def run(recipe: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def registries() -> dict[str, Any]:
-    """Every registry by its plural name: datasets, models, optimizers, schedules, ..."""
+    """Every registry by its plural name: datasets, models, optimizers, schedules,
+    regularizers, compression."""
+    from engine.compress import load_all
     from engine.data import DATASETS
     from engine.models import MODELS
     from engine.optimizers import OPTIMIZERS
     from engine.regularization import REGULARIZERS
     from engine.schedules import SCHEDULES
 
-    return {r.kind: r for r in (DATASETS, MODELS, OPTIMIZERS, SCHEDULES, REGULARIZERS)}
+    return {r.kind: r for r in (DATASETS, MODELS, OPTIMIZERS, SCHEDULES, REGULARIZERS,
+                                load_all())}

@@ -201,3 +201,82 @@ def sensitivity_heatmap(sens: Mapping[str, Any]) -> go.Figure:
                       height=120 + 40 * len(data["layers"]),
                       margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig
+
+
+# --- diagnostics -----------------------------------------------------------------------------
+
+def _band(fig: go.Figure, x: Sequence[Any], mean: Sequence[float], std: Sequence[float],
+          name: str, colour: str, dash: str) -> None:
+    """A mean line with a shaded ± one standard deviation band."""
+    upper = [m + s for m, s in zip(mean, std, strict=True)]
+    lower = [m - s for m, s in zip(mean, std, strict=True)]
+    fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=upper + lower[::-1], fill="toself",
+                             fillcolor=colour, opacity=0.15, line={"width": 0},
+                             hoverinfo="skip", showlegend=False))
+    fig.add_trace(go.Scatter(x=list(x), y=list(mean), name=name, mode="lines+markers",
+                             line={"color": colour, "dash": dash}))
+
+
+def learning_curve(lc: Mapping[str, Any]) -> go.Figure:
+    """Train and validation score against training-set size, ± one std over repeats."""
+    fig = go.Figure()
+    _band(fig, lc["train_sizes"], lc["train_score"], lc["train_std"], "train", PALETTE[0],
+          "dot")
+    _band(fig, lc["train_sizes"], lc["val_score"], lc["val_std"], "validation", PALETTE[1],
+          "solid")
+    metric = METRIC_LABELS.get(lc.get("metric", ""), lc.get("metric", "score"))
+    fig.update_layout(title="learning curve", xaxis_title="training rows",
+                      yaxis_title=metric, height=340, margin={"l": 10, "r": 10, "t": 40,
+                                                              "b": 10})
+    return fig
+
+
+def validation_curve(vc: Mapping[str, Any]) -> go.Figure:
+    """Train and validation score against one complexity knob, ± one std over repeats."""
+    labels = [str(v) for v in vc["values"]]
+    fig = go.Figure()
+    _band(fig, labels, vc["train_score"], vc["train_std"], "train", PALETTE[0], "dot")
+    _band(fig, labels, vc["val_score"], vc["val_std"], "validation", PALETTE[1], "solid")
+    metric = METRIC_LABELS.get(vc.get("metric", ""), vc.get("metric", "score"))
+    fig.update_layout(title=f"validation curve over {vc['param']}", xaxis_title=vc["param"],
+                      yaxis_title=metric, height=340, margin={"l": 10, "r": 10, "t": 40,
+                                                              "b": 10})
+    fig.update_xaxes(type="category")
+    return fig
+
+
+def bias_variance_records(bv: Mapping[str, Any]) -> list[dict[str, Any]]:
+    names = [("expected_loss", "expected loss"), ("bias", "bias²" if bv["loss"] == "squared"
+                                                  else "bias"), ("variance", "variance")]
+    if "net_variance" in bv:
+        names.append(("net_variance", "net variance"))
+    return [{"part": label, "value": float(bv[key])} for key, label in names]
+
+
+def bias_variance(bv: Mapping[str, Any]) -> go.Figure:
+    records = bias_variance_records(bv)
+    loss = "squared error" if bv["loss"] == "squared" else "0-1 loss"
+    fig = go.Figure(go.Bar(x=[r["part"] for r in records], y=[r["value"] for r in records],
+                           marker_color=[PALETTE[3], PALETTE[1], PALETTE[0], PALETTE[4]],
+                           text=[f"{r['value']:.4g}" for r in records]))
+    fig.update_layout(title=f"bias-variance decomposition of the test {loss} over "
+                            f"{bv['rounds']} bootstrap rounds",
+                      yaxis_title=loss, height=320, margin={"l": 10, "r": 10, "t": 40,
+                                                            "b": 10})
+    return fig
+
+
+def landscape(ls: Mapping[str, Any]) -> go.Figure:
+    """The loss around the trained weights along filter-normalized random directions."""
+    if "betas" in ls:
+        fig = go.Figure(go.Contour(x=ls["alphas"], y=ls["betas"], z=ls["loss"],
+                                   colorscale="Viridis", colorbar={"title": "loss"}))
+        fig.update_layout(xaxis_title="direction 1", yaxis_title="direction 2")
+    else:
+        fig = go.Figure(go.Scatter(x=ls["alphas"], y=ls["loss"], mode="lines+markers",
+                                   line={"color": PALETTE[0]}))
+        fig.update_layout(xaxis_title="step along a filter-normalized direction",
+                          yaxis_title="loss")
+    fig.update_layout(title=f"loss landscape (sharpness {ls.get('sharpness', 0):.3g})",
+                      height=340, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return fig

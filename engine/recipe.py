@@ -25,6 +25,8 @@ TASKS = ("auto", "classification", "regression")
 SCALINGS = ("standard", "minmax", False)  # `standardize: true` means "standard"
 MISSING = ("refuse", "drop", "mean", "median")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
+VALIDATION_PARAMS = ("model.hidden", "model.dropout", "train.l2", "train.weight_decay",
+                     "train.epochs")
 SELECTIONS = ("variance", "kbest")
 
 
@@ -211,6 +213,63 @@ class SensitivityConfig:
 
 
 @dataclass(frozen=True)
+class LearningCurveConfig:
+    fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)  # of the training part
+    repeats: int = 3  # fresh models per fraction, on different subsets: the bands
+
+    def validate(self) -> None:
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise UserError("diagnose.learning_curve.fractions must be fractions in (0, 1].")
+        _at_least("diagnose.learning_curve.repeats", self.repeats, 1)
+
+
+@dataclass(frozen=True)
+class ValidationCurveConfig:
+    param: str = "model.hidden"  # the complexity knob: model.hidden, model.dropout,
+    #                              train.l2, train.weight_decay or train.epochs
+    values: tuple[Any, ...] = ([8], [32], [128], [512])
+    repeats: int = 2
+
+    def validate(self) -> None:
+        _choice("diagnose.validation_curve.param", self.param, VALIDATION_PARAMS)
+        if not self.values:
+            raise UserError("diagnose.validation_curve.values needs at least one value.")
+        _at_least("diagnose.validation_curve.repeats", self.repeats, 1)
+
+
+@dataclass(frozen=True)
+class BiasVarianceConfig:
+    rounds: int = 20  # bootstrap rounds, each a freshly initialized model
+
+    def validate(self) -> None:
+        _at_least("diagnose.bias_variance.rounds", self.rounds, 2)
+
+
+@dataclass(frozen=True)
+class LandscapeConfig:
+    points: int = 21  # evaluations along each direction
+    span: float = 1.0  # how far along the filter-normalized directions, each way
+    two_d: bool = False  # a 2-D grid of points x points instead of a 1-D slice
+
+    def validate(self) -> None:
+        _at_least("diagnose.landscape.points", self.points, 3)
+        if not self.span > 0:
+            raise UserError("diagnose.landscape.span must be positive.")
+
+
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    learning_curve: LearningCurveConfig | None = field(default_factory=LearningCurveConfig)
+    validation_curve: ValidationCurveConfig | None = None
+    bias_variance: BiasVarianceConfig | None = field(default_factory=BiasVarianceConfig)
+    complexity: bool = True  # parameters, FLOPs and a Rademacher estimate (random labels)
+    landscape: LandscapeConfig | None = None
+
+    def validate(self) -> None:
+        """Each part validates itself."""
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     onnx: bool = False  # also write DIR/<variant>.deploy.onnx for every variant: raw inputs
     #                     in (preprocessing inside), checked against PyTorch, timed
@@ -230,7 +289,7 @@ class Recipe:
     compress: tuple[dict[str, Any], ...] = ()  # an ordered chain of compression steps
     sensitivity: SensitivityConfig | None = None  # per-layer sensitivity to compression
     tune: dict[str, Any] | None = None  # hyperparameter search (see DESIGN.md)
-    diagnose: dict[str, Any] | None = None  # learning curves, bias-variance, complexity
+    diagnose: DiagnoseConfig | None = None  # learning curves, bias-variance, complexity
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
@@ -241,10 +300,9 @@ class Recipe:
         object.__setattr__(self, "compress", tuple(
             _resolve_step(step, i, last=i == len(self.compress) - 1)
             for i, step in enumerate(self.compress)))
-        for key in ("tune", "diagnose"):
-            if getattr(self, key) is not None:
-                raise UserError(f"'{key}' is not available in this version of the engine; "
-                                f"set it to null.")
+        if self.tune is not None:
+            raise UserError("'tune' is not available in this version of the engine; set it "
+                            "to null.")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:

@@ -82,6 +82,12 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
             raise TrainingDivergedError(fit.message, result)
         _announce(baseline, emit, keep_file=out_dir is not None)
         _compress_chain(recipe, model, ctx, folder, result, emit, keep=out_dir is not None)
+        if recipe.diagnose is not None:
+            from engine.diagnostics.run import run_diagnostics
+
+            emit({"event": "stage", "stage": "diagnose", "message": "diagnosing the model"})
+            result["diagnostics"] = run_diagnostics(recipe, data, model, device=device,
+                                                    emit=emit)
         if recipe.sensitivity is not None:
             from engine.compress.sensitivity import sensitivity
 

@@ -230,3 +230,27 @@ def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
     assert bool(table["matches PyTorch"][0])
     assert 'session.run(None, {"input": x})' in at.code[0].value
     assert "CLASSES" in at.code[0].value
+
+
+def test_diagnose_page_runs_and_shows_the_verdict_and_curves():
+    from engine.recipe import Recipe
+
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    defaults = Recipe.from_dict({}).to_dict()
+    at.session_state["selection"] = {"data": {**defaults["data"], "source": "builtin:iris"},
+                                     "model": {**defaults["model"], "hidden": [16]}}
+    at.session_state["train_cfg"] = {**defaults["train"], "epochs": 15, "lr": 0.01}
+    at.run()
+    at.switch_page("pages/diagnose.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.number_input(key="dg_rounds").set_value(3).run()
+    at.multiselect(key="dg_fractions").set_value([0.25, 1.0]).run()
+    at.button(key="dg_run").click().run()
+    run = wait_finished(at.session_state["dg_watch"], timeout=300)
+    assert run["status"] == "done", run.get("error")
+    at.run()
+    assert not at.exception
+    verdicts = [e.value for e in at.warning] + [e.value for e in at.success]
+    assert any(v.startswith(("High bias", "High variance", "Good fit")) for v in verdicts)
+    assert len(at.get("plotly_chart")) >= 3 + 2  # live curves + learning, decomposition, ...
+    assert "fits random labels" in [m.label for m in at.metric]

@@ -69,7 +69,8 @@ def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for word in ("DATASETS", "MODELS", "OPTIMIZERS", "SCHEDULES", "REGULARIZERS", "nesterov",
-                 "cosine_restarts", "early_stopping", "breast_cancer", "step_size"):
+                 "cosine_restarts", "early_stopping", "breast_cancer", "step_size",
+                 "COMPRESSION", "deep_compression", "static_int8"):
         assert word in out
     assert main(["list", "optimizers", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

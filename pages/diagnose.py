@@ -1,0 +1,83 @@
+"""Diagnose: is the model underfitting or overfitting, and what should change?"""
+
+import streamlit as st
+
+from engine import jobs, plots
+from engine.recipe import VALIDATION_PARAMS, Recipe
+from engine.store import Store
+from pages.common import default_sections, describe, selection, show_error
+from pages.live import watch
+
+VERDICTS = {"high_bias": ("High bias: the model underfits.", st.warning),
+            "high_variance": ("High variance: the model overfits.", st.warning),
+            "good_fit": ("Good fit: training and validation agree.", st.success)}
+KNOBS = {"model.hidden": [[8], [32], [128], [512]], "model.dropout": [0.0, 0.2, 0.5],
+         "train.l2": [0.0, 0.001, 0.01, 0.1], "train.weight_decay": [0.0, 0.01, 0.1],
+         "train.epochs": [5, 15, 30, 60]}
+
+st.title("Diagnose")
+sel = selection()
+train_cfg = st.session_state.get("train_cfg") or default_sections()["train"]
+st.caption(f"Model **{describe(sel['model'])}** on **{describe(sel['data'])}** with "
+           f"{train_cfg['optimizer']}, {train_cfg['epochs']} epochs (the Train page's settings).")
+
+left, right = st.columns(2)
+with left:
+    use_lc = st.checkbox("Learning curve", True, key="dg_lc")
+    fractions = st.multiselect("Training fractions", [0.1, 0.25, 0.5, 0.75, 1.0],
+                               [0.1, 0.25, 0.5, 1.0], key="dg_fractions", disabled=not use_lc)
+    use_vc = st.checkbox("Validation curve", False, key="dg_vc")
+    knob = st.selectbox("Complexity knob", VALIDATION_PARAMS, key="dg_knob",
+                        disabled=not use_vc)
+with right:
+    use_bv = st.checkbox("Bias-variance decomposition", True, key="dg_bv")
+    rounds = int(st.number_input("Bootstrap rounds", 2, 200, 10, key="dg_rounds",
+                                 disabled=not use_bv))
+    use_cx = st.checkbox("Complexity (parameters, FLOPs, Rademacher)", True, key="dg_cx")
+    use_ls = st.checkbox("Loss landscape", True, key="dg_ls")
+    two_d = st.checkbox("2-D landscape", False, key="dg_ls2", disabled=not use_ls)
+
+diagnose = {"learning_curve": {"fractions": sorted(fractions)} if use_lc and fractions
+            else None,
+            "validation_curve": {"param": knob, "values": KNOBS[knob]} if use_vc else None,
+            "bias_variance": {"rounds": rounds} if use_bv else None, "complexity": use_cx,
+            "landscape": {"two_d": two_d, "points": 15 if two_d else 21} if use_ls else None}
+try:
+    recipe = Recipe.from_dict({"data": sel["data"], "model": sel["model"], "train": train_cfg,
+                               "diagnose": diagnose})
+    if st.button("Diagnose", type="primary", key="dg_run", icon=":material/troubleshoot:"):
+        st.session_state["dg_watch"] = jobs.submit(recipe, name=f"diagnose "
+                                                   f"{describe(sel['model'])}")
+except Exception as exc:
+    show_error(exc)
+
+run_id = st.session_state.get("dg_watch")
+if run_id:
+    watch([run_id], key="dg_live")
+    run = Store().get_run(run_id)
+    found = ((run or {}).get("result") or {}).get("diagnostics") or {}
+    if found.get("verdict"):
+        headline, box = VERDICTS[found["verdict"]]
+        box(headline + " " + " ".join(found["reasons"]))
+        st.markdown("**What to try next**\n" + "\n".join(f"- {s}" for s in
+                                                          found["suggestions"]))
+    charts = [(plots.learning_curve, "learning_curve"), (plots.validation_curve,
+               "validation_curve"), (plots.bias_variance, "bias_variance"),
+              (plots.landscape, "landscape")]
+    shown = [(fn, found[key], key) for fn, key in charts if found.get(key)]
+    for i in range(0, len(shown), 2):
+        cols = st.columns(2)
+        for col, (fn, data, key) in zip(cols, shown[i:i + 2], strict=False):
+            col.plotly_chart(fn(data), key=f"dg_{key}")
+    if found.get("bias_variance", {}).get("combination"):
+        st.caption(found["bias_variance"]["combination"])
+    if found.get("complexity"):
+        cx = found["complexity"]
+        cols = st.columns(4)
+        cols[0].metric("parameters", f"{cx['params']:,}")
+        cols[1].metric("non-zero", f"{cx['nonzero_params']:,}")
+        cols[2].metric("FLOPs / sample", f"{cx['flops']:,}")
+        rad = cx.get("rademacher") or {}
+        cols[3].metric("fits random labels", f"{rad.get('fit', 0):.2f}",
+                       help="Empirical Rademacher estimate: 0 = cannot memorize random "
+                            "labels, 1 = memorizes them perfectly.")
