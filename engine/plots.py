@@ -259,8 +259,7 @@ def bias_variance(bv: Mapping[str, Any]) -> go.Figure:
     fig = go.Figure(go.Bar(x=[r["part"] for r in records], y=[r["value"] for r in records],
                            marker_color=[PALETTE[3], PALETTE[1], PALETTE[0], PALETTE[4]],
                            text=[f"{r['value']:.4g}" for r in records]))
-    fig.update_layout(title=f"bias-variance decomposition of the test {loss} over "
-                            f"{bv['rounds']} bootstrap rounds",
+    fig.update_layout(title=f"bias-variance of the test {loss}, {bv['rounds']} rounds",
                       yaxis_title=loss, height=320, margin={"l": 10, "r": 10, "t": 40,
                                                             "b": 10})
     return fig

@@ -129,6 +129,19 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "runs.png", full_page=True)
 
+        # Diagnose: curves, decomposition and the verdict for the same model and data
+        page.get_by_role("link", name="Diagnose", exact=True).click()
+        expect(page.get_by_role("heading", name="Diagnose", exact=True)).to_be_visible()
+        rounds = page.get_by_role("spinbutton", name="Bootstrap rounds")
+        rounds.fill("5")
+        rounds.press("Enter")
+        page.wait_for_timeout(800)
+        page.get_by_role("button", name="Diagnose", exact=True).click()
+        expect(page.get_by_text("What to try next")).to_be_visible(timeout=240_000)
+        expect(page.get_by_text("learning curve", exact=True)).to_be_visible()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "diagnose.png", full_page=True)
+
         # Compress: the Deep Compression preset with the sensitivity heatmap, then Compare
         page.get_by_role("link", name="Compress", exact=True).click()
         expect(page.get_by_role("heading", name="Compress", exact=True)).to_be_visible()
