@@ -43,6 +43,7 @@ page = st.navigation([
     st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:",
             default=True),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/tune.py", title="Tune", icon=":material/tune:"),
     st.Page("pages/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),
     st.Page("pages/compress.py", title="Compress", icon=":material/compress:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:"),

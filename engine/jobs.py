@@ -77,6 +77,7 @@ def run_worker(run_id: str, store_url: str, *, threads: int | None = None) -> in
     from engine.train import resolve_device
 
     store = Store(store_url)
+    os.environ["WORKBENCH_STORE"] = store.url  # searches keep their studies in this database
     run = store.get_run(run_id)
     if run is None:
         print(f"error: there is no run {run_id!r} in {store.url}", file=sys.stderr)

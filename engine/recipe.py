@@ -288,7 +288,9 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     compress: tuple[dict[str, Any], ...] = ()  # an ordered chain of compression steps
     sensitivity: SensitivityConfig | None = None  # per-layer sensitivity to compression
-    tune: dict[str, Any] | None = None  # hyperparameter search (see DESIGN.md)
+    tune: dict[str, Any] | None = None  # hyperparameter search (engine/tune.py: sampler,
+    #                                     space, validation, objectives); the run then trains
+    #                                     the winner as its baseline
     diagnose: DiagnoseConfig | None = None  # learning curves, bias-variance, complexity
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -301,8 +303,9 @@ class Recipe:
             _resolve_step(step, i, last=i == len(self.compress) - 1)
             for i, step in enumerate(self.compress)))
         if self.tune is not None:
-            raise UserError("'tune' is not available in this version of the engine; set it "
-                            "to null.")
+            from engine.tune import validate_tune
+
+            object.__setattr__(self, "tune", validate_tune(self.tune))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:

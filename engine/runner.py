@@ -39,6 +39,13 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
 
     recipe = as_recipe(recipe)
     emit = on_progress or (lambda event: None)
+    asked, tuning = recipe, None
+    if recipe.tune is not None:  # search first, then the run trains the winner
+        from engine.tune import best_recipe, search
+
+        emit({"event": "stage", "stage": "tune", "message": "searching hyperparameters"})
+        tuning = search(recipe, on_trial=lambda trial: emit({"event": "trial", **trial}))
+        recipe = best_recipe(recipe, tuning)
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     emit({"event": "stage", "stage": "data", "message": "loading the data"})
@@ -66,12 +73,12 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
                                    best_epoch=fit.best_epoch, train_time_s=fit.seconds)
         baseline["stopped"] = fit.stopped
         result = {
-            "recipe": recipe.to_dict(),
+            "recipe": asked.to_dict(),
             "device": str(device),
             "machine": machine(),
             "data": data.summary(),
             "variants": [baseline],
-            "tuning": None,
+            "tuning": tuning,
             "diagnostics": {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -82,6 +89,8 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
             raise TrainingDivergedError(fit.message, result)
         _announce(baseline, emit, keep_file=out_dir is not None)
         _compress_chain(recipe, model, ctx, folder, result, emit, keep=out_dir is not None)
+        if tuning is not None:
+            result["trained_recipe"] = recipe.to_dict()
         if recipe.diagnose is not None:
             from engine.diagnostics.run import run_diagnostics
 

@@ -254,3 +254,27 @@ def test_diagnose_page_runs_and_shows_the_verdict_and_curves():
     assert any(v.startswith(("High bias", "High variance", "Good fit")) for v in verdicts)
     assert len(at.get("plotly_chart")) >= 3 + 2  # live curves + learning, decomposition, ...
     assert "fits random labels" in [m.label for m in at.metric]
+
+
+def test_tune_page_runs_a_small_search_to_completion():
+    from engine.recipe import Recipe
+
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    defaults = Recipe.from_dict({}).to_dict()
+    at.session_state["selection"] = {"data": {**defaults["data"], "source": "builtin:iris"},
+                                     "model": {**defaults["model"], "hidden": [8]}}
+    at.session_state["train_cfg"] = {**defaults["train"], "epochs": 5, "early_stopping": None}
+    at.run()
+    at.switch_page("pages/tune.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.selectbox(key="tu_sampler").set_value("random").run()
+    at.number_input(key="tu_trials").set_value(3).run()
+    at.button(key="tu_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run = wait_finished(at.session_state["tu_watch"], timeout=300)
+    assert run["status"] == "done", run.get("error")
+    at.run()
+    assert not at.exception
+    assert len(run["result"]["tuning"]["trials"]) == 3
+    assert any("Best" in s.value for s in at.success)
+    assert len(at.get("plotly_chart")) >= 4  # history, parameters, live loss and accuracy
