@@ -18,11 +18,9 @@ from engine.compress.distill import hinton_loss
 from engine.compress.lowrank import choose_rank, semi_nmf, svd_factor
 from engine.compress.presets import concat_histories
 from engine.compress.share import kmeans_1d
-from engine.data import load_data
 from engine.errors import UserError
 from engine.models import build_model
 from engine.recipe import ModelConfig, Recipe
-from engine.train import to_tensors, train
 from tests.helpers import trained_context
 
 
@@ -77,17 +75,8 @@ def test_returns_a_new_model_and_leaves_the_input_unchanged(setup, name, options
 
 def context(data_source: str, model_section: dict, epochs: int
             ) -> tuple[nn.Module, CompressContext]:
-    recipe = Recipe.from_dict({"data": {"source": data_source}, "model": model_section,
-                               "train": {"epochs": epochs, "early_stopping": None}})
-    data = load_data(recipe.data, seed=0)
-    dev = torch.device("cpu")
-    tensors = to_tensors(data, dev)
-    n_out = data.n_classes if data.task == "classification" else 1
-    model = build_model(recipe.model, data.input_shape, n_out, seed=0)
-    train(model, data, recipe.train, device=dev, seed=0, tensors=tensors)
-    return model, CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
-                                  n_out=n_out, train_cfg=recipe.train, model_cfg=recipe.model,
-                                  data=data, device=dev, seed=0)
+    return trained_context({"data": {"source": data_source}, "model": model_section,
+                            "train": {"epochs": epochs, "early_stopping": None}})
 
 
 def test_every_family_runs_on_a_cnn_and_on_a_regression():
