@@ -73,13 +73,23 @@ if run_id:
             a, b = st.columns(2)
             a.plotly_chart(plots.search_history(found), key="tu_history")
             b.plotly_chart(plots.parallel_coordinates(found), key="tu_parcoords")
+        if len(objectives) == 2 and objectives[0] == "val_score":  # the front, as it grows
+            points = [{"name": f"trial {t['number']}", "technique": "trial",
+                       "chain": str(t["params"]), objectives[0]: t["values"][0],
+                       objectives[1]: t["values"][1]}
+                      for t in found if t.get("state") == "COMPLETE" and t.get("values")]
+            if points:
+                st.plotly_chart(plots.pareto(points, objectives[1], objectives[0],
+                                             title="Pareto front of the trials"),
+                                key="tu_pareto")
 
     trials_live()
     watch([run_id], key="tu_live")
     tuning = ((store.get_run(run_id) or {}).get("result") or {}).get("tuning")
     if tuning:
         if tuning.get("best_params"):
-            st.success(f"Best {tuning['objectives'][0]}: {tuning['best_value']:.4f} with "
+            best = tuning.get("best_value", (tuning.get("best_values") or [None])[0])
+            st.success(f"Best {tuning['objectives'][0]}: {best:.4f} with "
                        f"{tuning['best_params']}; the run trained this winner as its baseline.")
         if tuning.get("importances"):
             st.plotly_chart(plots.importances(tuning["importances"]), key="tu_importances")

@@ -278,3 +278,26 @@ def test_tune_page_runs_a_small_search_to_completion():
     assert len(run["result"]["tuning"]["trials"]) == 3
     assert any("Best" in s.value for s in at.success)
     assert len(at.get("plotly_chart")) >= 4  # history, parameters, live loss and accuracy
+
+
+def test_tune_page_draws_the_pareto_front_of_a_two_objective_search():
+    from engine.recipe import Recipe
+
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    defaults = Recipe.from_dict({}).to_dict()
+    at.session_state["selection"] = {"data": {**defaults["data"], "source": "builtin:iris"},
+                                     "model": {**defaults["model"], "hidden": [8]}}
+    at.session_state["train_cfg"] = {**defaults["train"], "epochs": 3, "early_stopping": None}
+    at.run()
+    at.switch_page("pages/tune.py").run()
+    at.selectbox(key="tu_sampler").set_value("nsga2").run()
+    at.number_input(key="tu_trials").set_value(4).run()
+    at.multiselect(key="tu_obj").set_value(["val_score", "params"]).run()
+    at.button(key="tu_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run = wait_finished(at.session_state["tu_watch"], timeout=300)
+    assert run["status"] == "done", run.get("error")
+    at.run()
+    assert not at.exception
+    assert run["result"]["tuning"]["pareto"]
+    assert len(at.get("plotly_chart")) >= 5  # history, parameters, front, live curves
