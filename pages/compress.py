@@ -35,7 +35,7 @@ if start == "A finished run's model" and finished:
                        format_func=lambda r: f"{r['name']} ({r['id'][:6]})")
     model_file = store.variants(run["id"])[0]["model_file"]
     base = {**run["recipe"], "model": {**run["recipe"]["model"], "source": model_file},
-            "train": {**run["recipe"]["train"], "epochs": 0}}
+            "train": {**run["recipe"]["train"], "epochs": 0}, "tune": None, "diagnose": None}
     st.caption("Distillation from a run's model needs an explicit student model section.")
 else:
     if start == "A finished run's model":
