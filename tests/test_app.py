@@ -301,3 +301,24 @@ def test_tune_page_draws_the_pareto_front_of_a_two_objective_search():
     assert not at.exception
     assert run["result"]["tuning"]["pareto"]
     assert len(at.get("plotly_chart")) >= 5  # history, parameters, front, live curves
+
+
+def test_compress_page_starts_from_a_finished_runs_model():
+    from engine import jobs
+
+    first = jobs.submit({"data": {"source": "builtin:iris"},
+                         "model": {"source": "builtin:mlp", "hidden": [16]},
+                         "train": {"epochs": 20, "lr": 0.01}}, name="to compress")
+    assert wait_finished(first)["status"] == "done"
+    at = open_app("pages/compress.py")
+    at.radio(key="cmp_start").set_value("A finished run's model").run()
+    at.checkbox(key="cmp_sens").uncheck().run()
+    at.button(key="cmp_run_btn").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run = wait_finished(at.session_state["cmp_watch"], timeout=240)
+    assert run["status"] == "done", run.get("error")
+    variants = Store().variants(run["id"])
+    assert [v["name"] for v in variants] == ["baseline", "prune-magnitude"]
+    assert variants[0]["metrics"]["epochs_run"] == 0  # the run's model, not retrained
+    original = Store().variants(first)[0]["metrics"]["test_accuracy"]
+    assert variants[0]["metrics"]["test_accuracy"] == original
