@@ -33,6 +33,7 @@ class TrainingDivergedError(UserError):
 def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | None = None,
         on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run a recipe end to end and return its result (see DESIGN.md for the keys)."""
+    from engine.compress import StepResult
     from engine.data import load_data
     from engine.latency import machine
     from engine.models import build_model
@@ -67,7 +68,7 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         ctx = _context(recipe, data, tensors, device, n_out, emit)
         ctx.baseline_model = model
         ctx.export_onnx = recipe.export.onnx
-        baseline = _measure("baseline", StepResultLike(model, fit.history), ctx, folder,
+        baseline = _measure("baseline", StepResult(model, history=fit.history), ctx, folder,
                             chain=[], reference=None, huffman=False)
         baseline["metrics"].update(epochs_run=len(fit.history["epoch"]),
                                    best_epoch=fit.best_epoch, train_time_s=fit.seconds)
@@ -107,14 +108,6 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
             write_result(result, out_dir)
     emit({"event": "done"})
     return result
-
-
-class StepResultLike:
-    """The baseline, shaped like a compression step's result so one function measures all."""
-
-    def __init__(self, model: torch.nn.Module, history: dict[str, list[float]]) -> None:
-        self.model, self.history, self.runtime = model, history, "torch"
-        self.onnx_bytes, self.metrics, self.notes, self.huffman = None, {}, [], False
 
 
 def _context(recipe: Recipe, data: Any, tensors: dict[str, torch.Tensor],

@@ -35,6 +35,11 @@ def selection() -> dict[str, Any]:
     return st.session_state["selection"]
 
 
+def train_settings() -> dict[str, Any]:
+    """The Train page's settings, or the recipe's defaults before that page was opened."""
+    return st.session_state.get("train_cfg") or default_sections()["train"]
+
+
 def describe(section: dict[str, Any]) -> str:
     source = section["source"]
     return source.removeprefix("builtin:") if source.startswith("builtin:") else Path(

@@ -8,12 +8,12 @@ from engine.recipe import Recipe
 from engine.runner import describe_step
 from engine.store import Store
 from pages.common import (
-    default_sections,
     describe,
     recipe_download,
     registry_choice,
     selection,
     show_error,
+    train_settings,
 )
 from pages.live import watch
 
@@ -25,11 +25,11 @@ sel = selection()
 chain = st.session_state.setdefault("cmp_chain", [{"technique": "prune", "method": "magnitude",
                                                    "amount": 0.8, "finetune_epochs": 5}])
 
-finished = [r for r in store.list_runs(status="done") if store.variants(r["id"])]
+finished = [r for r in store.list_runs(status="done") if r["metrics"]]  # has a model
 start = st.radio("Start from", ["A fresh baseline", "A finished run's model"], horizontal=True,
                  key="cmp_start", help="A fresh baseline trains the Data & Model selection "
                  "with the Train page's settings first; a run's model is compressed as it is.")
-train_cfg = st.session_state.get("train_cfg") or default_sections()["train"]
+train_cfg = train_settings()
 if start == "A finished run's model" and finished:
     run = st.selectbox("Run", finished, key="cmp_run",
                        format_func=lambda r: f"{r['name']} ({r['id'][:6]})")

@@ -5,7 +5,7 @@ import streamlit as st
 from engine import jobs, plots
 from engine.recipe import VALIDATION_PARAMS, Recipe
 from engine.store import Store
-from pages.common import default_sections, describe, selection, show_error
+from pages.common import describe, selection, show_error, train_settings
 from pages.live import watch
 
 VERDICTS = {"high_bias": ("High bias: the model underfits.", st.warning),
@@ -17,7 +17,7 @@ KNOBS = {"model.hidden": [[8], [32], [128], [512]], "model.dropout": [0.0, 0.2, 
 
 st.title("Diagnose")
 sel = selection()
-train_cfg = st.session_state.get("train_cfg") or default_sections()["train"]
+train_cfg = train_settings()
 st.caption(f"Model **{describe(sel['model'])}** on **{describe(sel['data'])}** with "
            f"{train_cfg['optimizer']}, {train_cfg['epochs']} epochs (the Train page's settings).")
 

@@ -8,7 +8,7 @@ from engine import jobs, plots
 from engine.optimizers import OPTIMIZERS
 from engine.recipe import Recipe
 from engine.store import Store
-from pages.common import default_sections, describe, selection, show_error
+from pages.common import describe, selection, show_error, train_settings
 from pages.live import watch
 
 SAMPLERS = {"tpe": "Bayesian (TPE)", "gp": "Bayesian (Gaussian process)", "random": "random",
@@ -16,7 +16,7 @@ SAMPLERS = {"tpe": "Bayesian (TPE)", "gp": "Bayesian (Gaussian process)", "rando
 
 st.title("Tune")
 sel = selection()
-train_cfg = st.session_state.get("train_cfg") or default_sections()["train"]
+train_cfg = train_settings()
 st.caption(f"Searching around **{describe(sel['model'])}** on **{describe(sel['data'])}** "
            f"with the Train page's other settings.")
 left, right = st.columns(2)

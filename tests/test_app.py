@@ -26,6 +26,20 @@ def open_app(page: str | None = None) -> AppTest:
     return at
 
 
+def open_on_iris(page: str, *, hidden: list[int], **train: object) -> AppTest:
+    """The app with iris and a small MLP selected and quick training settings, on `page`."""
+    from engine.recipe import Recipe
+
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    defaults = Recipe.from_dict({}).to_dict()
+    at.session_state["selection"] = {"data": {**defaults["data"], "source": "builtin:iris"},
+                                     "model": {**defaults["model"], "hidden": hidden}}
+    at.session_state["train_cfg"] = {**defaults["train"], **train}
+    at.run()
+    at.switch_page(page).run()
+    return at
+
+
 def wait_finished(run_id: str, timeout: float = 120) -> dict:
     store = Store()
     deadline = time.time() + timeout
@@ -233,15 +247,7 @@ def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
 
 
 def test_diagnose_page_runs_and_shows_the_verdict_and_curves():
-    from engine.recipe import Recipe
-
-    at = AppTest.from_file("../app.py", default_timeout=90)
-    defaults = Recipe.from_dict({}).to_dict()
-    at.session_state["selection"] = {"data": {**defaults["data"], "source": "builtin:iris"},
-                                     "model": {**defaults["model"], "hidden": [16]}}
-    at.session_state["train_cfg"] = {**defaults["train"], "epochs": 15, "lr": 0.01}
-    at.run()
-    at.switch_page("pages/diagnose.py").run()
+    at = open_on_iris("pages/diagnose.py", hidden=[16], epochs=15, lr=0.01)
     assert not at.exception and not at.error, [e.value for e in at.error]
     at.number_input(key="dg_rounds").set_value(3).run()
     at.multiselect(key="dg_fractions").set_value([0.25, 1.0]).run()
@@ -257,15 +263,7 @@ def test_diagnose_page_runs_and_shows_the_verdict_and_curves():
 
 
 def test_tune_page_runs_a_small_search_to_completion():
-    from engine.recipe import Recipe
-
-    at = AppTest.from_file("../app.py", default_timeout=90)
-    defaults = Recipe.from_dict({}).to_dict()
-    at.session_state["selection"] = {"data": {**defaults["data"], "source": "builtin:iris"},
-                                     "model": {**defaults["model"], "hidden": [8]}}
-    at.session_state["train_cfg"] = {**defaults["train"], "epochs": 5, "early_stopping": None}
-    at.run()
-    at.switch_page("pages/tune.py").run()
+    at = open_on_iris("pages/tune.py", hidden=[8], epochs=5, early_stopping=None)
     assert not at.exception and not at.error, [e.value for e in at.error]
     at.selectbox(key="tu_sampler").set_value("random").run()
     at.number_input(key="tu_trials").set_value(3).run()
@@ -281,15 +279,7 @@ def test_tune_page_runs_a_small_search_to_completion():
 
 
 def test_tune_page_draws_the_pareto_front_of_a_two_objective_search():
-    from engine.recipe import Recipe
-
-    at = AppTest.from_file("../app.py", default_timeout=90)
-    defaults = Recipe.from_dict({}).to_dict()
-    at.session_state["selection"] = {"data": {**defaults["data"], "source": "builtin:iris"},
-                                     "model": {**defaults["model"], "hidden": [8]}}
-    at.session_state["train_cfg"] = {**defaults["train"], "epochs": 3, "early_stopping": None}
-    at.run()
-    at.switch_page("pages/tune.py").run()
+    at = open_on_iris("pages/tune.py", hidden=[8], epochs=3, early_stopping=None)
     at.selectbox(key="tu_sampler").set_value("nsga2").run()
     at.number_input(key="tu_trials").set_value(4).run()
     at.multiselect(key="tu_obj").set_value(["val_score", "params"]).run()
