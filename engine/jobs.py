@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ DIED_MESSAGE = ("the worker process ended without finishing (killed or crashed);
 NEVER_STARTED_MESSAGE = "the worker never started; see worker.log in the run's folder"
 START_TIMEOUT_S = 60.0  # a queued run without a worker after this long is failed
 CANCEL_CHECK_S = 0.2  # the worker reads the cancel flag at most this often
+BACKENDS = ("local", "ray")
 
 _PROCS: dict[str, subprocess.Popen[bytes]] = {}  # workers this process started, by run id
 _PROCS_LOCK = threading.Lock()  # Streamlit runs sessions in threads
@@ -41,42 +43,145 @@ _PROCS_LOCK = threading.Lock()  # Streamlit runs sessions in threads
 
 def submit(recipe: Recipe | dict[str, Any], *, store: Store | None = None,
            name: str | None = None, group: str | None = None,
-           threads: int | None = None) -> str:
+           threads: int | None = None, backend: str | None = None,
+           owner: str | None = None, resources: dict[str, float] | None = None) -> str:
     """Check the recipe (a UserError reaches the caller and nothing is stored), store a
-    queued run and start its worker process; return the run id."""
+    queued run and hand it to the backend; return the run id.
+
+    backend "local" (default, or WORKBENCH_BACKEND): a worker process on this machine,
+    started at once while fewer than `max_workers()` runs hold one, else when one ends.
+    backend "ray": a task on the Ray cluster at WORKBENCH_RAY_ADDRESS, with `resources`
+    ({"num_cpus": 1, "num_gpus": 0} by default; one GPU for a cuda recipe). `owner` tags
+    the run with the app session that made it."""
     recipe = as_recipe(recipe)
+    kind = backend_name(backend)
+    if kind == "ray":
+        from engine import ray_backend
+
+        ray_backend.connect()  # an unreachable cluster is the user's one sentence, no run
     store = store or Store()
-    run_id = store.create_run(recipe.to_dict(), name=name or recipe.name, group=group)
-    folder = run_dir(run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "engine", "worker", run_id, "--store", store.url]
-    if threads is not None:
-        command += ["--threads", str(threads)]
-    # The worker's folder must not depend on its working directory: pass the root on.
-    env = {**os.environ, "WORKBENCH_ARTIFACTS": str(artifacts_root()), "PYTHONUNBUFFERED": "1"}
-    try:
-        with open(folder / "worker.log", "wb") as log:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=_repo_root(), env=env,
-                                    start_new_session=True)
-    except OSError as exc:
-        store.finish_run(run_id, "failed", error=f"could not start the worker: {exc}")
-        raise
-    with _PROCS_LOCK:
-        _PROCS[run_id] = proc
+    run_id = store.create_run(recipe.to_dict(), name=name or recipe.name, group=group,
+                              backend=kind, owner=owner, threads=threads)
+    run_dir(run_id).mkdir(parents=True, exist_ok=True)
+    if kind == "ray":
+        ray_backend.submit(run_id, store, recipe, threads=threads, resources=resources)
+    else:
+        dispatch(store)
     return run_id
 
 
-def run_worker(run_id: str, store_url: str, *, threads: int | None = None) -> int:
+def compare(recipe: Recipe | dict[str, Any], chains: list[list[dict[str, Any]]], *,
+            store: Store | None = None, backend: str | None = None,
+            owner: str | None = None) -> list[str]:
+    """Fan a technique comparison out: one run per compression chain, each on `recipe`
+    with `compress` set to that chain, all in one group; returns their run ids. On Ray each
+    chain is its own task, so chains run side by side across the cluster."""
+    base = as_recipe(recipe).to_dict()
+    runs = [as_recipe({**base, "compress": chain}) for chain in chains]  # all checked first
+    group = uuid.uuid4().hex[:8]
+    return [submit(r, store=store, backend=backend, owner=owner, group=group,
+                   name=" -> ".join(step["technique"] for step in r.to_dict()["compress"])
+                   or "baseline")
+            for r in runs]
+
+
+def dispatch(store: Store | None = None, *, limit: int | None = None) -> list[str]:
+    """Start a worker process for each queued local run of this host while fewer than
+    `limit` (default `max_workers()`) hold one; return the ids started. Called by `submit`,
+    by a worker as it ends and by `reap`, so the queue drains without a scheduler."""
+    store = store or Store()
+    started = []
+    for run_id in store.claim_queued(limit=limit or max_workers()):
+        try:
+            proc = _spawn(run_id, store)
+        except OSError as exc:
+            store.finish_run(run_id, "failed", error=f"could not start the worker: {exc}")
+            continue
+        store.set_worker(run_id, pid=proc.pid, node=socket.gethostname())
+        started.append(run_id)
+    return started
+
+
+def max_workers() -> int:
+    """How many local worker processes may run at once: WORKBENCH_MAX_WORKERS, else the
+    number of CPU cores (at least 2)."""
+    raw = os.environ.get("WORKBENCH_MAX_WORKERS", "")
+    if raw.strip():
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise UserError(f"WORKBENCH_MAX_WORKERS is {raw!r}; set it to a whole number "
+                            "of at least 1.")
+        return value
+    return max(2, os.cpu_count() or 1)
+
+
+def hang_limit_s() -> float | None:
+    """Seconds without a progress event after which `reap` kills a worker:
+    WORKBENCH_HANG_TIMEOUT_S (default 1800; 0 turns the check off)."""
+    raw = os.environ.get("WORKBENCH_HANG_TIMEOUT_S", "1800")
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise UserError(f"WORKBENCH_HANG_TIMEOUT_S is {raw!r}; set it to a number of "
+                        "seconds (0 turns the check off).") from exc
+    return value if value > 0 else None
+
+
+def backend_name(backend: str | None = None) -> str:
+    """The backend a run goes to: `backend`, else WORKBENCH_BACKEND, else "local"."""
+    kind = (backend or os.environ.get("WORKBENCH_BACKEND") or "local").strip().lower()
+    if kind not in BACKENDS:
+        raise UserError(f"the backend {kind!r} is unknown; choose one of "
+                        f"{', '.join(BACKENDS)} (WORKBENCH_BACKEND).")
+    return kind
+
+
+def _spawn(run_id: str, store: Store) -> subprocess.Popen[bytes]:
+    """Start `python -m engine worker RUN_ID` in its own session (it outlives the app),
+    its output going to the run's worker.log. The command is an argument list: no string
+    of the user's ever reaches a shell."""
+    folder = run_dir(run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "engine", "worker", run_id, "--store", store.url]
+    threads = store.get_run(run_id)["threads"]
+    if threads is not None:
+        command += ["--threads", str(int(threads))]
+    # The worker's folder must not depend on its working directory: pass the root on.
+    env = {**os.environ, "WORKBENCH_ARTIFACTS": str(artifacts_root()), "PYTHONUNBUFFERED": "1"}
+    with open(folder / "worker.log", "ab") as log:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=_repo_root(), env=env,
+                                start_new_session=True)
+    with _PROCS_LOCK:
+        _PROCS[run_id] = proc
+    return proc
+
+
+def run_worker(run_id: str, store_url: str, *, threads: int | None = None,
+               node: str | None = None) -> int:
     """Run one stored run in this process, recording every progress event; the body of
-    `python -m engine worker`. Returns the exit code: 0 done or cancelled, 2 a user's
-    error (the run is failed with its message), 1 an internal error."""
+    `python -m engine worker` and of a Ray task. Returns the exit code: 0 done or
+    cancelled, 2 a user's error (the run is failed with its message), 1 an internal error.
+    A local worker then starts the next queued run, if any."""
+    store = Store(store_url)
+    try:
+        return _work(store, run_id, threads=threads, node=node)
+    finally:
+        run = store.get_run(run_id)
+        if run is not None and run["backend"] != "ray":
+            with contextlib.suppress(Exception):  # never turn a finished run into an error
+                dispatch(store)
+
+
+def _work(store: Store, run_id: str, *, threads: int | None, node: str | None) -> int:
     import torch
 
     from engine.runner import TrainingDivergedError
     from engine.train import resolve_device
 
-    store = Store(store_url)
     os.environ["WORKBENCH_STORE"] = store.url  # searches keep their studies in this database
     run = store.get_run(run_id)
     if run is None:
@@ -91,7 +196,8 @@ def run_worker(run_id: str, store_url: str, *, threads: int | None = None) -> in
         device: str | None = str(resolve_device(recipe.device))
     except UserError:
         device = None  # engine.run raises the same error below and the run fails with it
-    if not store.start_run(run_id, pid=os.getpid(), host=socket.gethostname(), device=device):
+    if not store.start_run(run_id, pid=os.getpid(), host=socket.gethostname(), device=device,
+                           node=node):
         print(f"run {run_id} is {store.get_run(run_id)['status']}; nothing to do")
         return 0
     if threads is not None:
@@ -108,6 +214,15 @@ def run_worker(run_id: str, store_url: str, *, threads: int | None = None) -> in
     except TrainingDivergedError as exc:
         store.finish_run(run_id, "failed", error=str(exc), result=exc.result)
         print(f"run {run_id}: failed: {exc}")
+        return 2
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "main"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        store.finish_run(run_id, "failed", error=(
+            f"out of {where} memory at batch size {recipe.train.batch_size}; lower the "
+            f"batch size or choose a smaller model (the history so far is kept)"))
+        print(f"run {run_id}: failed: out of {where} memory")
         return 2
     except UserError as exc:
         store.finish_run(run_id, "failed", error=str(exc))
@@ -161,41 +276,55 @@ def cancel(run_id: str, *, store: Store | None = None, grace_s: float = 10.0) ->
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
-    pid = _local_pid(run)
-    if pid is None:
-        return  # on another host: its worker sees the flag at its next event
-    _kill(run_id, pid)
+    if run["backend"] == "ray" and _ray().cancel(run_id):
+        pass  # Ray killed the task's worker process
+    else:
+        pid = _local_pid(run)
+        if pid is None:
+            return  # on another host: its worker sees the flag at its next event
+        _kill(run_id, pid)
     store.finish_run(run_id, "cancelled", error=f"{CANCELLED_MESSAGE}; the worker did not "
                                                 f"stop within {grace_s:g} s and was killed")
 
 
-def reap(store: Store | None = None, *, hang_timeout_s: float | None = None) -> list[str]:
-    """Mark this host's runs whose worker is gone as failed, and return their ids.
+def reap(store: Store | None = None, *, hang_timeout_s: float | str | None = "default"
+         ) -> list[str]:
+    """Mark runs whose worker is gone as failed, return their ids, then start queued runs
+    into the freed slots (`dispatch`).
 
     Cheap enough for every poll: one query when nothing is active. A worker silent for
-    longer than `hang_timeout_s` (if given) is killed and its run failed too. Runs of
-    other hosts are left to their own reaper."""
+    longer than `hang_timeout_s` (default `hang_limit_s()`; None: no check) is killed and
+    its run failed too. A queued run waiting for a free worker is left alone. Local runs of
+    other hosts are left to their own reaper; Ray runs are judged by their task."""
     store = store or Store()
+    if hang_timeout_s == "default":
+        hang_timeout_s = hang_limit_s()
     exited = _poll_children()  # before the query: a worker that ended has written its end
     host, now = socket.gethostname(), time.time()
     marked = []
     for run in store.active_runs():
-        if run["host"] != host:
+        if run["host"] != host and run["backend"] != "ray":
             continue
+        if run["status"] == "queued" and run["claimed"] is None and run["backend"] != "ray":
+            continue  # waiting for a free worker
+        waited = now - (run["claimed"] or run["created"])
         dead = run["id"] in exited or not _worker_alive(run)
         if dead and run["status"] == "running":
             error = DIED_MESSAGE
-        elif dead and (run["id"] in exited or now - run["created"] > START_TIMEOUT_S):
+        elif dead and (run["id"] in exited or run["pid"] is not None
+                       or waited > START_TIMEOUT_S):
             error = NEVER_STARTED_MESSAGE  # it ended, or none came, before start_run
         elif (hang_timeout_s is not None and run["status"] == "running"
               and now - (run["updated"] or run["started"]) > hang_timeout_s):
-            _kill(run["id"], run["pid"])
+            if run["backend"] != "ray" or not _ray().cancel(run["id"]):
+                _kill(run["id"], run["pid"])
             error = (f"no progress for {hang_timeout_s:g} s, so the worker was killed; "
-                     f"the history so far is kept")
+                     f"the history so far is kept (WORKBENCH_HANG_TIMEOUT_S sets the limit)")
         else:
             continue
         if store.finish_run(run["id"], "failed", error=error):
             marked.append(run["id"])
+    dispatch(store)
     return marked
 
 
@@ -221,12 +350,16 @@ def is_alive(pid: int) -> bool:
 def _worker_alive(run: dict[str, Any]) -> bool:
     """A child of ours is asked directly, another local worker through its pid; one on
     another host is taken to be alive (only its own host can tell)."""
+    if run["backend"] == "ray":
+        known = _ray().alive(run["id"])
+        if known is not None:
+            return known
     with _PROCS_LOCK:
         proc = _PROCS.get(run["id"])
     if proc is not None:
         return proc.poll() is None
     if run["pid"] is None:
-        return False
+        return run["backend"] == "ray" and run["status"] == "queued"  # Ray has not placed it
     return run["host"] != socket.gethostname() or is_alive(run["pid"])
 
 
@@ -264,6 +397,12 @@ def _kill(run_id: str, pid: int) -> None:
     if proc is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)  # reap the zombie
+
+
+def _ray() -> Any:
+    from engine import ray_backend
+
+    return ray_backend
 
 
 def _repo_root() -> Path:

@@ -18,9 +18,11 @@ live on disk under `artifacts_root()/<run_id>/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import threading
@@ -35,6 +37,7 @@ from sqlalchemy import and_, func, select
 from engine.errors import UserError
 
 ACTIVE = ("queued", "running")
+_RUN_ID = re.compile(r"[0-9a-f]{8,32}")
 FINISHED = ("done", "failed", "cancelled")
 
 metadata = sa.MetaData()
@@ -62,6 +65,11 @@ runs = sa.Table(
     sa.Column("device", sa.String(40)),
     sa.Column("host", sa.String(200)),  # the submitting host, then the worker's
     sa.Column("pid", sa.Integer),
+    sa.Column("backend", sa.String(20)),  # "local" (a worker process) or "ray" (a task)
+    sa.Column("node", sa.String(200)),  # where the worker runs: host name or Ray node
+    sa.Column("claimed", sa.Float),  # when a worker was dispatched for the queued run
+    sa.Column("owner", sa.String(64), index=True),  # the app session that submitted it
+    sa.Column("threads", sa.Integer),  # torch threads asked for the run, if any
     sa.Column("error", sa.Text),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("progress", sa.Text),  # stage, epoch/epochs and the latest epoch's figures
@@ -114,7 +122,11 @@ def artifacts_root() -> Path:
 
 
 def run_dir(run_id: str) -> Path:
-    """The folder holding one run's model files, result.json and worker.log."""
+    """The folder holding one run's model files, result.json and worker.log. A run id is
+    hex digits (see `Store.create_run`): anything else is refused, so no string from a
+    request can name a folder outside the artifacts root."""
+    if not _RUN_ID.fullmatch(run_id or ""):
+        raise UserError(f"{run_id!r} is not a run id; pick a run from the list of runs.")
     return artifacts_root() / run_id
 
 
@@ -128,26 +140,60 @@ class Store:
     # --- life cycle of a run -------------------------------------------------------------
 
     def create_run(self, recipe: dict[str, Any], *, name: str | None = None,
-                   group: str | None = None, kind: str = "train") -> str:
-        """Store a queued run and return its id."""
-        run_id = uuid.uuid4().hex[:12]
+                   group: str | None = None, kind: str = "train", backend: str = "local",
+                   owner: str | None = None, threads: int | None = None) -> str:
+        """Store a queued run and return its id: 32 hex digits, unique across every node
+        that shares this store, and safe as a folder name."""
+        run_id = uuid.uuid4().hex
         with self._writer.begin() as conn:
             conn.execute(runs.insert().values(
                 id=run_id, name=None if name is None else name[:200], group_id=group,
                 kind=kind, status="queued", recipe=_dumps(recipe), created=time.time(),
-                cancel_requested=False,
+                cancel_requested=False, backend=backend, owner=owner, threads=threads,
                 host=socket.gethostname()))  # so the reaper knows whose queued run it is
         return run_id
 
+    def claim_queued(self, *, limit: int, backend: str = "local",
+                     host: str | None = None) -> list[str]:
+        """Claim the oldest unclaimed queued runs of `backend` submitted from `host` while
+        fewer than `limit` of its runs hold a worker, and return their ids, oldest first.
+        Atomic across processes (SQLite: BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped
+        advisory lock), so two dispatchers never exceed the limit nor claim a run twice."""
+        host = host or socket.gethostname()
+        mine = and_(runs.c.backend == backend, runs.c.host == host)
+        with self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7317)"))
+            busy = conn.execute(select(func.count()).select_from(runs).where(
+                mine, runs.c.status.in_(ACTIVE), runs.c.claimed.is_not(None))).scalar_one()
+            free = limit - busy
+            if free <= 0:
+                return []
+            ids = list(conn.execute(
+                select(runs.c.id).where(mine, runs.c.status == "queued",
+                                        runs.c.claimed.is_(None))
+                .order_by(runs.c.created).limit(free)).scalars())
+            if ids:
+                conn.execute(runs.update().where(runs.c.id.in_(ids))
+                             .values(claimed=time.time()))
+        return ids
+
+    def set_worker(self, run_id: str, *, pid: int | None, node: str | None = None) -> None:
+        """Record the process dispatched for a claimed run (before it starts)."""
+        with self._writer.begin() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id)
+                         .values(pid=pid, node=node))
+
     def start_run(self, run_id: str, *, pid: int, host: str,
-                  device: str | None = None) -> bool:
+                  device: str | None = None, node: str | None = None) -> bool:
         """Mark a queued run running; False if it is no longer queued (cancelled meanwhile)."""
         now = time.time()
         with self._writer.begin() as conn:
             changed = conn.execute(
                 runs.update().where(runs.c.id == run_id, runs.c.status == "queued")
                 .values(status="running", started=now, updated=now, pid=pid, host=host,
-                        device=device)).rowcount
+                        device=device, node=node or host,
+                        claimed=func.coalesce(runs.c.claimed, now))).rowcount
             if not changed:
                 _require(conn, run_id)
         return bool(changed)
@@ -170,6 +216,7 @@ class Store:
                 return False
             conn.execute(events.insert().values(run_id=run_id, time=now, event=_dumps(
                 {"event": "finished", "status": status, "error": error})))
+        self._checkpoint()
         return True
 
     def record_event(self, run_id: str, event: dict[str, Any]) -> None:
@@ -221,7 +268,8 @@ class Store:
         return None if row is None else _run_dict(row._mapping)
 
     def list_runs(self, *, limit: int = 200, status: str | None = None,
-                  group: str | None = None) -> list[dict[str, Any]]:
+                  group: str | None = None, owner: str | None = None
+                  ) -> list[dict[str, Any]]:
         """Runs newest first, without `result`, each with its baseline's `metrics` ({} until
         the baseline is stored): one query, enough for a table of runs."""
         baseline = and_(variants.c.run_id == runs.c.id, variants.c.name == "baseline")
@@ -233,6 +281,8 @@ class Store:
             query = query.where(runs.c.status == status)
         if group is not None:
             query = query.where(runs.c.group_id == group)
+        if owner is not None:
+            query = query.where(runs.c.owner == owner)
         with self._db.connect() as conn:
             rows = conn.execute(query).all()
         return [{**_run_dict(r._mapping), "metrics": _loads(r.metrics) or {}} for r in rows]
@@ -307,7 +357,37 @@ class Store:
         return {**result, "variants": out, "run_id": run_id, "status": run["status"],
                 "error": run["error"]}
 
+    def backup(self, path: str | Path) -> Path:
+        """A consistent copy of a SQLite store at `path`, safe while workers write (SQLite's
+        online backup). Copying the file with `cp` while a run writes may miss the newest
+        events still in the write-ahead log; finished runs are always in the file itself,
+        because `finish_run` checkpoints."""
+        parsed = sa.make_url(self.url)
+        if parsed.get_backend_name() != "sqlite":
+            raise UserError("backup copies a SQLite store; back up a server store with its "
+                            "own tools (pg_dump for PostgreSQL).")
+        import sqlite3
+
+        dest = Path(path).resolve()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        source = sqlite3.connect(parsed.database)
+        target = sqlite3.connect(dest)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+        return dest
+
     # --- helpers -------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """Move committed pages from SQLite's write-ahead log into the database file, so a
+        plain copy of the file holds every finished run. Passive: never waits on readers."""
+        if self._db.dialect.name != "sqlite":
+            return
+        with contextlib.suppress(sa.exc.OperationalError), self._db.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     @staticmethod
     def _put_epoch(conn: Any, run_id: str, event: dict[str, Any]) -> None:
@@ -352,8 +432,21 @@ def _engine(url: str) -> tuple[sa.Engine, sa.Engine]:
             writer = db.execution_options(sqlite_immediate=True)
             with writer.begin() as conn:  # one writer at a time checks and creates tables
                 metadata.create_all(conn)
+                _add_missing_columns(conn)
             _ENGINES[key] = (db, writer)
         return _ENGINES[key]
+
+
+def _add_missing_columns(conn: Any) -> None:
+    """A store made by an older version lacks newer nullable columns: add them, so old
+    runs stay readable (the only migration the schema has needed)."""
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
+                                     f"{kind}")
 
 
 def _configure_sqlite(db: sa.Engine) -> None:

@@ -585,8 +585,9 @@ def search(recipe: Recipe, *, storage: str | None = None,
             _optimize(study, ctx, remaining, n_total,
                       callbacks=[lambda s, t: report_new([t])])
         else:
-            _run_workers(recipe, tune, url, name, seed, remaining, n_total, workers,
-                         lambda: report_new(study.get_trials(deepcopy=False)))
+            run = _run_ray_workers if _on_ray() else _run_workers
+            run(recipe, tune, url, name, seed, remaining, n_total, workers,
+                lambda: report_new(study.get_trials(deepcopy=False)))
     report_new(study.get_trials(deepcopy=False))
     return _result(study, tune, name)
 
@@ -652,19 +653,48 @@ def _run_workers(recipe: Recipe, tune: dict[str, Any], url: str, name: str, seed
 def _worker(base: dict[str, Any], tune: dict[str, Any], url: str, name: str,
             sampler_seed: int, seed: int, quota: int, n_total: int, threads: int,
             errors: Any) -> None:
-    """One worker process: load the study and run its share of the trials."""
+    """One worker process: run its share of the trials, its error sent to the parent."""
     try:
-        import optuna
-        import torch
-
-        torch.set_num_threads(threads)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        recipe = Recipe.from_dict(base).replace(tune=tune)
-        study = _open_study(url, name, tune, sampler_seed, create=False)
-        _optimize(study, _make_context(recipe, tune, seed), quota, n_total)
+        run_trials(base, tune, url, name, sampler_seed, seed, quota, n_total, threads)
     except BaseException as exc:
         errors.put((type(exc).__name__, str(exc)))
         raise
+
+
+def run_trials(base: dict[str, Any], tune: dict[str, Any], url: str, name: str,
+               sampler_seed: int, seed: int, quota: int, n_total: int, threads: int) -> None:
+    """Load the shared study and run `quota` of its trials here: the body of a worker
+    process and of a Ray trial task."""
+    import optuna
+    import torch
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    recipe = Recipe.from_dict(base).replace(tune=tune)
+    study = _open_study(url, name, tune, sampler_seed, create=False)
+    _optimize(study, _make_context(recipe, tune, seed), quota, n_total)
+
+
+def _on_ray() -> bool:
+    """Whether trials fan out over Ray: the run is on the Ray backend (WORKBENCH_BACKEND)."""
+    return os.environ.get("WORKBENCH_BACKEND", "").strip().lower() == "ray"
+
+
+def _run_ray_workers(recipe: Recipe, tune: dict[str, Any], url: str, name: str, seed: int,
+                     remaining: int, n_total: int, workers: int,
+                     poll: Callable[[], None]) -> None:
+    """`workers` Ray tasks share the study through the store, one CPU each; the caller
+    polls the study for finished trials while they run."""
+    from engine import ray_backend
+
+    base = recipe.to_dict()
+    base["tune"] = None
+    quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
+    pending = ray_backend.search_workers([(base, tune, url, name, seed + i, seed, quota,
+                                           n_total, 1) for i, quota in enumerate(quotas)])
+    while pending:
+        pending = ray_backend.wait(pending, POLL_S)
+        poll()
 
 
 # --- the result ----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ def workers(tmp_path_factory):
     root = tmp_path_factory.mktemp("jobs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WORKBENCH_ARTIFACTS", str(root / "art"))
+        mp.setenv("WORKBENCH_MAX_WORKERS", "4")  # all four at once, whatever the cores
         store = Store(f"sqlite:///{root}/s.db")
         runs = {key: jobs.submit(recipe, store=store, name=key, threads=1)
                 for key, recipe in (("cancel", LONG), ("kill", LONG), ("tiny", TINY),
@@ -150,10 +151,14 @@ def test_reaper_marks_runs_without_a_worker(workers):
     elsewhere = store.create_run(TINY)
     store.start_run(elsewhere, pid=2**31 - 1, host="another-host")
     never = store.create_run(TINY)
-    with store._writer.begin() as conn:  # queued two minutes ago, no worker ever came
-        conn.execute(text("UPDATE runs SET created = created - 120 WHERE id = :id"),
-                     {"id": never})
-    waiting = store.create_run(TINY)  # queued just now: its worker may still be starting
+    waiting = store.create_run(TINY)
+    with store._writer.begin() as conn:
+        # dispatched two minutes ago, and no worker ever came
+        conn.execute(text("UPDATE runs SET claimed = :t WHERE id = :id"),
+                     {"id": never, "t": time.time() - 120})
+        # dispatched just now: its worker may still be starting
+        conn.execute(text("UPDATE runs SET claimed = :t WHERE id = :id"),
+                     {"id": waiting, "t": time.time()})
 
     assert sorted(jobs.reap(store)) == sorted([gone, never])
     assert store.get_run(gone)["error"] == jobs.DIED_MESSAGE
