@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from engine.errors import UserError
 from engine.recipe import AugmentConfig, DataConfig, FeatureSelectionConfig
 from engine.registry import Param, Registry
+from engine.uploads import check_size, entry_parts, open_zip
 
 if TYPE_CHECKING:
     import torch
@@ -35,8 +36,8 @@ Arrays = tuple[np.ndarray, np.ndarray, dict[str, Any]]
 MAX_CLASSES_AUTO = 50  # "auto" calls integer labels with at most this many values classes
 MAX_CLASSES = 1000  # beyond this a "classification" target is surely a continuous value
 MAX_CATEGORIES = 1000  # a text column with more distinct values is an identifier, not a category
-MAX_ZIP_ENTRIES = 50_000
-MAX_ZIP_BYTES = 1 << 30  # uncompressed, summed over the archive: refuses zip bombs up front
+MAX_IMAGE_PIXELS = 40_000_000  # one image larger than this is refused before it is decoded
+MIXED_SHARE = 0.5  # a text column with at least this share of numbers is numbers with typos
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 # --- built-in datasets -----------------------------------------------------------------------
@@ -158,6 +159,7 @@ def load_arrays(cfg: DataConfig) -> Arrays:
     if not path.is_file():
         raise UserError(f"data file {cfg.source!r} does not exist; check the path or upload "
                         f"the file again.")
+    check_size(path, repr(path.name))
     loaders = {".csv": _load_table, ".parquet": _load_table, ".npz": _load_npz,
                ".zip": _load_zip}
     ext = path.suffix.lower()
@@ -174,6 +176,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 def _read_frame(path: Path) -> pd.DataFrame:
     kind = "CSV" if path.suffix.lower() == ".csv" else "Parquet"
+    if not path.is_file():
+        raise UserError(f"data file {str(path)!r} does not exist; check the path or upload the "
+                        f"file again.")
+    check_size(path, repr(path.name))
     try:
         if kind == "CSV":
             return pd.read_csv(path)
@@ -181,8 +187,11 @@ def _read_frame(path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise UserError(f"{kind} file {path.name!r} is empty; upload a table with a header "
                         f"row.") from None
-    except (ValueError, OSError, UnicodeDecodeError, NotImplementedError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (ValueError, OSError, UnicodeDecodeError, NotImplementedError, TypeError,
+            IndexError, KeyError, OverflowError, RuntimeError) as exc:
+        # pyarrow and pandas' C parser raise many kinds of error on damaged files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(
+            exc).__name__
         raise UserError(f"{kind} file {path.name!r} could not be read ({reason}); check that it "
                         f"is a valid {kind} table.") from None
 
@@ -199,6 +208,7 @@ def _load_table(path: Path, cfg: DataConfig) -> Arrays:
         raise UserError(f"{path.name!r} needs at least one row and one feature column besides "
                         f"the target {target!r}; check that it is comma-separated with a header "
                         f"row.")
+    df = _mixed_to_numbers(df, [c for c in columns if c != target], path.name, cfg.missing)
     numeric = [c for c in columns if is_numeric_dtype(df[c]) and not is_bool_dtype(df[c])]
     df[numeric] = df[numeric].replace([np.inf, -np.inf], np.nan)  # infinities count as missing
     feats, y = df.drop(columns=[target]), df[target]
@@ -229,6 +239,30 @@ def _load_table(path: Path, cfg: DataConfig) -> Arrays:
             {"feature_names": [str(c) for c in feats.columns], "is_image": False})
 
 
+def _mixed_to_numbers(df: pd.DataFrame, columns: list[str], name: str,
+                      missing: str) -> pd.DataFrame:
+    """Feature columns of numbers with stray text cells ("n/a", "12,5", "?"): refused with the
+    row count, or, with data.missing other than "refuse", the text cells become missing values
+    that the chosen option then handles."""
+    for c in columns:
+        if is_numeric_dtype(df[c]) or is_bool_dtype(df[c]):
+            continue
+        present = df[c].dropna()
+        as_numbers = pd.to_numeric(present.astype(str).str.strip(), errors="coerce")
+        n_numbers, n_text = int(as_numbers.notna().sum()), int(as_numbers.isna().sum())
+        if n_text == 0 or n_numbers < MIXED_SHARE * len(present):
+            continue  # all numbers (parsed below), or a genuine text column
+        if missing == "refuse":
+            example = str(present[as_numbers.isna()].iloc[0])[:30]
+            raise UserError(f"column {c!r} of {name!r} mixes numbers and text: {n_text} of "
+                            f"{len(df)} rows hold text such as {example!r}; fix those cells, or "
+                            f"set data.missing to \"drop\", \"mean\" or \"median\" to treat "
+                            f"them as missing.")
+        df[c] = pd.to_numeric(df[c].astype(str).str.strip(), errors="coerce").where(
+            df[c].notna())
+    return df
+
+
 def _impute(feats: pd.DataFrame, how: str) -> pd.DataFrame:
     feats = feats.copy()
     for c in feats.columns:
@@ -249,6 +283,7 @@ def _load_npz(path: Path, cfg: DataConfig) -> Arrays:
     if not is_zip:
         raise UserError(f"{path.name!r} is not an NPZ archive; save it with "
                         f"np.savez(path, X=..., y=...).")
+    _check_npy_headers(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             files = list(npz.files)
@@ -257,7 +292,8 @@ def _load_npz(path: Path, cfg: DataConfig) -> Arrays:
         raise UserError(f"{path.name!r} holds object (ragged) arrays, which are not loaded for "
                         f"safety; save X as one numeric array of equal-length rows and y as "
                         f"numbers or strings.") from None
-    except (OSError, EOFError, zipfile.BadZipFile):
+    except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError,
+            KeyError, IndexError, TypeError, OverflowError, MemoryError):
         raise UserError(f"{path.name!r} is not a readable NPZ archive; save it again with "
                         f"np.savez(path, X=..., y=...).") from None
     for key in ("X", "y"):
@@ -288,27 +324,38 @@ def _load_npz(path: Path, cfg: DataConfig) -> Arrays:
     return X, y, {"is_image": X.ndim == 4}  # (n, C, H, W) images; (n, C, L) signals
 
 
+def _check_npy_headers(path: Path) -> None:
+    """The archive's structure and limits, then the X and y headers: a header that declares
+    more data than its entry holds would make numpy allocate it all before noticing."""
+    with open_zip(path, repr(path.name), "NPZ archive") as archive:
+        for info in archive.infolist():
+            if info.filename not in ("X.npy", "y.npy"):
+                continue
+            try:
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}[version]
+                    shape, _, dtype = read_header(fh, max_header_size=10_000)
+                    offset = fh.tell()
+            except Exception:  # numpy's header parser raises whatever the bytes provoke
+                raise UserError(f"{info.filename} in {path.name!r} is not a readable array; "
+                                f"save it again with np.savez(path, X=..., y=...).") from None
+            need = math.prod(shape) * dtype.itemsize
+            if dtype.kind != "O" and need > info.file_size - offset:
+                raise UserError(f"{info.filename} in {path.name!r} declares shape {shape} of "
+                                f"{dtype} ({need:,} bytes) but holds only "
+                                f"{max(info.file_size - offset, 0):,}; save it again with "
+                                f"np.savez.")
+
+
 def _load_zip(path: Path, cfg: DataConfig) -> Arrays:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
-        raise UserError(f"{path.name!r} is not a valid ZIP archive; zip one folder per class "
-                        f"of images again.") from None
-    with archive:
-        infos = archive.infolist()
-        if len(infos) > MAX_ZIP_ENTRIES:
-            raise UserError(f"{path.name!r} has {len(infos)} entries, more than the "
-                            f"{MAX_ZIP_ENTRIES} allowed; use a smaller sample of images.")
-        if sum(i.file_size for i in infos) > MAX_ZIP_BYTES:
-            raise UserError(f"{path.name!r} unpacks to more than 1 GiB; use smaller or fewer "
-                            f"images.")
+    # links, '..', absolute paths, encryption, entry count and unpacked size, from the
+    # directory alone, before any entry is read; nothing is ever extracted to disk
+    with open_zip(path, repr(path.name), "ZIP archive of class/image folders") as archive:
         files = []
-        for info in infos:
-            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            absolute = info.filename.startswith(("/", "\\")) or ":" in "".join(parts[:1])
-            if absolute or ".." in parts:
-                raise UserError(f"{path.name!r} holds an unsafe entry {info.filename!r} "
-                                f"(absolute path or '..'); zip the class folders again.")
+        for info in archive.infolist():
+            parts = entry_parts(info.filename)
             junk = parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
             if not info.is_dir() and not junk:
                 files.append((parts, info))
@@ -343,12 +390,17 @@ def _decode(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str,
 
     try:
         with Image.open(io.BytesIO(archive.read(info))) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{info.filename!r} in {name!r} is {img.width}x{img.height} "
+                                f"pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; shrink "
+                                f"it before zipping.")
             mode = "L" if img.mode in GRAY_MODES else "RGB"
             img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
             img = img.convert(mode).resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, zipfile.BadZipFile,
-            zlib.error):
+    except UserError:
+        raise
+    except Exception:  # PIL raises whatever a damaged or forged file provokes
         raise UserError(f"{info.filename!r} in {name!r} is not an image that can be read; "
                         f"remove it or replace it with a PNG or JPEG.") from None
 
@@ -367,13 +419,13 @@ def resolve_task(y: np.ndarray, requested: str, meta: dict[str, Any]
             raise UserError("data.task is regression but the target holds text labels; set "
                             "data.task to \"classification\" or pick a numeric target.")
         if np.ptp(y) == 0:
-            raise UserError(f"the target is constant (every row is {y[0]}); pick a target "
-                            f"column that varies.")
+            raise UserError(f"the target is constant (all {len(y)} rows are {y[0]}); pick a "
+                            f"target column that varies.")
         return task, y.astype(np.float32), None
     classes, labels = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise UserError(f"the target has a single class ({classes[0]}); a classifier needs at "
-                        f"least 2 classes, pick another target column.")
+        raise UserError(f"the target has a single class ({classes[0]} in all {len(y)} rows); a "
+                        f"classifier needs at least 2 classes, pick another target column.")
     if len(classes) > MAX_CLASSES:
         raise UserError(f"the target has {len(classes)} distinct values, too many classes; set "
                         f"data.task to \"regression\".")

@@ -2,10 +2,12 @@
 
 Built-ins are sized from the data: the input shape and the number of outputs come from the
 dataset, the widths from the recipe. Uploads are loaded without unpickling arbitrary
-objects: `.pt2` through `torch.export.load`, `.pt` state_dicts through
-`torch.load(weights_only=True)`, TorchScript through `torch.jit.load` (its own restricted
-format). `.onnx` files have no PyTorch module; they get their complexity figures here and
-run under ONNX Runtime only.
+objects: every file first passes `engine.uploads.check_model_file` (size cap, ZIP checks, and
+a `pickletools` scan of every pickle inside against an allow-list of tensor rebuilders,
+whatever the extension), then `.pt2` goes through `torch.export.load`, `.pt` state_dicts
+through `torch.load(weights_only=True)`, TorchScript through `torch.jit.load`. `.onnx` files
+have no PyTorch module; they pass `engine.uploads.check_onnx` (external data stays in the
+model's folder), get their complexity figures here and run under ONNX Runtime only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from engine.errors import UserError
 from engine.recipe import ModelConfig
 from engine.registry import Registry
+from engine.uploads import check_model_file, check_onnx, onnx_tensors
 
 MODELS = Registry("models", "model", "Built-in architectures, sized from the dataset.")
 
@@ -110,6 +113,7 @@ def load_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn
     path = Path(cfg.source)
     if not path.is_file():
         raise UserError(f"model file {cfg.source!r} does not exist; check the path.")
+    check_model_file(path)  # before any loader: no pickle outside the allow-list gets through
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         raise UserError("an ONNX model has no PyTorch weights to train or fine-tune; a run "
@@ -138,7 +142,12 @@ def _from_torchscript(path: Path, input_shape: tuple[int, ...]) -> nn.Module:
     """TorchScript, converted to a torch.export graph so every later step sees one format."""
     from torch._export.converter import TS2EPConverter
 
-    script = torch.jit.load(str(path), map_location="cpu")
+    try:
+        script = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise UserError(f"{path.name} is not a readable TorchScript archive "
+                        f"({type(exc).__name__}); export the model with torch.export.save "
+                        f"instead.") from None
     try:
         graph = TS2EPConverter(script, (torch.zeros((2, *input_shape)),)).convert().module()
     except Exception as exc:
@@ -243,6 +252,7 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
     from onnx import numpy_helper
 
     path = Path(path)
+    check_onnx(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:
@@ -256,6 +266,28 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
     return {"params": int(sum(a.size for a in arrays)),
             "nonzero_params": int(sum(int((a != 0).sum()) for a in arrays)),
             "size_bytes": path.stat().st_size, "operators": ops}
+
+
+def read_onnx(path: str | Path) -> bytes:
+    """An uploaded .onnx file as self-contained bytes for ONNX Runtime, after its checks;
+    external data (only ever from the model's own folder) is folded in, since a session made
+    from bytes would look for it relative to the working directory."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {str(path)!r} does not exist; check the path.")
+    check_onnx(path)
+    blob = path.read_bytes()
+    proto = onnx.load_model_from_string(blob)
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx_tensors(proto)):
+        return blob
+    try:
+        return onnx.load(str(path), load_external_data=True).SerializeToString()
+    except Exception as exc:
+        raise UserError(f"the external data of {path.name} could not be read "
+                        f"({type(exc).__name__}); keep its data files next to it or save the "
+                        f"model with its weights inside.") from None
 
 
 def save_model(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> int:

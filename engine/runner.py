@@ -153,13 +153,13 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
     from engine.compress.quantize import _SessionModule, onnx_latency_ms, quantize_onnx
     from engine.export import ort_session
     from engine.latency import machine
-    from engine.models import onnx_complexity
+    from engine.models import onnx_complexity, read_onnx
 
     if recipe.compress or recipe.train.freeze:
         raise UserError("an ONNX model can only be evaluated and int8-quantized here; "
                         "remove the compress steps and train.freeze, or upload a .pt2.")
     source = Path(recipe.model.source)
-    file = source.read_bytes()
+    file = read_onnx(source)  # checked: external data only from its own folder
     session = ort_session(file, threads=1)
     fits = _onnx_input_fits(session, data)
     tensors = to_tensors(data, device)

@@ -16,8 +16,11 @@ import streamlit as st
 from engine.errors import UserError
 from engine.recipe import Recipe
 from engine.registry import Param
+from engine.uploads import check_upload, safe_name, upload_limit_mb
 
-UPLOAD_LIMIT_MB = 200  # also server.maxUploadSize in .streamlit/config.toml
+# the engine's cap (WORKBENCH_UPLOAD_LIMIT_MB) or the server's (server.maxUploadSize in
+# .streamlit/config.toml), whichever is smaller: the one a user actually meets
+UPLOAD_LIMIT_MB = min(upload_limit_mb(), int(st.get_option("server.maxUploadSize")))
 
 
 @st.cache_data
@@ -87,14 +90,15 @@ def int_list(text: str, what: str) -> list[int]:
 
 
 def save_upload(upload: Any, folder: Path) -> Path:
-    """Write an uploaded file under a name derived from its content; never executes it."""
+    """Write an uploaded file into `folder` under its content hash and a sanitized name, after
+    the engine's checks (size cap, archives, pickles, ONNX external data); a refused file is
+    never written, and nothing is ever unpacked or executed."""
     data = upload.getvalue()
-    if len(data) > UPLOAD_LIMIT_MB * 2**20:
-        raise UserError(f"{upload.name} is larger than {UPLOAD_LIMIT_MB} MB; upload a smaller "
-                        f"file.")
+    name = safe_name(upload.name)
+    check_upload(name, data)
     digest = hashlib.sha256(data).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest}_{Path(upload.name).name}"
+    path = folder / f"{digest}_{name}"
     if not path.exists():
         path.write_bytes(data)
     return path

@@ -5,6 +5,7 @@ import json
 import streamlit as st
 
 from engine.data import DATASETS, read_table
+from engine.errors import UserError
 from engine.models import MODELS
 from engine.recipe import ACTIVATIONS, MISSING, SCALINGS, TASKS, Recipe
 from engine.store import artifacts_root
@@ -47,7 +48,10 @@ with left:
             f"CSV, Parquet, NPZ (arrays X and y) or ZIP of class/image folders, up to "
             f"{UPLOAD_LIMIT_MB} MB", type=["csv", "parquet", "npz", "zip"], key="dm_data_file")
         if upload is not None:
-            data.update(source=str(save_upload(upload, uploads)), params={})
+            try:
+                data.update(source=str(save_upload(upload, uploads)), params={})
+            except UserError as exc:  # refused before it was written: the old choice stays
+                show_error(exc)
         if data["source"].startswith("builtin:"):
             st.info("Upload a file to use it; the built-in dataset stays selected until then.")
         elif data["source"].lower().endswith((".csv", ".parquet")):
@@ -110,7 +114,10 @@ with mleft:
             f"{UPLOAD_LIMIT_MB} MB; files are never unpickled",
             type=["pt2", "pt", "pth", "onnx"], key="dm_model_file")
         if upload is not None:
-            model["source"] = str(save_upload(upload, uploads))
+            try:
+                model["source"] = str(save_upload(upload, uploads))
+            except UserError as exc:
+                show_error(exc)
         archs = [None, *MODELS.names()]
         model["architecture"] = st.selectbox(
             "Architecture of a state_dict", archs, index=archs.index(model["architecture"]),

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from engine import data
 from engine.data import (
     DATASETS,
     augment,
@@ -298,12 +297,14 @@ def test_bad_zip_inputs(tmp_path):
 
 def test_zip_limits_are_checked_before_reading(tmp_path, monkeypatch):
     write_zip(tmp_path / "imgs.zip", {"cats": 2, "dogs": 2})
-    monkeypatch.setattr(data, "MAX_ZIP_ENTRIES", 3)
-    with pytest.raises(UserError, match="entries"):
+    monkeypatch.setenv("WORKBENCH_ZIP_MAX_ENTRIES", "3")
+    with pytest.raises(UserError, match="4 entries, more than the 3"):
         load_arrays(DataConfig(source=str(tmp_path / "imgs.zip")))
-    monkeypatch.setattr(data, "MAX_ZIP_ENTRIES", 10)
-    monkeypatch.setattr(data, "MAX_ZIP_BYTES", 100)
-    with pytest.raises(UserError, match="unpacks"):
+    monkeypatch.setenv("WORKBENCH_ZIP_MAX_ENTRIES", "10")
+    monkeypatch.setenv("WORKBENCH_ZIP_MAX_MB", "1")
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "a") as zf:  # stored: no bomb, just large
+        zf.writestr("dogs/big.raw", bytes(2 << 20), compress_type=zipfile.ZIP_STORED)
+    with pytest.raises(UserError, match=r"unpacks to 2\.0 MB, more than the 1\.0 MB"):
         load_arrays(DataConfig(source=str(tmp_path / "imgs.zip")))
 
 
