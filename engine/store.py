@@ -103,6 +103,10 @@ events = sa.Table(
     sa.Index("ix_events_run_id_id", "run_id", "id"),
 )
 
+# PostgreSQL advisory lock keys (one per purpose, held to the end of the transaction): the
+# role SQLite's BEGIN IMMEDIATE plays, for the two places that must not interleave.
+_LOCK_CLAIM = 7317  # claim_queued: count busy runs, then claim
+_LOCK_SCHEMA = 7318  # _engine: check and create tables, add missing columns
 _ENGINES: dict[tuple[int, str], tuple[sa.Engine, sa.Engine]] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -163,7 +167,7 @@ class Store:
         mine = and_(runs.c.backend == backend, runs.c.host == host)
         with self._writer.begin() as conn:
             if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7317)"))
+                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_LOCK_CLAIM})"))
             busy = conn.execute(select(func.count()).select_from(runs).where(
                 mine, runs.c.status.in_(ACTIVE), runs.c.claimed.is_not(None))).scalar_one()
             free = limit - busy
@@ -206,6 +210,10 @@ class Store:
             raise ValueError(f"status must be one of {FINISHED}, got {status!r}")
         now = time.time()
         with self._writer.begin() as conn:
+            if error and conn.dialect.name == "postgresql":
+                # PostgreSQL text cannot hold NUL, which a worker log's tail may: refusing
+                # it would leave the run "running" forever. SQLite keeps the text as is.
+                error = error.replace("\x00", "\N{REPLACEMENT CHARACTER}")
             changed = conn.execute(
                 runs.update().where(runs.c.id == run_id, runs.c.status.in_(ACTIVE))
                 .values(status=status, finished=now, updated=now, error=error,
@@ -225,7 +233,11 @@ class Store:
         now = time.time()
         kind = event.get("event")
         with self._writer.begin() as conn:
-            old = conn.execute(select(runs.c.progress).where(runs.c.id == run_id)).first()
+            # FOR UPDATE: on PostgreSQL two writers would otherwise both read the old
+            # progress and the later write would drop the earlier one's keys. SQLite's
+            # BEGIN IMMEDIATE already serializes this, and it compiles no FOR UPDATE.
+            old = conn.execute(select(runs.c.progress).where(runs.c.id == run_id)
+                               .with_for_update()).first()
             if old is None:
                 raise _not_found(run_id)
             progress = {**(_loads(old.progress) or {}), **_progress_update(event), "time": now}
@@ -431,6 +443,10 @@ def _engine(url: str) -> tuple[sa.Engine, sa.Engine]:
                 _configure_sqlite(db)
             writer = db.execution_options(sqlite_immediate=True)
             with writer.begin() as conn:  # one writer at a time checks and creates tables
+                if db.dialect.name == "postgresql":  # processes opening a new store at once
+                    # would race to CREATE TABLE (duplicate key in pg_type); DDL is
+                    # transactional, so the lock holder's tables are visible to the next.
+                    conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_LOCK_SCHEMA})"))
                 metadata.create_all(conn)
                 _add_missing_columns(conn)
             _ENGINES[key] = (db, writer)

@@ -1,13 +1,19 @@
 """The run store: a run's life cycle, events into history and variants, what a finished run
-keeps, and two processes writing one SQLite file at once."""
+keeps, and two processes writing one store at once.
+
+Every test that takes `store` runs on SQLite and on PostgreSQL (see conftest.py); the few
+about SQLite's own machinery (WAL, file paths) take `sqlite_store` or no store at all."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import multiprocessing
+import threading
 import time
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import text
 
 from engine.errors import UserError
@@ -18,7 +24,13 @@ RECIPE = {"data": {"source": "builtin:iris"}, "model": {"source": "builtin:mlp",
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(store_url):
+    """A fresh, empty store on each backend in turn (conftest.py's `store_url`)."""
+    return Store(store_url)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(tmp_path / "art"))
     return Store(f"sqlite:///{tmp_path}/s.db")
 
@@ -187,7 +199,7 @@ def test_unknown_run_is_a_user_error(store):
             call()
 
 
-def test_urls_and_folders(tmp_path, monkeypatch):
+def test_urls_and_folders(tmp_path, monkeypatch):  # SQLite only: file paths made absolute
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WORKBENCH_STORE", raising=False)
     monkeypatch.delenv("WORKBENCH_ARTIFACTS", raising=False)
@@ -198,11 +210,14 @@ def test_urls_and_folders(tmp_path, monkeypatch):
     assert default_url() == "sqlite:////elsewhere/x.db"
 
 
-def test_sqlite_runs_in_wal_mode(store):
-    with store._db.connect() as conn:
+def test_sqlite_runs_in_wal_mode(sqlite_store):  # SQLite only: PRAGMAs have no PostgreSQL twin
+    with sqlite_store._db.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
-    assert Store(store.url)._db is store._db  # one engine per URL per process
+
+
+def test_one_engine_per_url_per_process(store):
+    assert Store(store.url)._db is store._db
 
 
 def _write_epochs(url: str, run_id: str, variant: str, count: int, barrier) -> None:
@@ -212,7 +227,7 @@ def _write_epochs(url: str, run_id: str, variant: str, count: int, barrier) -> N
         store.record_event(run_id, epoch_event(epoch, variant=variant))
 
 
-def test_two_processes_write_one_file_at_once(store):
+def test_two_processes_write_one_store_at_once(store):
     run_id = store.create_run(RECIPE)
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
@@ -226,3 +241,133 @@ def test_two_processes_write_one_file_at_once(store):
     for variant in ("a", "b"):
         assert store.history(run_id, variant)["epoch"] == list(range(1, 201))
     assert len(store.events(run_id)) == 400
+
+
+def _open_and_create(url: str, barrier, queue) -> None:
+    barrier.wait()  # every process opens the brand-new store at the same moment
+    try:
+        queue.put(Store(url).create_run(RECIPE))
+    except Exception as exc:  # reported to the test, which fails on it
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_store_at_once(store_url):
+    """Workers starting together on an empty store all make its tables at once: on
+    PostgreSQL that raced to CREATE TABLE until the store took a lock for it."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_open_and_create, args=(store_url, barrier, queue))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    made = sorted(queue.get(timeout=5) for _ in procs)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert sorted(r["id"] for r in Store(store_url).list_runs()) == made
+
+
+def _claim_together(url: str, barrier: threading.Barrier, claimed: list[str]) -> None:
+    mine = Store(url)  # a dispatcher of its own: its own Store, its own connection
+    barrier.wait()
+    for _ in range(3):
+        claimed.extend(mine.claim_queued(limit=2))
+
+
+def test_concurrent_claims_never_exceed_the_limit_nor_repeat_a_run(store_url):
+    """Six dispatchers claim from 10 queued runs with limit=2 at the same moment, three
+    times each, for two rounds: never more than 2 hold a worker, no run is claimed twice,
+    and the oldest go first. (PostgreSQL: the advisory lock; SQLite: BEGIN IMMEDIATE.)"""
+    store = Store(store_url)
+    queued = []
+    for i in range(10):
+        queued.append(store.create_run(RECIPE, name=f"r{i}"))
+        time.sleep(0.002)  # distinct creation times: "oldest first" is well defined
+    for round_ in range(2):
+        barrier, claimed = threading.Barrier(6), []
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            for future in [pool.submit(_claim_together, store_url, barrier, claimed)
+                           for _ in range(6)]:
+                future.result()
+        assert len(claimed) == 2 and set(claimed) == set(queued[2 * round_:2 * round_ + 2])
+        busy = [r["id"] for r in store.active_runs() if r["claimed"] is not None]
+        assert sorted(busy) == sorted(claimed)
+        for run_id in claimed:  # their workers end: the next round claims the next two
+            store.finish_run(run_id, "done")
+
+
+def test_concurrent_events_keep_every_progress_key(store):
+    """Writers of one run's events each merge their keys into its progress summary; none
+    may drop another's (PostgreSQL needed a row lock: SQLite serializes writers anyway)."""
+    run_id = store.create_run(RECIPE)
+    barrier = threading.Barrier(4)
+
+    def write(worker: int) -> None:
+        barrier.wait()
+        for i in range(15):
+            store.record_event(run_id, {"event": "stage", f"w{worker}_{i}": i})
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(write, w) for w in range(4)]:
+            future.result()
+    progress = store.get_run(run_id)["progress"]
+    assert {f"w{w}_{i}" for w in range(4) for i in range(15)} <= set(progress)
+    assert len(store.events(run_id)) == 60
+
+
+def test_an_older_store_gains_the_new_columns(store_url):
+    """A store made before `backend`, `node`, `claimed`, ... existed opens, gets the
+    columns, and its runs stay readable."""
+    old = sa.MetaData()
+    sa.Table("runs", old, sa.Column("id", sa.String(32), primary_key=True),
+             sa.Column("name", sa.String(200)), sa.Column("kind", sa.String(20)),
+             sa.Column("status", sa.String(20)), sa.Column("recipe", sa.Text),
+             sa.Column("created", sa.Float), sa.Column("started", sa.Float),
+             sa.Column("finished", sa.Float), sa.Column("error", sa.Text),
+             sa.Column("cancel_requested", sa.Boolean, nullable=False),
+             sa.Column("progress", sa.Text), sa.Column("result", sa.Text))
+    engine = sa.create_engine(store_url)
+    with engine.begin() as conn:
+        old.create_all(conn)
+        conn.execute(old.tables["runs"].insert().values(
+            id="ab" * 16, name="old", kind="train", status="done", recipe='{"a": 1}',
+            created=1.5, started=2.0, finished=3.25, cancel_requested=False))
+    engine.dispose()
+    store = Store(store_url)
+    run = store.get_run("ab" * 16)
+    assert run["name"] == "old" and run["recipe"] == {"a": 1} and run["duration_s"] == 1.25
+    assert run["backend"] is None and run["node"] is None and run["claimed"] is None
+    assert run["cancel_requested"] is False
+    assert store.start_run(store.create_run(RECIPE), pid=1, host="h", node="n1")
+
+
+def test_timestamps_keep_sub_millisecond_precision(store):
+    """Times are epoch seconds as double precision floats on every backend."""
+    run_id = store.create_run(RECIPE)
+    store.start_run(run_id, pid=1, host="h")
+    before = time.time()
+    store.finish_run(run_id, "done")
+    run = store.get_run(run_id)
+    assert run["finished"] != round(run["finished"], 3) or run["finished"] >= before
+    assert abs(run["finished"] - before) < 5 and isinstance(run["finished"], float)
+    assert run["duration_s"] == run["finished"] - run["started"] > 0
+
+
+def test_an_error_with_a_nul_character_still_finishes_the_run(store):
+    """A worker log's tail may hold a NUL byte; PostgreSQL text cannot, so it becomes
+    U+FFFD there. The run must end either way."""
+    run_id = store.create_run(RECIPE)
+    assert store.finish_run(run_id, "failed", error="bad\x00byte")
+    error = store.get_run(run_id)["error"]
+    expected = "bad\ufffdbyte" if store.url.startswith("postgresql") else "bad\x00byte"
+    assert error == expected
+
+
+def test_backup_copies_a_sqlite_store_and_points_a_server_store_to_its_tools(store, tmp_path):
+    run_id = store.create_run(RECIPE)
+    if store.url.startswith("sqlite"):
+        copy = store.backup(tmp_path / "copy" / "b.db")
+        assert Store(f"sqlite:///{copy}").get_run(run_id)["recipe"] == RECIPE
+    else:
+        with pytest.raises(UserError, match="pg_dump"):
+            store.backup(tmp_path / "b.db")
