@@ -55,7 +55,7 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 90.0) -> 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def finished(store: Store, run_id: str) -> dict[str, Any]:
+def finished(store: Store, run_id: str, timeout: float = 90.0) -> dict[str, Any]:
     """Wait for the run to end; reaping on the way, so a crashed worker fails fast."""
     def ended() -> dict[str, Any] | None:
         jobs.reap(store)
@@ -63,7 +63,7 @@ def finished(store: Store, run_id: str) -> dict[str, Any]:
         return run if run["status"] not in ACTIVE else None
 
     try:
-        return wait_for(ended, f"run {run_id} to finish")
+        return wait_for(ended, f"run {run_id} to finish", timeout)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{(run_dir(run_id) / 'worker.log').read_text()}") from None
 
