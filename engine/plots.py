@@ -119,12 +119,22 @@ def image_grid(images: Sequence[Any], labels: Sequence[str], *, columns: int = 8
 
 # --- compression: Pareto fronts and sensitivity -------------------------------------------
 
-FAMILY_COLOURS = {None: "#111827", "prune": "#2563eb", "quantize": "#dc2626",
-                  "distill": "#16a34a", "lowrank": "#9333ea", "share": "#ea580c",
-                  "deep_compression": "#0891b2"}  # the same colour per family on every page
+# One colour per technique family on every page and in the report; mid-tones that read on
+# a white and on a dark background alike (the baseline is amber, never black or white).
+FAMILY_COLOURS = {None: "#f59e0b", "prune": "#2563eb", "quantize": "#dc2626",
+                  "distill": "#16a34a", "lowrank": "#9333ea", "share": "#db2777",
+                  "deep_compression": "#0891b2"}
+OUTLINE = "rgba(127, 127, 127, 0.9)"  # marker edges visible on light and dark themes
 AXIS_TITLES = {"size_bytes": "size of the shipped file (KiB, log scale)",
-               "latency_ms": "latency at batch 1 (ms, log scale)",
+               "latency_ms": "latency p50 at batch 1 (ms, log scale)",
                "test_accuracy": "test accuracy (fraction correct)", "test_r2": "test R²"}
+SHORT_NAMES = {"size_bytes": "size", "latency_ms": "latency", "test_accuracy": "accuracy",
+               "test_r2": "R²"}
+
+
+def family_colour(technique: str | None) -> str:
+    """The colour of a technique family (grey for one without its own)."""
+    return FAMILY_COLOURS.get(technique, "#6b7280")
 
 
 def pareto_records(points: Sequence[Mapping[str, Any]], x: str, y: str
@@ -140,32 +150,52 @@ def pareto_records(points: Sequence[Mapping[str, Any]], x: str, y: str
     return out
 
 
+def _wrap(text: str, width: int = 64) -> str:
+    """Hover text broken into lines of about `width` characters."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "<br>".join([*lines, line] if line else lines)
+
+
 def pareto(points: Sequence[Mapping[str, Any]], x: str, y: str, *,
-           title: str | None = None) -> go.Figure:
+           title: str | None = None, descriptions: Mapping[str, str] | None = None
+           ) -> go.Figure:
     """Scatter of variants (one colour per technique family, the baseline a star) with the
-    Pareto front drawn; hover shows run, variant and chain. `points` need keys name,
+    Pareto front drawn; hover shows run, variant, chain and, from `descriptions` (technique
+    -> one sentence, the registry's), what the technique does. `points` need keys name,
     technique, chain, run and the two metrics."""
     records = pareto_records(points, x, y)
     scale = 1 / 1024 if x == "size_bytes" else 1
+    descriptions = descriptions or {}
     fig = go.Figure()
     for family in dict.fromkeys(r.get("technique") for r in records):
         group = [r for r in records if r.get("technique") == family]
+        about = _wrap(descriptions.get(family, "")) if family else "the trained model"
         fig.add_trace(go.Scatter(
             x=[r[x] * scale for r in group], y=[r[y] for r in group], mode="markers",
             name=family or "baseline",
-            marker={"color": FAMILY_COLOURS.get(family, "#6b7280"), "size": 14 if family
-                    is None else 10, "symbol": "star" if family is None else "circle",
-                    "line": {"width": 1, "color": "white"}},
-            text=[f"{r.get('run', '')} · {r['name']}<br>{r.get('chain', '')}" for r in group],
-            hovertemplate="%{text}<br>x=%{x:.3g}<br>y=%{y:.4f}<extra></extra>"))
+            marker={"color": family_colour(family), "size": 15 if family is None else 11,
+                    "symbol": "star" if family is None else "circle",
+                    "line": {"width": 1, "color": OUTLINE}},
+            text=[f"<b>{r.get('run', '')} · {r['name']}</b><br>{r.get('chain', '')}"
+                  + (f"<br><i>{about}</i>" if about else "") for r in group],
+            hovertemplate=f"%{{text}}<br>{SHORT_NAMES.get(x, x)} %{{x:.4g}}"
+                          f"{' KiB' if x == 'size_bytes' else ' ms' if x == 'latency_ms' else ''}"
+                          f"<br>{SHORT_NAMES.get(y, y)} %{{y:.4f}}<extra></extra>"))
     front = sorted((r for r in records if r["pareto"]), key=lambda r: r[x])
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=[r[x] * scale for r in front], y=[r[y] for r in front],
-                                 mode="lines", name="Pareto front",
+                                 mode="lines", name="Pareto front", hoverinfo="skip",
                                  line={"color": "#6b7280", "dash": "dash", "shape": "hv"}))
-    fig.update_layout(title=title or f"{AXIS_TITLES.get(y, y)} vs {x.split('_')[0]}",
+    fig.update_layout(title=title or f"{SHORT_NAMES.get(y, y)} vs {SHORT_NAMES.get(x, x)}",
                       xaxis_title=AXIS_TITLES.get(x, x), yaxis_title=AXIS_TITLES.get(y, y),
-                      height=420, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+                      height=420, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      legend={"title": {"text": "technique"}})
     xs = [r[x] for r in records if r[x] and r[x] > 0]
     if xs and max(xs) / min(xs) > 10:  # a log axis only where the points span decades
         fig.update_xaxes(type="log")
@@ -260,8 +290,8 @@ def bias_variance(bv: Mapping[str, Any]) -> go.Figure:
                            marker_color=[PALETTE[3], PALETTE[1], PALETTE[0], PALETTE[4]],
                            text=[f"{r['value']:.4g}" for r in records]))
     fig.update_layout(title=f"bias-variance of the test {loss}, {bv['rounds']} rounds",
-                      yaxis_title=loss, height=320, margin={"l": 10, "r": 10, "t": 40,
-                                                            "b": 10})
+                      xaxis_title="component", yaxis_title=loss, height=320,
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig
 
 
@@ -333,6 +363,6 @@ def importances(values: Mapping[str, float]) -> go.Figure:
     fig = go.Figure(go.Bar(x=[v for _, v in items], y=[k for k, _ in items], orientation="h",
                            marker_color=PALETTE[2]))
     fig.update_layout(title="parameter importance (fANOVA)", xaxis_title="share of the "
-                      "objective's variance", height=80 + 40 * len(items),
+                      "objective's variance", yaxis_title="parameter", height=80 + 40 * len(items),
                       margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig

@@ -1,0 +1,377 @@
+"""A standalone HTML report of any set of runs: one file to send, opened offline.
+
+    html = report.build(store, run_ids)           # the page as text
+    report.write(store, run_ids, "report.html")   # the same, written to a file
+    report.export_png(store, run_ids, "figures")  # the main figures as PNG files
+
+The page holds the machine the figures were measured on, the accuracy/size/latency table,
+both Pareto plots, the training and fine-tuning curves, the diagnostics with their
+verdict where a run has them, and the recipe of every variant (the run's recipe with its
+compression chain cut after that variant's step, so it replays exactly that variant).
+Plotly's library is inlined once (about 4.7 MB), so nothing is fetched from a network; each
+plot keeps its toolbar, whose camera button saves that plot as a PNG, offline too.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import html
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine import plots
+from engine.errors import UserError
+from engine.store import ACTIVE, Store
+
+PLOT_CONFIG = {"displaylogo": False, "responsive": True,
+               "toImageButtonOptions": {"format": "png", "scale": 2}}
+TRAINING_ONLY = ("compress", "sensitivity", "name", "diagnose", "export")
+METRIC_KEYS = ("size_bytes", "latency_ms", "test_accuracy", "test_r2", "size_ratio", "speedup",
+               "smaller_not_faster", "nonzero_params", "params", "runtime")
+
+
+def _training_key(recipe: dict[str, Any]) -> str:
+    """What decides a run's baseline: the recipe without its compression and reporting."""
+    kept = {k: v for k, v in (recipe or {}).items() if k not in TRAINING_ONLY}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_label(run: dict[str, Any]) -> str:
+    """The name a run goes by in plots and tables (a showcase run's key left out)."""
+    from engine.showcase import display_name
+
+    return display_name(run.get("name")) or run["id"][:6]
+
+
+def variant_points(store: Store, run_ids: Sequence[str], *, one_baseline: bool = True
+                   ) -> list[dict[str, Any]]:
+    """One record per stored variant of the runs, finished or still running: run, run_id,
+    name, technique, chain and the metrics the plots and tables use. With `one_baseline`,
+    a baseline trained by the same training recipe as one already listed is left out (runs
+    that compress the same seeded model each train it again)."""
+    points, seen = [], set()
+    for run_id in run_ids:
+        run = store.get_run(run_id)
+        if run is None:
+            continue
+        trained = _training_key(run["recipe"])
+        for v in store.variants(run_id):
+            if v["name"] == "baseline" and one_baseline:
+                if trained in seen:
+                    continue
+                seen.add(trained)
+            m = v["metrics"]
+            points.append({"run": run_label(run), "run_id": run_id, "name": v["name"],
+                           "technique": v["technique"], "position": v["position"],
+                           "chain": f"{m.get('chain', '')} [{m.get('runtime', 'torch')}]",
+                           **{k: m.get(k) for k in METRIC_KEYS}})
+    return points
+
+
+def score_metric(points: Sequence[dict[str, Any]]) -> str:
+    """`test_accuracy` when any variant has it (classification), else `test_r2`."""
+    return "test_accuracy" if any(p.get("test_accuracy") is not None for p in points) \
+        else "test_r2"
+
+
+def table_records(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accuracy/size/latency table, one row per variant, units in the column names."""
+    metric = score_metric(points)
+    front = {(r["run_id"], r["name"]) for r in plots.pareto_records(points, "size_bytes", metric)
+             if r["pareto"]}
+    return [{"run": p["run"], "variant": p["name"], "chain": p["chain"],
+             metric.replace("_", " "): _round(p.get(metric), 4),
+             "size (KiB)": _round(p["size_bytes"] / 1024, 2) if p.get("size_bytes") else None,
+             "smaller by (x)": _round(p.get("size_ratio"), 2),
+             "latency p50 (ms, batch 1)": _round(p.get("latency_ms"), 4),
+             "speedup (x)": _round(p.get("speedup"), 2),
+             "smaller but not faster": bool(p.get("smaller_not_faster")),
+             "Pareto-optimal (size)": (p["run_id"], p["name"]) in front} for p in points]
+
+
+def training_histories(store: Store, run_ids: Sequence[str]) -> dict[str, dict[str, list]]:
+    """Each distinct baseline's per-epoch history, keyed by run label (an optimizer race
+    overlays here)."""
+    out, seen = {}, set()
+    for run_id in run_ids:
+        run = store.get_run(run_id)
+        key = _training_key(run["recipe"]) if run else None
+        if run is None or key in seen:
+            continue
+        seen.add(key)
+        history = store.history(run_id)
+        if history.get("epoch"):
+            out[run_label(run)] = history
+    return out
+
+
+def variant_recipe(recipe: dict[str, Any], position: int) -> dict[str, Any]:
+    """The recipe that makes variant number `position` (0 = the baseline): the chain cut
+    after that step."""
+    out = copy.deepcopy(recipe)
+    out["compress"] = list(out.get("compress") or [])[:position]
+    return out
+
+
+def figures(store: Store, run_ids: Sequence[str]) -> dict[str, Any]:
+    """The main figures by name: pareto_size, pareto_latency, training_loss (those with
+    data); what the report draws first and `export_png` saves."""
+    points = variant_points(store, run_ids)
+    metric = score_metric(points)
+    descriptions = technique_descriptions()
+    out = {}
+    if points:
+        out["pareto_size"] = plots.pareto(points, "size_bytes", metric,
+                                          descriptions=descriptions)
+        out["pareto_latency"] = plots.pareto(points, "latency_ms", metric,
+                                             descriptions=descriptions)
+    histories = training_histories(store, run_ids)
+    if histories:
+        out["training_loss"] = plots.curves(histories, "loss", title="training: loss per epoch")
+    return out
+
+
+def technique_descriptions() -> dict[str, str]:
+    """Each compression technique's one-sentence description, from its registry."""
+    from engine.compress import load_all
+
+    return {e.name: e.description for e in load_all()}
+
+
+def build(store: Store, run_ids: Sequence[str], *, title: str = "Model optimization report"
+          ) -> str:
+    """The report of `run_ids` as one self-contained HTML page (see the module's doc)."""
+    if not run_ids:
+        raise UserError("pick at least one run to put in the report.")
+    runs = [store.get_run(i) for i in run_ids]
+    missing = [i for i, r in zip(run_ids, runs, strict=True) if r is None]
+    if missing:
+        raise UserError(f"there is no run {missing[0]!r} in the store; pick one of the runs "
+                        f"listed on the Runs page.")
+    results = {r["id"]: store.result(r["id"]) for r in runs}
+    parts: list[str] = []
+    add_figure = _figure_writer()
+    parts.append(f"<h1>{_e(title)}</h1><p class=muted>{len(runs)} run(s), written "
+                 f"{_e(time.strftime('%Y-%m-%d %H:%M'))}. Every plot is interactive: hover for "
+                 f"details, drag to zoom, and its camera button saves it as a PNG.</p>")
+    parts.append(_machines(runs, results))
+    points = variant_points(store, run_ids)
+    if points:
+        parts.append("<h2>Accuracy, size and latency</h2>")
+        parts.append(_table(table_records(points)))
+        parts.append("<p class=muted>Sizes are the files that ship (.wbz weights, or .onnx for "
+                     "ONNX Runtime variants); ratios and speedups are against the baseline "
+                     "measured the same way. Latency is the median at batch 1 in the runtime "
+                     "in brackets.</p>")
+    main = figures(store, run_ids)
+    if "pareto_size" in main:
+        parts.append("<h2>Pareto fronts</h2><div class=row>" + add_figure(main["pareto_size"])
+                     + add_figure(main["pareto_latency"]) + "</div>")
+    curves = _curve_section(store, runs, results, main, add_figure)
+    if curves:
+        parts.append("<h2>Loss curves</h2>" + curves)
+    for run in runs:
+        diagnostics = results[run["id"]].get("diagnostics") or {}
+        if diagnostics:
+            parts.append(_diagnostics(run_label(run), diagnostics, add_figure))
+    parts.append("<h2>Recipes</h2><p class=muted>Each replays headless: save it as "
+                 "recipe.json and run <code>python -m engine run recipe.json --out DIR</code>."
+                 "</p>")
+    for run in runs:
+        parts.append(_recipes(run, results[run["id"]]))
+    return _page(title, "\n".join(parts))
+
+
+def write(store: Store, run_ids: Sequence[str], path: str | Path, **kwargs: Any) -> Path:
+    """Write `build(store, run_ids)` to `path` (UTF-8) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(build(store, run_ids, **kwargs), encoding="utf-8")
+    return path
+
+
+def export_png(store: Store, run_ids: Sequence[str], folder: str | Path, *,
+               scale: float = 2.0) -> list[Path]:
+    """The main figures (`figures`) as PNG files in `folder`, drawn by plotly.js itself in
+    a headless Chromium through Playwright (both already used by the browser test), so the
+    PNG is exactly what the report shows. Kaleido is not used: it is not installed here and
+    needs a Chrome of its own. Without Chromium, a UserError says so."""
+    import shutil
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise UserError("PNG export needs Playwright (pip install -r requirements.txt); "
+                        "the report's camera buttons save PNGs without it.") from None
+    if not Path(chromium).exists():
+        raise UserError("PNG export needs Chromium (apt-get install -y chromium); the "
+                        "report's camera buttons save PNGs without it.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--headless",
+                                    "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 900, "height": 600},
+                                device_scale_factor=scale)
+        for name, fig in figures(store, run_ids).items():
+            page.set_content(fig.to_html(include_plotlyjs=True, full_html=True,
+                                         config={"displayModeBar": False}))
+            page.wait_for_selector(".main-svg")
+            path = folder / f"{name}.png"
+            page.locator(".js-plotly-plot").first.screenshot(path=path)
+            written.append(path)
+        browser.close()
+    return written
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+def _figure_writer() -> Any:
+    """A function turning a figure into an HTML fragment; the first call inlines plotly.js,
+    the later ones reuse it, so the page carries the library once."""
+    state = {"first": True}
+
+    def add(fig: Any) -> str:
+        fig = fig.update_layout(template="plotly_white")
+        text = fig.to_html(full_html=False, include_plotlyjs=state["first"],
+                           config=PLOT_CONFIG, default_width="100%")
+        state["first"] = False
+        return f"<div class=fig>{text}</div>"
+
+    return add
+
+
+def _machines(runs: list[dict[str, Any]], results: dict[str, dict[str, Any]]) -> str:
+    """Where the figures were measured: each distinct machine the runs stored."""
+    from engine.latency import machine
+
+    seen: dict[str, list[str]] = {}
+    for run in runs:
+        info = results[run["id"]].get("machine")
+        device = results[run["id"]].get("device") or run.get("device")
+        text = _describe_machine(info, device) if info else "not recorded (the run has not " \
+            "finished)"
+        seen.setdefault(text, []).append(run_label(run))
+    items = "".join(f"<li>{_e(text)} <span class=muted>({_e(', '.join(names))})</span></li>"
+                    for text, names in seen.items())
+    here = _describe_machine(machine(), None)
+    return (f"<h2>Measured on</h2><ul>{items}</ul><p class=muted>This report was written on "
+            f"{_e(here)}.</p>")
+
+
+def _describe_machine(info: dict[str, Any], device: str | None) -> str:
+    words = [f"{info.get('processor', '?')} on {info.get('platform', '?')}",
+             f"Python {info.get('python', '?')}", f"torch {info.get('torch', '?')}",
+             f"{info.get('threads', '?')} thread(s)"]
+    if info.get("gpu"):
+        words.append(f"GPU {info['gpu']}")
+    if device:
+        words.append(f"device {device}")
+    return ", ".join(words)
+
+
+def _curve_section(store: Store, runs: list[dict[str, Any]], results: dict[str, Any],
+                   main: dict[str, Any], add_figure: Any) -> str:
+    out = []
+    if "training_loss" in main:
+        histories = training_histories(store, [r["id"] for r in runs])
+        metric = "accuracy" if any("val_accuracy" in h for h in histories.values()) else "r2"
+        out.append("<div class=row>" + add_figure(main["training_loss"]) + add_figure(
+            plots.curves(histories, metric, title=f"training: {metric} per epoch")) + "</div>")
+    tuned = {}
+    for run in runs:
+        for v in results[run["id"]]["variants"]:
+            if v["name"] != "baseline" and (v.get("history") or {}).get("epoch"):
+                tuned[f"{run_label(run)} · {v['name']}"] = v["history"]
+    if tuned:
+        out.append(add_figure(plots.curves(tuned, "loss",
+                                           title="fine-tuning after each compression step: "
+                                                 "loss per epoch")))
+    return "".join(out)
+
+
+def _diagnostics(label: str, found: dict[str, Any], add_figure: Any) -> str:
+    out = [f"<h2>Diagnostics: {_e(label)}</h2>"]
+    if found.get("verdict"):
+        out.append(f"<p class=verdict><b>{_e(found['verdict'].replace('_', ' '))}.</b> "
+                   f"{_e(' '.join(found.get('reasons', [])))}</p>")
+        if found.get("suggestions"):
+            out.append("<p>What to try next:</p><ul>" + "".join(
+                f"<li>{_e(s)}</li>" for s in found["suggestions"]) + "</ul>")
+    charts = [(plots.learning_curve, "learning_curve"), (plots.validation_curve,
+              "validation_curve"), (plots.bias_variance, "bias_variance"),
+              (plots.landscape, "landscape")]
+    shown = [add_figure(fn(found[key])) for fn, key in charts if found.get(key)]
+    if shown:
+        out.append("<div class=row>" + "".join(shown) + "</div>")
+    cx = found.get("complexity")
+    if cx:
+        rad = (cx.get("rademacher") or {}).get("fit")
+        out.append(f"<p>{cx.get('params', 0):,} parameters, {cx.get('nonzero_params', 0):,} "
+                   f"non-zero, {cx.get('flops', 0):,} FLOPs per sample"
+                   + (f", fits random labels {rad:.2f} (Rademacher estimate)" if rad is not None
+                      else "") + ".</p>")
+    return "".join(out)
+
+
+def _recipes(run: dict[str, Any], result: dict[str, Any]) -> str:
+    recipe = result.get("trained_recipe") or run["recipe"]
+    names = [v["name"] for v in result["variants"]] or ["baseline"]
+    status = "" if run["status"] == "done" else f" ({run['status']})"
+    if run["status"] in ACTIVE:
+        status = f" ({run['status']}: variants so far)"
+    blocks = []
+    for position, name in enumerate(names):
+        text = json.dumps(variant_recipe(recipe, position), indent=2, default=str)
+        blocks.append(f"<details><summary>{_e(run_label(run))} · {_e(name)}{_e(status)}"
+                      f"</summary><pre>{_e(text)}</pre></details>")
+    return "".join(blocks)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{_e(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{_e(_cell(v))}</td>" for v in row.values()) + "</tr>"
+                   for row in rows)
+    return f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>" \
+           f"</table></div>"
+
+
+def _page(title: str, body: str) -> str:
+    style = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;
+max-width:1400px;padding:0 1rem;color:#1f2937;background:#fff;line-height:1.45}
+h1{margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #e5e7eb}
+.muted{color:#6b7280;font-size:.9rem}.row{display:flex;flex-wrap:wrap;gap:1rem}
+.row .fig{flex:1 1 560px;min-width:0}.scroll{overflow-x:auto}
+table{border-collapse:collapse;font-size:.85rem}th,td{border:1px solid #e5e7eb;
+padding:.3rem .5rem;text-align:left}th{background:#f3f4f6}tbody tr:nth-child(even){
+background:#f9fafb}pre{background:#f3f4f6;padding:.8rem;overflow-x:auto;font-size:.8rem}
+details{margin:.3rem 0}summary{cursor:pointer}.verdict{padding:.6rem;background:#eff6ff;
+border-left:4px solid #2563eb}"""
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><meta name=viewport "
+            f"content='width=device-width, initial-scale=1'><title>{_e(title)}</title>"
+            f"<style>{style}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=False)  # text only: never inside an attribute
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _round(value: Any, digits: int) -> Any:
+    return None if value is None else round(float(value), digits)
