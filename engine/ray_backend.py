@@ -17,6 +17,7 @@ task per compression chain. Ray is imported only here, and only when asked for.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def connect() -> None:
                         "`pip install -r requirements.txt`.") from exc
     if ray.is_initialized():
         return
+    _check_port(address())
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     try:
@@ -52,6 +54,23 @@ def connect() -> None:
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"could not reach the Ray cluster at {address() or 'local'} ({exc}); "
+                        "check WORKBENCH_RAY_ADDRESS, or start one with `ray start "
+                        "--head`.") from exc
+
+
+def _check_port(addr: str | None, timeout_s: float = 3.0) -> None:
+    """A quick TCP check of a `ray://host:port` or `host:port` address, so a wrong address
+    is a sentence in seconds rather than after Ray's own 30-s connection timeout."""
+    if addr is None or addr == "auto":
+        return
+    hostport = addr.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # let Ray judge the odd forms
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(f"could not reach the Ray cluster at {addr} ({exc.strerror or exc}); "
                         "check WORKBENCH_RAY_ADDRESS, or start one with `ray start "
                         "--head`.") from exc
 
