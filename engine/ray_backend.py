@@ -160,6 +160,12 @@ def wait(refs: list[Any], timeout_s: float) -> list[Any]:
     return pending
 
 
+def resources_now() -> dict[str, dict[str, float]]:
+    """`resources()` after connecting this process (the app) to the configured cluster."""
+    connect()
+    return resources() or {}
+
+
 def resources() -> dict[str, dict[str, float]] | None:
     """The cluster's total and free CPUs, GPUs and memory (GiB) when this process is
     connected to Ray, else None."""

@@ -580,11 +580,11 @@ def search(recipe: Recipe, *, storage: str | None = None,
 
     if remaining > 0:
         workers = min(tune["workers"], remaining)
-        if workers == 1:
+        if workers == 1 and not _on_ray():
             ctx = _make_context(recipe, tune, seed)
             _optimize(study, ctx, remaining, n_total,
                       callbacks=[lambda s, t: report_new([t])])
-        else:
+        else:  # on Ray, trials are always tasks: even one worker runs on the cluster
             run = _run_ray_workers if _on_ray() else _run_workers
             run(recipe, tune, url, name, seed, remaining, n_total, workers,
                 lambda: report_new(study.get_trials(deepcopy=False)))

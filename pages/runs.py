@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from engine import jobs, plots
+from engine import jobs, plots, ray_backend
+from engine.errors import UserError
 from engine.store import Store
 from pages.common import show_error
 from pages.live import metric_of
@@ -15,6 +16,14 @@ from pages.live import metric_of
 st.title("Runs")
 store = Store()
 jobs.reap(store)
+if jobs.backend_name() == "ray":  # where runs go, and what the cluster has free
+    try:
+        free = ray_backend.resources_now()
+        st.caption("Ray cluster · " + " · ".join(
+            f"{k}: {v['free']:g} of {v['total']:g} free" for k, v in free.items()
+            if k != "nodes") + f" · {free['nodes']['total']:g} node(s)")
+    except UserError as exc:
+        show_error(exc)
 runs = store.list_runs()
 if not runs:
     st.info("No runs yet. Start one on the Train page; it will be listed here.")
@@ -31,6 +40,7 @@ def row(run: dict) -> dict:
             "test score": m.get("test_accuracy", m.get("test_r2")),
             "parameters": m.get("params"), "size (KiB)": round(m["size_bytes"] / 1024, 1)
             if m.get("size_bytes") else None, "time (s)": round(run.get("duration_s") or 0, 1),
+            "ran on": f"{run.get('backend') or 'local'} · {run.get('node') or run['host']}",
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created"]))}
 
 
