@@ -69,15 +69,25 @@ with right:
 try:
     recipe = Recipe.from_dict({**base, "compress": chain,
                                "sensitivity": {} if sensitivity else None})
-    go, download = st.columns([1, 4])
+    go, each, download = st.columns([1, 2, 3])
     with download:
         recipe_download(recipe.to_dict(), key="cmp_download")
     if go.button("Run chain", type="primary", key="cmp_run_btn", disabled=not chain):
         st.session_state["cmp_watch"] = jobs.submit(
             recipe, name=" -> ".join(s["technique"] for s in chain))
+        st.session_state["cmp_each"] = []
+    if each.button("Compare the steps side by side", key="cmp_each_btn",
+                   disabled=len(chain) < 2, help="One run per step, each from its own "
+                   "baseline, run in parallel (as Ray tasks when Ray is configured)."):
+        st.session_state["cmp_each"] = jobs.compare(recipe, [[step] for step in chain])
+        st.session_state["cmp_watch"] = None
 except Exception as exc:
     show_error(exc)
 
+if st.session_state.get("cmp_each"):
+    st.subheader("Progress")
+    watch(st.session_state["cmp_each"], key="cmp_each_live")
+    st.page_link("pages/compare.py", label="Compare all variants", icon=":material/scatter_plot:")
 run_id = st.session_state.get("cmp_watch")
 if run_id:
     st.subheader("Progress")

@@ -31,6 +31,8 @@ def watch(run_ids: list[str], key: str) -> None:
         done = progress.get("epoch", 0) / max(progress.get("epochs") or 1, 1)
         text = (f"{run['name']} · {run['status']} · "
                 f"epoch {progress.get('epoch', 0)} of {progress.get('epochs', '?')}")
+        if run["status"] == "queued" and run.get("claimed") is None:
+            text = f"{run['name']} · queued: waiting for a free worker"
         st.progress(1.0 if run["status"] == "done" else min(done, 1.0), text=text)
         if run.get("error"):
             st.error(f"{run['name']}: {run['error']}")
