@@ -28,6 +28,7 @@ ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
 VALIDATION_PARAMS = ("model.hidden", "model.dropout", "train.l2", "train.weight_decay",
                      "train.epochs")
 SELECTIONS = ("variance", "kbest")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,12 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the gradient's global L2 norm to this value
     freeze: tuple[str, ...] = ()  # layer names (prefixes) kept fixed while the rest trains
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # eps, betas, history_size
-    amp: bool = True  # bf16 autocast on CUDA; ignored on the CPU
+    amp: bool = True  # with precision "auto": bf16 autocast on CUDA; ignored on the CPU
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA when amp, float32 on the CPU;
+    #                          "fp32": float32 everywhere; "bf16": bf16 autocast on CUDA and
+    #                          on the CPU too (slower there on CPUs without bf16 units)
+    compile: bool = False  # torch.compile the model for training (the first epoch pays
+    #                        for compiling; falls back to eager if compiling fails)
 
     def validate(self) -> None:
         from engine.optimizers import OPTIMIZERS
@@ -193,6 +199,11 @@ class TrainConfig:
         _at_least("train.epochs", self.epochs, 0)  # 0: evaluate a loaded model as it is
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise UserError(f"train.grad_clip must be positive or null, got {self.grad_clip!r}.")
+        _choice("train.precision", self.precision, PRECISIONS)
+        if self.precision == "bf16" and entry.extra.get("closure"):
+            raise UserError(f"train.precision bf16 does not work with {self.optimizer}, whose "
+                            f"line search needs float32 losses; set it to \"auto\" or "
+                            f"\"fp32\".")
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
             "device": str(device),
             "machine": machine(),
             "data": data.summary(),
+            "train": {"path": fit.path},  # device, precision, compiled: how it trained
             "variants": [baseline],
             "tuning": tuning,
             "diagnostics": {},

@@ -2,9 +2,13 @@
 
 No DataLoader: the whole training part is one tensor on the device and each epoch draws a
 permutation and slices it, so a step costs the model's arithmetic and little else (the
-benchmark in tests/benchmarks/ measures this against the textbook loop). bf16 autocast on
-CUDA; full float32 on the CPU. The history is kept per epoch; a NaN or infinite loss stops
-training with a message naming the likely cause, keeping the history so far.
+benchmark in tests/benchmarks/ measures this against the textbook loop). Precision follows
+`train.precision`: bf16 autocast on CUDA by default, float32 on the CPU unless bf16 is asked
+for (CPU autocast then runs, correct but slower on CPUs without bf16 units);
+`train.compile` wraps the model in `torch.compile` for the training steps (evaluation stays
+eager). How a run trained is in `TrainResult.path`. The history is kept per epoch; a NaN
+or infinite loss stops training with a message naming the likely cause, keeping the
+history so far.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +39,8 @@ class TrainResult:
     stopped: str  # "completed", "early_stopping" or "diverged"
     message: str = ""  # for "diverged": what happened and what to try
     seconds: float = 0.0
+    # how it ran: {"device", "precision" ("fp32" or "bf16"), "compiled", "ensemble"}
+    path: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,6 +51,14 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device {name!r} was asked for but this machine has no CUDA GPU; "
                         f"set device to 'auto' or 'cpu'.")
     return torch.device(name)
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training autocasts to bf16: precision "bf16" anywhere, or "auto" on CUDA
+    with amp on; never for closure optimizers (their line searches compare losses)."""
+    if OPTIMIZERS.get(cfg.optimizer).extra.get("closure") or cfg.precision == "fp32":
+        return False
+    return cfg.precision == "bf16" or (device.type == "cuda" and cfg.amp)
 
 
 def metric_name(task: str) -> str:
@@ -133,7 +147,14 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
     metric = metric_name(data.task)
     batch = n if cfg.batch_size == "full" else min(int(cfg.batch_size), n)
     uses_closure = entry.extra.get("closure", False)
-    autocast = device.type == "cuda" and cfg.amp and not uses_closure
+    autocast = uses_bf16(cfg, device)
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    path: dict[str, Any] = {"device": device.type, "precision": "bf16" if autocast else "fp32",
+                            "compiled": False, "ensemble": "single"}
+    if cfg.compile:
+        # static shapes: the last, shorter batch of an epoch gets its own graph
+        forward = torch.compile(model, dynamic=False)
+        path["compiled"] = True
     gen = torch.Generator(device=device).manual_seed(seed)
     augmenting = augment_cfg is not None and data.is_image
 
@@ -142,12 +163,26 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
     start = time.perf_counter()
     stopped, message = "completed", ""
 
+    def run_model(xb: torch.Tensor) -> torch.Tensor:
+        nonlocal forward
+        if forward is model:
+            return model(xb)
+        try:
+            return forward(xb)
+        except Exception as exc:  # no compiler, an unsupported layer: train eagerly
+            forward = model
+            path["compiled"] = False
+            path["note"] = (f"torch.compile failed ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+                            f"); trained eagerly")
+            return model(xb)
+
     def objective(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if autocast:
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = model(xb)
+                out = run_model(xb)
         else:  # entering a disabled autocast still costs microseconds a step
-            out = model(xb)
+            out = run_model(xb)
         if loss_override is not None:
             data_loss = loss_override(out.float(), xb, yb)
         else:
@@ -228,4 +263,5 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
     if stopper is not None and stopped != "diverged" and stopper.restore(model):
         best_epoch = stopper.best_epoch
     set_training(model, False)
-    return TrainResult(history, best_epoch, stopped, message, time.perf_counter() - start)
+    return TrainResult(history, best_epoch, stopped, message, time.perf_counter() - start,
+                       path)
