@@ -2,14 +2,17 @@
 
 Every diagnostic trains fresh models of the recipe's architecture on parts of the training
 data (learning curves, bootstrap rounds) or at other settings (validation curves), so it
-shares one helper: `fit_fresh`. The preprocessing fitted on the whole training part is
+shares two helpers: `fit_fresh` for one model and `fit_many` for many at once, which trains
+them as a batched ensemble where they share an architecture (engine/ensemble.py) and one
+after another where they do not. The preprocessing fitted on the whole training part is
 reused, so the curves compare models, not scalers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +20,9 @@ from torch import nn
 
 from engine.data import DataBundle
 from engine.recipe import Recipe
+
+if TYPE_CHECKING:
+    from engine.ensemble import EnsembleResult, Member
 
 
 def subset(data: DataBundle, idx: np.ndarray) -> DataBundle:
@@ -46,6 +52,16 @@ def fit_fresh(recipe: Recipe, data: DataBundle, idx: np.ndarray | None = None, *
     run_training(net, part, checked.train, device=device, seed=seed)
     set_training(net, False)
     return net
+
+
+def fit_many(recipe: Recipe, data: DataBundle, members: Sequence[Member], *,
+             device: torch.device | None = None,
+             on_member: Callable[[int, int], None] | None = None) -> EnsembleResult:
+    """Fresh models for every member (its rows, seed and overrides), batched where they
+    share an architecture; `result.summary()` says which path each took."""
+    from engine.ensemble import fit_members
+
+    return fit_members(recipe, data, members, device=device, on_member=on_member)
 
 
 @torch.no_grad()

@@ -51,10 +51,12 @@ def bias_variance(recipe: Recipe, data: DataBundle, *, rounds: int = 20, seed: i
     """Decompose the test loss of the recipe's model into bias and variance.
 
     `fit(idx, r)` trains round r's model on the training rows `idx` and returns its predict
-    function; by default a fresh model of the recipe (`fit_fresh`, seed `seed + r`, on
-    `device`). `on_round(done, rounds)` reports progress. Returns plain numbers: the loss
-    ("squared" or "zero_one"), expected_loss, bias, variance, per_round_test_score, and
-    for 0-1 loss net_variance with its parts and a one-sentence `combination`."""
+    function; by default fresh models of the recipe (seed `seed + r`, on `device`), every
+    round trained at once as a batched ensemble where the recipe allows (engine/ensemble.py),
+    which `training` then records. `on_round(done, rounds)` reports progress. Returns plain
+    numbers: the loss ("squared" or "zero_one"), expected_loss, bias, variance,
+    per_round_test_score, and for 0-1 loss net_variance with its parts and a one-sentence
+    `combination`."""
     if rounds < 2:
         raise UserError(f"diagnose.bias_variance.rounds must be at least 2, got {rounds!r}; "
                         f"one model has no variance to measure.")
@@ -64,9 +66,13 @@ def bias_variance(recipe: Recipe, data: DataBundle, *, rounds: int = 20, seed: i
     if len(data.y_train) == 0:
         raise UserError("the bias-variance decomposition needs training rows to resample; "
                         "lower data.val_fraction or data.test_fraction.")
-    fit = fit or _fresh_fitter(recipe, data, seed=seed, device=device)
     samples = bootstrap_samples(len(data.y_train), rounds, seed)
     classify = data.task == "classification"
+    training = None
+    if fit is None:  # fresh models of the recipe, every round at once where they batch
+        fit, training = _ensemble_fitter(recipe, data, samples, seed=seed, device=device,
+                                         on_round=on_round)
+        on_round = None  # reported as the ensemble's members finished
 
     def one_round(r: int) -> np.ndarray:  # independent of the other rounds: parallel-safe
         out = np.asarray(fit(samples[r], r)(data.X_test))
@@ -75,25 +81,37 @@ def bias_variance(recipe: Recipe, data: DataBundle, *, rounds: int = 20, seed: i
         return out.reshape(len(data.y_test)).astype(np.float64)
 
     preds = []
-    for done, pred in enumerate(map(one_round, range(rounds)), start=1):  # a pool's map later
+    for done, pred in enumerate(map(one_round, range(rounds)), start=1):
         preds.append(pred)
         if on_round is not None:
             on_round(done, rounds)
     all_pred = np.stack(preds)  # (rounds, test rows)
     if classify:
-        return zero_one_decomposition(all_pred, np.asarray(data.y_test, dtype=np.int64))
-    return squared_decomposition(all_pred, np.asarray(data.y_test, dtype=np.float64))
+        out = zero_one_decomposition(all_pred, np.asarray(data.y_test, dtype=np.int64))
+    else:
+        out = squared_decomposition(all_pred, np.asarray(data.y_test, dtype=np.float64))
+    if training is not None:
+        out["training"] = training
+    return out
 
 
-def _fresh_fitter(recipe: Recipe, data: DataBundle, *, seed: int,
-                  device: torch.device | None) -> FitFn:
-    from engine.diagnostics import fit_fresh, predict
+def _ensemble_fitter(recipe: Recipe, data: DataBundle, samples: list[np.ndarray], *,
+                     seed: int, device: torch.device | None,
+                     on_round: Callable[[int, int], None] | None
+                     ) -> tuple[FitFn, dict[str, Any]]:
+    """Train round r's fresh model (seed + r, rows samples[r]) for every round at once
+    (a batched ensemble where the architecture allows) and serve them as `fit`."""
+    from engine.diagnostics import fit_many, predict
+    from engine.ensemble import Member
+
+    members = [Member(idx=idx, seed=seed + r) for r, idx in enumerate(samples)]
+    trained = fit_many(recipe, data, members, device=device, on_member=on_round)
 
     def fit(idx: np.ndarray, r: int) -> PredictFn:
-        model = fit_fresh(recipe, data, idx, seed=seed + r, device=device)
+        model = trained.models[r]
         return lambda X: predict(model, X)
 
-    return fit
+    return fit, trained.summary()
 
 
 def squared_decomposition(all_pred: np.ndarray, y: np.ndarray) -> dict[str, Any]:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from engine.data import DataBundle
-from engine.diagnostics import fit_fresh, score
+from engine.diagnostics import fit_fresh, fit_many, score
+from engine.ensemble import Member
 from engine.errors import UserError
 from engine.recipe import Recipe
 from engine.train import metric_name
@@ -85,28 +86,30 @@ def learning_curve(recipe: Recipe, data: DataBundle, *,
     if not fractions or repeats < 1:
         raise UserError("a learning curve needs at least one fraction and one repeat.")
     _need_val(data, "learning curve")
-    total, done = len(fractions) * repeats, 0
     out: dict[str, list[float]] = {k: [] for k in (
         "train_sizes", "train_score", "train_std", "val_score", "val_std")}
-    for i, frac in enumerate(fractions):
+    subsets = [[learning_subset(data.y_train, frac, task=data.task,
+                                rng=np.random.default_rng((seed, i, r)))
+                for r in range(repeats)] for i, frac in enumerate(fractions)]
+    # every model at once: one batched ensemble per subset size where the recipe allows
+    trained = fit_many(recipe, data, [Member(idx=idx, seed=seed + r) for row in subsets
+                                      for r, idx in enumerate(row)],
+                       device=device, on_member=on_step)
+    models = iter(trained.models)
+    for row in subsets:
         train_scores, val_scores, sizes = [], [], []
-        for r in range(repeats):
-            idx = learning_subset(data.y_train, frac, task=data.task,
-                                  rng=np.random.default_rng((seed, i, r)))
-            model = fit_fresh(recipe, data, idx, seed=seed + r, device=device)
+        for idx in row:
+            model = next(models)
             train_scores.append(score(model, data.X_train[idx], data.y_train[idx], data.task))
             val_scores.append(score(model, data.X_val, data.y_val, data.task))
             sizes.append(len(idx))
-            done += 1
-            if on_step is not None:
-                on_step(done, total)
         out["train_sizes"].append(round(float(np.mean(sizes))))
         out["train_score"].append(float(np.mean(train_scores)))
         out["train_std"].append(_spread(train_scores))
         out["val_score"].append(float(np.mean(val_scores)))
         out["val_std"].append(_spread(val_scores))
     return {"fractions": fractions, **out, "repeats": repeats,
-            "metric": metric_name(data.task)}
+            "metric": metric_name(data.task), "training": trained.summary()}
 
 
 def _check_knob(recipe: Recipe, param: str) -> None:
@@ -142,30 +145,34 @@ def validation_curve(recipe: Recipe, data: DataBundle, *, param: str, values: Se
         raise UserError("a validation curve needs at least one value and one repeat.")
     _need_val(data, "validation curve")
     section, key = param.split(".")
-    total, done = len(values) * repeats, 0
     out: dict[str, list[float]] = {k: [] for k in (
         "train_score", "train_std", "val_score", "val_std")}
+    members = []
     for value in values:
         plain = list(value) if isinstance(value, (list, tuple)) else value
         overrides: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
         overrides[section][key] = plain
         if param == "train.epochs":
             overrides["train"]["early_stopping"] = None
+        members += [Member(seed=seed + r, **overrides) for r in range(repeats)]
+    # training knobs (l2, weight decay, epochs) vary per member inside one batched stack;
+    # model knobs (widths, dropout) give one stack per value
+    trained = fit_many(recipe, data, members, device=device, on_member=on_step)
+    models = iter(trained.models)
+    for _value in values:
         train_scores, val_scores = [], []
-        for r in range(repeats):
-            model = fit_fresh(recipe, data, seed=seed + r, device=device, **overrides)
+        for _ in range(repeats):
+            model = next(models)
             train_scores.append(score(model, data.X_train, data.y_train, data.task))
             val_scores.append(score(model, data.X_val, data.y_val, data.task))
-            done += 1
-            if on_step is not None:
-                on_step(done, total)
         out["train_score"].append(float(np.mean(train_scores)))
         out["train_std"].append(_spread(train_scores))
         out["val_score"].append(float(np.mean(val_scores)))
         out["val_std"].append(_spread(val_scores))
     return {"param": param,
             "values": [list(v) if isinstance(v, (list, tuple)) else v for v in values],
-            **out, "repeats": repeats, "metric": metric_name(data.task)}
+            **out, "repeats": repeats, "metric": metric_name(data.task),
+            "training": trained.summary()}
 
 
 def rademacher(recipe: Recipe, data: DataBundle, *, rounds: int = 3, seed: int = 0,
