@@ -40,8 +40,8 @@ def active_runs() -> None:
 
 reap_once()
 page = st.navigation([
-    st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:",
-            default=True),
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:"),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/tune.py", title="Tune", icon=":material/tune:"),
     st.Page("pages/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),

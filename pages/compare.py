@@ -1,46 +1,87 @@
-"""Compare: accuracy against size and latency for every variant, the Pareto front drawn."""
+"""Compare: accuracy against size and latency for every variant, the Pareto front drawn.
+
+Runs still going are drawn too: the plots poll the store and fill in as variants finish
+(the showcase lands here). **Download report** writes the chosen runs as one HTML file.
+"""
 
 import pandas as pd
 import streamlit as st
 
-from engine import jobs, plots
-from engine.store import Store
+from engine import jobs, plots, report
+from engine.store import ACTIVE, Store
 
 st.title("Compare")
 store = Store()
 jobs.reap(store)
-runs = store.list_runs(status="done")
+runs = {r["id"]: r for r in store.list_runs() if r["status"] == "done" or r["status"] in ACTIVE}
 if not runs:
-    st.info("No finished runs yet. Train a model or run a compression chain first.")
+    st.info("No finished runs yet. Train a model or run a compression chain first, or press "
+            "Showcase on the Home page.")
     st.page_link("pages/compress.py", label="Go to Compress", icon=":material/compress:")
     st.stop()
 
-with_chains = [r for r in runs if len(store.variants(r["id"])) > 1]
-picked = st.multiselect("Runs", runs, default=with_chains[:3] or runs[:3], key="cmp_runs",
-                        format_func=lambda r: f"{r['name']} ({r['id'][:6]})")
-points = []
-for run in picked:
-    for v in store.variants(run["id"]):
-        m = v["metrics"]
-        points.append({"run": run["name"], "name": v["name"], "technique": v["technique"],
-                       "chain": f"{m.get('chain', '')} [{m.get('runtime', 'torch')}]",
-                       **{k: m.get(k) for k in ("size_bytes", "latency_ms", "test_accuracy",
-                                                "test_r2", "size_ratio", "speedup",
-                                                "smaller_not_faster", "nonzero_params")}})
-if not points:
-    st.stop()
-metric = "test_accuracy" if any(p["test_accuracy"] is not None for p in points) else "test_r2"
-left, right = st.columns(2)
-left.plotly_chart(plots.pareto(points, "size_bytes", metric), key="cmp_size")
-right.plotly_chart(plots.pareto(points, "latency_ms", metric), key="cmp_latency")
-st.caption("Sizes are the files that ship (.wbz weights, or .onnx for ONNX Runtime variants); "
-           "ratios and speedups are against the baseline measured the same way. Latency is "
-           "measured in the runtime shown in brackets.")
-table = pd.DataFrame([{
-    "run": p["run"], "variant": p["name"], "chain": p["chain"], metric: p[metric],
-    "size (KiB)": round(p["size_bytes"] / 1024, 2) if p["size_bytes"] else None,
-    "smaller by": p["size_ratio"], "latency (ms)": p["latency_ms"], "speedup": p["speedup"],
-    "smaller but not faster": bool(p["smaller_not_faster"]),
-    "Pareto-optimal (size)": r["pareto"]}
-    for p, r in zip(points, plots.pareto_records(points, "size_bytes", metric), strict=False)])
-st.dataframe(table, hide_index=True)
+landed = st.session_state.pop("showcase_runs", None)  # from the Home page's Showcase
+if landed:
+    st.session_state["cmp_runs"] = [i for i in landed if i in runs]
+if "cmp_runs" not in st.session_state:
+    chains = [i for i, r in runs.items() if r["status"] == "done" and len(store.variants(i)) > 1]
+    st.session_state["cmp_runs"] = chains[:3] or [i for i in runs if runs[i]["status"] ==
+                                                  "done"][:3]
+st.session_state["cmp_runs"] = [i for i in st.session_state["cmp_runs"] if i in runs]
+picked = st.multiselect("Runs", list(runs), key="cmp_runs",
+                        format_func=lambda i: f"{report.run_label(runs[i])} ({i[:6]}) · "
+                                              f"{runs[i]['status']}")
+one_baseline = st.toggle("One baseline per training recipe", True, key="cmp_one_base",
+                         help="Runs that compress the same seeded model each train it again; "
+                              "show that baseline once.")
+
+
+@st.cache_data(show_spinner=False)
+def descriptions() -> dict[str, str]:
+    return report.technique_descriptions()
+
+
+def draw(run_ids: list[str]) -> None:
+    fresh = Store()
+    jobs.reap(fresh)
+    states = [fresh.get_run(i)["status"] for i in run_ids]
+    active = sum(s in ACTIVE for s in states)
+    if active:
+        st.progress(1 - active / len(states), text=f"{len(states) - active} of {len(states)} "
+                    f"runs finished; the plots fill in as variants are measured")
+    points = report.variant_points(fresh, run_ids, one_baseline=one_baseline)
+    if not points:
+        st.caption("No variant measured yet.")
+    else:
+        metric = report.score_metric(points)
+        left, right = st.columns(2)
+        left.plotly_chart(plots.pareto(points, "size_bytes", metric,
+                                       descriptions=descriptions()), key="cmp_size")
+        right.plotly_chart(plots.pareto(points, "latency_ms", metric,
+                                        descriptions=descriptions()), key="cmp_latency")
+        st.caption("Sizes are the files that ship (.wbz weights, or .onnx for ONNX Runtime "
+                   "variants); ratios and speedups are against the baseline measured the same "
+                   "way. Latency is measured in the runtime shown in brackets. Hover a point "
+                   "for what its technique does.")
+        st.dataframe(pd.DataFrame(report.table_records(points)), hide_index=True,
+                     column_config={"chain": st.column_config.TextColumn(
+                         help="the compression steps that made this variant [its runtime]")})
+    histories = report.training_histories(fresh, run_ids)
+    if len(histories) > 1:  # an optimizer race, or runs trained differently
+        st.plotly_chart(plots.curves(histories, "loss", title="training: loss per epoch"),
+                        key="cmp_curves")
+    if st.session_state.get("cmp_was_active") and not active:
+        st.session_state["cmp_was_active"] = False
+        st.rerun()  # everything finished: redraw the page once, without polling
+    st.session_state["cmp_was_active"] = bool(active)
+
+
+if picked:
+    live = any(runs[i]["status"] in ACTIVE for i in picked)
+    st.fragment(draw, run_every=2.0 if live else None)(picked)
+    st.download_button("Download report (HTML)", lambda: report.build(store, picked),
+                       file_name="workbench_report.html", mime="text/html", key="cmp_report",
+                       on_click="ignore", icon=":material/download:",
+                       help="One HTML file with these runs' table, Pareto plots, curves, "
+                            "diagnostics, recipes and machine; it opens offline, and each "
+                            "plot's camera button saves a PNG.")

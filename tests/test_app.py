@@ -16,7 +16,8 @@ def own_store(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(tmp_path / "artifacts"))
 
 
-def open_app(page: str | None = None) -> AppTest:
+def open_app(page: str | None = "pages/data_model.py") -> AppTest:
+    """The app on `page` (None: the page it opens on, Home)."""
     at = AppTest.from_file("../app.py", default_timeout=90)
     at.run()
     if page is not None:
@@ -49,6 +50,38 @@ def wait_finished(run_id: str, timeout: float = 120) -> dict:
             return run
         time.sleep(0.3)
     raise AssertionError(f"run {run_id} did not finish in {timeout} s")
+
+
+def test_home_is_the_first_page_and_offers_the_showcase():
+    at = open_app(None)
+    assert at.title[0].value == "Model optimization workbench"
+    assert at.button(key="home_showcase").label == "Showcase"
+
+
+def test_showcase_lands_on_compare_and_fills_the_pareto_plots(monkeypatch):
+    from engine import showcase
+
+    for name in ("BASE", "STEPS", "RACE"):  # the reduced showcase, pressed from the page
+        monkeypatch.setattr(showcase, name, getattr(showcase, f"QUICK_{name}"))
+    at = open_app(None)
+    at.button(key="home_showcase").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.title[0].value == "Compare"
+    ids = at.session_state["cmp_runs"]
+    assert len(ids) == len(showcase.recipes(quick=True))
+    for run_id in ids:
+        assert wait_finished(run_id, timeout=240)["status"] == "done"
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state["cmp_runs"] == ids  # the selection survives the runs finishing
+    assert len(at.get("plotly_chart")) == 3  # both fronts and the race's training curves
+    assert "quantize-static_int8" in list(at.dataframe[0].value["variant"])
+    assert list(at.dataframe[0].value["variant"]).count("baseline") == 2  # adam, sgd
+    assert at.get("download_button")[0].proto.label == "Download report (HTML)"
+    at.switch_page("pages/home.py").run()
+    at.button(key="home_showcase").click().run()  # a second press: nothing new
+    assert at.session_state["cmp_runs"] == ids
+    assert not Store().active_runs()
 
 
 def test_data_model_page_opens_on_the_builtin_pair():
@@ -225,7 +258,7 @@ def test_compare_page_draws_both_fronts():
     assert len(at.get("plotly_chart")) == 2
     table = at.dataframe[0].value
     assert list(table["variant"]) == ["baseline", "prune-magnitude", "quantize-fp16"]
-    assert table["smaller by"][2] > 1.5  # pruned, then fp16: smaller than the baseline
+    assert table["smaller by (x)"][2] > 1.5  # pruned, then fp16: smaller than the baseline
 
 
 def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
