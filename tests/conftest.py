@@ -28,13 +28,15 @@ def postgres_admin():
     url = os.environ.get("WORKBENCH_TEST_POSTGRES") or POSTGRES_DEFAULT
     admin = sa.create_engine(url, poolclass=sa.NullPool, isolation_level="AUTOCOMMIT",
                              connect_args={"connect_timeout": 5})
+    problem = None
     try:
         with admin.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except Exception as exc:  # any failure to connect means "no server"
+        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if problem is not None:  # outside `except`: one line, no chained traceback
         shown = sa.make_url(url).render_as_string(hide_password=True)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        reason = (f"no PostgreSQL at {shown} ({first}); start one with "
+        reason = (f"no PostgreSQL at {shown} ({problem}); start one with "
                   f"`bash scripts/postgres.sh` or set WORKBENCH_TEST_POSTGRES")
         if os.environ.get("CI") == "true":
             pytest.fail(reason, pytrace=False)
