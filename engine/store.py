@@ -151,9 +151,11 @@ class Store:
         run_id = uuid.uuid4().hex
         with self._writer.begin() as conn:
             conn.execute(runs.insert().values(
-                id=run_id, name=None if name is None else name[:200], group_id=group,
+                id=run_id, name=None if name is None else name[:200],
+                group_id=None if group is None else group[:100],
                 kind=kind, status="queued", recipe=_dumps(recipe), created=time.time(),
-                cancel_requested=False, backend=backend, owner=owner, threads=threads,
+                cancel_requested=False, backend=backend, threads=threads,
+                owner=None if owner is None else owner[:64],
                 host=socket.gethostname()))  # so the reaper knows whose queued run it is
         return run_id
 
