@@ -41,7 +41,7 @@ def test_precision_choices() -> None:
     assert not uses_bf16(_recipe(amp=False).train, cuda)
     assert not uses_bf16(_recipe(precision="fp32").train, cuda)
     assert uses_bf16(_recipe(precision="bf16").train, CPU)
-    with pytest.raises(UserError, match="train.precision must be one of"):
+    with pytest.raises(UserError, match=r"train\.precision must be one of"):
         _recipe(precision="fp16")
     with pytest.raises(UserError, match="bf16 does not work with lbfgs"):
         _recipe(precision="bf16", optimizer="lbfgs")
@@ -73,3 +73,17 @@ def test_run_result_records_the_training_path() -> None:
     result = engine.run(_recipe().to_dict())
     assert result["train"]["path"]["precision"] == "fp32"
     assert result["train"]["path"]["device"] == "cpu"
+
+
+def test_ort_sessions_are_built_once_and_reused() -> None:
+    from engine.export import default_threads, onnx_bytes, ort_session
+
+    model = build_model(_recipe().model, (4,), 3, seed=0)
+    file = onnx_bytes(model, (4,))
+    one = ort_session(file, threads=1)
+    assert ort_session(file, threads=1) is one
+    assert ort_session(file, threads=2) is not one
+    options = ort_session(file).get_session_options()
+    assert options.intra_op_num_threads == default_threads()
+    assert options.inter_op_num_threads == 1
+    assert str(options.graph_optimization_level).endswith("ORT_ENABLE_ALL")
