@@ -37,7 +37,7 @@ MAX_CLASSES_AUTO = 50  # "auto" calls integer labels with at most this many valu
 MAX_CLASSES = 1000  # beyond this a "classification" target is surely a continuous value
 MAX_CATEGORIES = 1000  # a text column with more distinct values is an identifier, not a category
 MAX_IMAGE_PIXELS = 40_000_000  # one image larger than this is refused before it is decoded
-MIXED_SHARE = 0.5  # a text column with at least this share of numbers is numbers with typos
+MIXED_SHARE = 0.5  # a text column with more than this share of numbers is numbers with typos
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 # --- built-in datasets -----------------------------------------------------------------------
@@ -250,7 +250,7 @@ def _mixed_to_numbers(df: pd.DataFrame, columns: list[str], name: str,
         present = df[c].dropna()
         as_numbers = pd.to_numeric(present.astype(str).str.strip(), errors="coerce")
         n_numbers, n_text = int(as_numbers.notna().sum()), int(as_numbers.isna().sum())
-        if n_text == 0 or n_numbers < MIXED_SHARE * len(present):
+        if n_text == 0 or n_numbers <= MIXED_SHARE * len(present):
             continue  # all numbers (parsed below), or a genuine text column
         if missing == "refuse":
             example = str(present[as_numbers.isna()].iloc[0])[:30]

@@ -166,10 +166,11 @@ def _from_torchscript(path: Path, input_shape: tuple[int, ...]) -> nn.Module:
 
 def _is_torchscript(path: Path) -> bool:
     """TorchScript archives are zips with code/ and constants.pkl next to data.pkl."""
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
@@ -205,14 +206,41 @@ def check_fits(model: nn.Module, input_shape: tuple[int, ...], n_out: int) -> No
         with torch.no_grad():
             out = model(torch.zeros((2, *input_shape)))
     except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        takes = _declared_input(model)
+        if takes is not None:
+            raise UserError(f"the model takes samples of {takes} but this dataset's samples "
+                            f"have shape {input_shape} ({reason}); pick a dataset that fits "
+                            f"the model, or a model built for samples of shape "
+                            f"{input_shape}.") from None
         raise UserError(f"the model does not accept this dataset's samples of shape "
-                        f"{input_shape} ({str(exc).splitlines()[0][:120]}); choose a dataset "
-                        f"that fits the model or a model built for this data.") from None
+                        f"{input_shape} ({reason}); choose a dataset that fits the model or "
+                        f"a model built for this data.") from None
     got = tuple(out.shape[1:])
     if got not in ((n_out,),) and not (n_out == 1 and got == ()):
         raise UserError(f"the model gives outputs of shape {got} per sample but this dataset "
                         f"needs ({n_out},); change the model's output layer to {n_out} "
                         f"outputs or pick the matching dataset.")
+
+
+def _declared_input(model: nn.Module) -> str | None:
+    """What a model says it takes, for a mismatch message: the input placeholder of a
+    torch.export graph, else the first linear or convolution layer; None when unknown."""
+    graph = getattr(model, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                shape = getattr(node.meta.get("val"), "shape", None)
+                if shape is not None and len(shape) >= 1:
+                    dims = tuple(int(d) if isinstance(d, int) else "any" for d in shape[1:])
+                    return f"shape {dims}"
+                break
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return f"{module.in_features} features"
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            return f"shape ({module.in_channels}, ...), {module.in_channels} input channel(s)"
+    return None
 
 
 def set_training(model: nn.Module, mode: bool) -> None:
@@ -258,8 +286,12 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
     except Exception:
         raise UserError(f"{path.name} is not a readable ONNX model; export it again with "
                         f"torch.onnx.export.") from None
-    arrays = [numpy_helper.to_array(t) for t in proto.graph.initializer
-              if t.data_location != onnx.TensorProto.EXTERNAL]
+    try:
+        arrays = [numpy_helper.to_array(t) for t in proto.graph.initializer
+                  if t.data_location != onnx.TensorProto.EXTERNAL]
+    except Exception:  # a forged tensor (no type, short data) fails in many ways
+        raise UserError(f"{path.name} holds a tensor that cannot be read; export the model "
+                        f"again with torch.onnx.export.") from None
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
@@ -278,16 +310,24 @@ def read_onnx(path: str | Path) -> bytes:
     if not path.is_file():
         raise UserError(f"model file {str(path)!r} does not exist; check the path.")
     check_onnx(path)
+    import onnxruntime as ort
+
     blob = path.read_bytes()
     proto = onnx.load_model_from_string(blob)
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx_tensors(proto)):
-        return blob
-    try:
-        return onnx.load(str(path), load_external_data=True).SerializeToString()
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx_tensors(proto)):
+        try:
+            blob = onnx.load(str(path), load_external_data=True).SerializeToString()
+        except Exception as exc:
+            raise UserError(f"the external data of {path.name} could not be read "
+                            f"({type(exc).__name__}); keep its data files next to it or save "
+                            f"the model with its weights inside.") from None
+    try:  # ONNX Runtime's own verdict, as one sentence rather than its exception
+        ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise UserError(f"the external data of {path.name} could not be read "
-                        f"({type(exc).__name__}); keep its data files next to it or save the "
-                        f"model with its weights inside.") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{path.name} is not a model ONNX Runtime can run ({reason}); export "
+                        f"it again with torch.onnx.export.") from None
+    return blob
 
 
 def save_model(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> int:

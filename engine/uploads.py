@@ -151,7 +151,12 @@ def check_size(source: Source, name: str) -> None:
 # --- ZIP archives --------------------------------------------------------------------------
 
 def is_zip(source: Source) -> bool:
-    return _head(source, 4) in (_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)
+    """A ZIP by its first bytes or, as ZIP readers (PyTorch's miniz included) find archives
+    from the end, by an end-of-directory record with junk in front."""
+    if _head(source, 4) in (_ZIP_MAGIC, _EMPTY_ZIP_MAGIC):
+        return True
+    with _open(source) as fh:
+        return zipfile.is_zipfile(fh)
 
 
 def open_zip(source: Source, name: str, what: str = "ZIP archive") -> zipfile.ZipFile:
@@ -294,10 +299,12 @@ def pickle_globals(data: bytes) -> Iterator[str]:
             if not stack:
                 raise ValueError("memoizing from an empty stack")
             memo[len(memo) if op.name == "MEMOIZE" else int(arg)] = stack[-1]
+            continue  # the memo ops only look at the top of the stack
         elif op.name in ("GET", "BINGET", "LONG_BINGET"):
             if int(arg) not in memo:
                 raise ValueError("memo key never stored")
-            after = [memo[int(arg)]]
+            stack.append(memo[int(arg)])
+            continue
         if numtopop:
             if len(stack) < numtopop:
                 raise ValueError("stack underflow")
@@ -350,14 +357,27 @@ def check_model_file(source: Source, name: str | None = None) -> None:
     every pickle inside (and of TorchScript code and torch.export graphs for file access)."""
     name = _label(source, name)
     check_size(source, name)
-    head = _head(source)
-    if looks_like_pickle(head):
-        scan_pickle(_read(source), name)
+    if is_zip(source):
+        _check_model_archive(source, name, depth=0)
+        if _head(source, 4) == _ZIP_MAGIC:
+            return
+    # not an archive (or one with bytes in front, which torch.load reads as a legacy file):
+    # a pickle of any protocol (0 and 1 have no PROTO mark) is refused, its
+    # imports named when it has any outside the allow-list; other bytes go on to the loaders
+    data = _read(source)
+    try:
+        for ref in pickle_globals(data):
+            if not tensor_global(ref):
+                scan_pickle(data, name)  # raises, naming `ref`
+        is_pickle = True
+    except UserError:  # before ValueError, its base class
+        raise
+    except Exception:  # genops on arbitrary bytes: not a pickle
+        is_pickle = looks_like_pickle(data[:2])
+    if is_pickle:
         raise UserError(f"{name} is a bare pickle or a legacy torch.save file, which is never "
                         f"loaded; save a state_dict with torch.save in PyTorch 1.6 or later, "
                         f"or export the model with torch.export.save.")
-    if is_zip(source):
-        _check_model_archive(source, name, depth=0)
 
 
 def _check_model_archive(source: Source, name: str, *, depth: int) -> None:
