@@ -29,6 +29,7 @@ from engine.store import ACTIVE, Store
 
 PLOT_CONFIG = {"displaylogo": False, "responsive": True,
                "toImageButtonOptions": {"format": "png", "scale": 2}}
+TEMPLATE = "plotly_white"  # a document to send: light, as printed
 TRAINING_ONLY = ("compress", "sensitivity", "name", "diagnose", "export")
 METRIC_KEYS = ("size_bytes", "latency_ms", "test_accuracy", "test_r2", "size_ratio", "speedup",
                "smaller_not_faster", "nonzero_params", "params", "runtime")
@@ -220,6 +221,7 @@ def export_png(store: Store, run_ids: Sequence[str], folder: str | Path, *,
         page = browser.new_page(viewport={"width": 900, "height": 600},
                                 device_scale_factor=scale)
         for name, fig in figures(store, run_ids).items():
+            fig.update_layout(template=TEMPLATE)
             page.set_content(fig.to_html(include_plotlyjs=True, full_html=True,
                                          config={"displayModeBar": False}))
             page.wait_for_selector(".main-svg")
@@ -238,7 +240,7 @@ def _figure_writer() -> Any:
     state = {"first": True}
 
     def add(fig: Any) -> str:
-        fig = fig.update_layout(template="plotly_white")
+        fig = fig.update_layout(template=TEMPLATE)
         text = fig.to_html(full_html=False, include_plotlyjs=state["first"],
                            config=PLOT_CONFIG, default_width="100%")
         state["first"] = False
@@ -349,8 +351,9 @@ def _page(title: str, body: str) -> str:
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;
 max-width:1400px;padding:0 1rem;color:#1f2937;background:#fff;line-height:1.45}
 h1{margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #e5e7eb}
-.muted{color:#6b7280;font-size:.9rem}.row{display:flex;flex-wrap:wrap;gap:1rem}
-.row .fig{flex:1 1 560px;min-width:0}.scroll{overflow-x:auto}
+.muted{color:#6b7280;font-size:.9rem}.row{display:grid;gap:1rem;
+grid-template-columns:repeat(2,minmax(0,1fr))}.fig{min-width:0}.scroll{overflow-x:auto}
+@media (max-width:900px){.row{grid-template-columns:minmax(0,1fr)}}
 table{border-collapse:collapse;font-size:.85rem}th,td{border:1px solid #e5e7eb;
 padding:.3rem .5rem;text-align:left}th{background:#f3f4f6}tbody tr:nth-child(even){
 background:#f9fafb}pre{background:#f3f4f6;padding:.8rem;overflow-x:auto;font-size:.8rem}
