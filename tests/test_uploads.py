@@ -519,6 +519,14 @@ def test_a_model_that_does_not_fit_names_both_shapes_and_what_to_change(tmp_path
             check_fits(candidate, (4,), 2)
 
 
+def test_good_files_pass_every_check():
+    for suffix, data in VALID.items():
+        check_upload(f"good{suffix}", data)
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(small_model()), buf)
+    check_upload("script.pt", buf.getvalue())
+
+
 # --- 7. fuzzing ------------------------------------------------------------------------------
 
 def _valid_files() -> dict[str, bytes]:
@@ -596,3 +604,30 @@ def test_the_pickle_scan_only_ever_raises_user_errors(data):
         scan_pickle(data, "f.pkl")
     except UserError as exc:
         assert "\n" not in str(exc)
+
+
+# --- the page ------------------------------------------------------------------------------
+
+def test_the_page_shows_a_refused_upload_as_one_sentence_and_stores_nothing(tmp_path,
+                                                                            monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_STORE", f"sqlite:///{tmp_path}/store.db")
+    monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(tmp_path / "artifacts"))
+    marker = tmp_path / "marker"
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    at.run()
+    at.switch_page("pages/data_model.py").run()
+    at.radio(key="dm_model_kind").set_value("Upload").run()
+    at.file_uploader(key="dm_model_file").upload("m.pt", torch_bytes({"x": Shell(marker)})).run()
+    assert not at.exception
+    assert any("would import posix.system" in e.value for e in at.error)
+    assert at.session_state["selection"]["model"]["source"].startswith("builtin:")
+    at.radio(key="dm_data_kind").set_value("Upload").run()
+    at.file_uploader(key="dm_data_file").upload("d.zip", zip_with("../up.png", png())).run()
+    assert not at.exception
+    assert any("unsafe entry '../up.png'" in e.value for e in at.error)
+    assert at.session_state["selection"]["data"]["source"].startswith("builtin:")
+    uploads_dir = tmp_path / "uploads"
+    assert not uploads_dir.exists() or not any(uploads_dir.iterdir())
+    assert not marker.exists() and not (tmp_path / "up.png").exists()
