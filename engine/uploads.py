@@ -159,10 +159,15 @@ def is_zip(source: Source) -> bool:
         return zipfile.is_zipfile(fh)
 
 
+def _zipfile(source: Source) -> zipfile.ZipFile:
+    """A path is opened (and closed) by ZipFile itself; bytes are read from memory."""
+    return zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
 def open_zip(source: Source, name: str, what: str = "ZIP archive") -> zipfile.ZipFile:
     """A `ZipFile` on an archive that passed `check_zip`; close it after use."""
     check_zip(source, name, what)
-    return zipfile.ZipFile(_open(source))
+    return _zipfile(source)
 
 
 def entry_parts(filename: str) -> tuple[str, ...]:
@@ -174,7 +179,7 @@ def check_zip(source: Source, name: str, what: str = "ZIP archive") -> None:
     """Structure and limits of a ZIP archive, from its directory alone (nothing is read)."""
     limits = zip_limits()
     try:
-        with zipfile.ZipFile(_open(source)) as zf:
+        with _zipfile(source) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
             NotImplementedError, IndexError, KeyError, OverflowError):
@@ -344,7 +349,8 @@ def looks_like_pickle(head: bytes) -> bool:
 
 # --- model files ---------------------------------------------------------------------------
 
-_CODE_DENY = re.compile(r"\bfrom_file\b|torch\.ops\.(?!aten\b|prim\b|quantized\b)\w+")
+_CODE_DENY = re.compile(
+    r"\bfrom_file\b|torch\.ops\.(?!(aten|prim|prims|quantized|higher_order)\b)\w+")
 _RAW_STORAGE = re.compile(r"(^|/)data/\d+$")
 _PICKLE_NAMES = (".pkl", ".debug_pkl", ".pickle")
 _NESTED_NAMES = (".pt", ".pth", ".bin")
@@ -382,7 +388,7 @@ def check_model_file(source: Source, name: str | None = None) -> None:
 
 def _check_model_archive(source: Source, name: str, *, depth: int) -> None:
     check_zip(source, name, "model archive")
-    with zipfile.ZipFile(_open(source)) as zf:
+    with _zipfile(source) as zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         names = [i.filename for i in infos]
         torchscript = (any("/code/" in f"/{n}" for n in names)
