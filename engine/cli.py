@@ -4,6 +4,7 @@
     python -m engine list            # every registry, with parameters
     python -m engine list optimizers --json
     python -m engine worker RUN_ID --store URL   # what the app starts for a background run
+    python -m engine bench [--quick]             # the performance suite's tables
 
 A user's mistake ends with one line `error: ...` and exit code 2, never a traceback.
 """
@@ -34,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     worker_p.add_argument("run_id", help="the run's id in the store")
     worker_p.add_argument("--store", required=True, help="the store's SQLAlchemy URL")
     worker_p.add_argument("--threads", type=int, help="torch threads for this run")
+    sub.add_parser("bench", help="print the performance suite's tables "
+                                 "(tests/benchmarks/suite.py; bench --help for options)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the suite parses its own options
+        try:
+            return _bench(argv[1:])
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -46,6 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _bench(options: list[str]) -> int:
+    """The suite lives with the other benchmark scripts, in the repository's tests/."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "benchmarks" / "suite.py"
+    if not path.is_file():
+        raise UserError(f"the benchmark suite is not here ({path}); run `python -m engine "
+                        f"bench` from a checkout of the repository.")
+    spec = importlib.util.spec_from_file_location("workbench_bench_suite", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    return suite.main(options)
 
 
 def _run(recipe_path: str, out: str, *, quiet: bool) -> int:

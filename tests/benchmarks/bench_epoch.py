@@ -1,4 +1,5 @@
-"""Epoch time: the engine's training loop vs the textbook DataLoader loop.
+"""Epoch time: the engine's training loop vs the textbook DataLoader loop (and skorch,
+through tests/benchmarks/suite.py).
 
 Same MLP (64-128-64-10) on `digits`, same initialization, Adam, same epochs; each epoch
 ends with a validation pass in both loops, as the engine's does. Prints the median epoch
@@ -75,6 +76,25 @@ def textbook_epochs(recipe: Recipe, device: torch.device) -> tuple[list[float], 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times, acc
+
+
+def skorch_epochs(recipe: Recipe, device: torch.device) -> tuple[list[float], float]:
+    """skorch's NeuralNetClassifier on the same MLP, initialization, data and batch size:
+    train_split=None (no internal validation split), default callbacks, verbose=0; the
+    epoch times are its own history's `dur`."""
+    from skorch import NeuralNetClassifier
+
+    data = load_data(recipe.data, seed=0)
+    model = build_model(recipe.model, data.input_shape, data.n_classes, seed=0)
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(model, criterion=torch.nn.CrossEntropyLoss,
+                              optimizer=torch.optim.Adam, lr=recipe.train.lr,
+                              max_epochs=recipe.train.epochs,
+                              batch_size=int(recipe.train.batch_size), train_split=None,
+                              iterator_train__shuffle=True, device=str(device), verbose=0)
+    net.fit(data.X_train, data.y_train)
+    acc = float((net.predict(data.X_val) == data.y_val).mean())
+    return [float(d) for d in net.history[:, "dur"]], acc
 
 
 def main() -> None:
