@@ -91,7 +91,9 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         page.set_default_timeout(60_000)
         page.goto(app_url)
 
-        # Data & Model opens on the built-in pair; pick the built-in dataset explicitly
+        # Home opens first; Data & Model shows the built-in pair; pick the dataset explicitly
+        expect(page.get_by_role("heading", name="Model optimization workbench")).to_be_visible()
+        page.get_by_role("link", name="Data & Model", exact=True).click()
         expect(page.get_by_role("heading", name="Data & Model")).to_be_visible()
         page.get_by_role("combobox", name="Built-in dataset").click()
         page.get_by_role("option", name="digits").click()
@@ -157,4 +159,36 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         expect(page.locator(".js-plotly-plot")).to_have_count(2)
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "compare.png", full_page=True)
+        browser.close()
+
+
+def test_showcase_lands_on_compare_and_fills_the_pareto_plot(app_url):
+    """The real showcase (digits, every technique, the race) from one press on Home."""
+    from playwright.sync_api import expect, sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    expect.set_options(timeout=60_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2000})
+        page.set_default_timeout(60_000)
+        page.goto(app_url)
+        expect(page.get_by_role("heading", name="Model optimization workbench")).to_be_visible()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=SHOTS / "home.png", full_page=True)
+        started = time.monotonic()
+        page.get_by_role("button", name="Showcase", exact=True).click()
+        expect(page.get_by_role("heading", name="Compare", exact=True)).to_be_visible()
+        expect(page.get_by_text("runs finished; the plots fill in")).to_be_visible()
+        expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=180_000)
+        # every run done: the progress line goes and the race's curves join the fronts
+        expect(page.get_by_text("runs finished; the plots fill in")).to_have_count(
+            0, timeout=420_000)
+        expect(page.locator(".js-plotly-plot")).to_have_count(3)
+        cells = page.locator("[data-testid=stDataFrame] td[role=gridcell]")
+        expect(cells.filter(has_text="deep_compression").first).to_be_attached()
+        print(f"showcase: every run finished {time.monotonic() - started:.0f} s after the press")
+        expect(page.get_by_role("button", name="Download report (HTML)")).to_be_visible()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "showcase.png", full_page=True)
         browser.close()

@@ -77,3 +77,27 @@ def test_sensitivity_matrix_has_one_row_per_layer():
     assert data["columns"] == ["prune 50%", "quantize 4-bit"]
     assert data["z"] == [[0.88, 0.89], [0.7, None]]
     assert plots.sensitivity_heatmap(sens).data[0].zmax == 0.9
+
+
+def test_pareto_colours_families_alike_and_hover_says_what_a_technique_does():
+    points = [{"name": "baseline", "technique": None, "latency_ms": 0.05, "test_accuracy": 0.9},
+              {"name": "p", "technique": "prune", "latency_ms": 0.04, "test_accuracy": 0.89},
+              {"name": "q", "technique": "quantize", "latency_ms": 0.02, "test_accuracy": 0.88}]
+    fig = plots.pareto(points, "latency_ms", "test_accuracy",
+                       descriptions={"prune": "Pruning: zero the least important weights."})
+    by_name = {t.name: t for t in fig.data}
+    for family in ("prune", "quantize"):
+        assert by_name[family].marker.color == plots.FAMILY_COLOURS[family]
+    assert by_name["baseline"].marker.color == plots.family_colour(None)
+    assert "zero the least important weights" in by_name["prune"].text[0]
+    assert "ms" in fig.layout.xaxis.title.text and "accuracy" in fig.layout.yaxis.title.text
+    # no pure black or white in a family colour: both themes must show every point
+    assert not {"#000000", "#ffffff", "#111827"} & set(plots.FAMILY_COLOURS.values())
+
+
+def test_every_diagnostic_and_search_figure_titles_its_axes():
+    bv = plots.bias_variance({"loss": "0-1", "rounds": 3, "expected_loss": 0.2, "bias": 0.1,
+                              "variance": 0.1})
+    imp = plots.importances({"lr": 0.7, "wd": 0.3})
+    for fig in (bv, imp):
+        assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
