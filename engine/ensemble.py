@@ -3,7 +3,7 @@
 Diagnostics train the same small model many times (bootstrap rounds, learning-curve
 repeats, seed repeats, validation-curve settings). One after another, each step of such a
 model is bound by per-call overhead, not arithmetic. Here the K members' weights are
-stacked along a leading axis, `(K, out, in)`, and one step runs every member's forward
+stacked along a leading axis, `(K, in, out)`, and one step runs every member's forward
 pass as batched matrix products (`torch.baddbmm`), one backward pass, and one optimizer
 update on the stacked tensors with per-member learning rates and decays as `(K, 1, ...)`
 tensors. Batched products beat `torch.func.vmap` over `functional_call` on the CPU for
@@ -213,7 +213,8 @@ class Stack:
             if isinstance(first, nn.Flatten):
                 self.ops.append(("flatten", None))
             elif isinstance(first, nn.Linear):
-                w = torch.stack([m.weight.detach() for m in layers]).to(device)
+                # (K, in, out): the layout whose gradient autograd can keep without a copy
+                w = torch.stack([m.weight.detach().T for m in layers]).to(device).contiguous()
                 b = torch.stack([m.bias.detach() for m in layers]).to(device)
                 self.ops.append(("linear", len(self.params)))
                 self.params += [w.requires_grad_(), b.requires_grad_()]
@@ -234,7 +235,7 @@ class Stack:
                 h = h.reshape(h.shape[0], h.shape[1], -1)
             elif kind == "linear":
                 w, b = self.params[arg], self.params[arg + 1]
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                h = torch.baddbmm(b.unsqueeze(1), h, w)
             elif kind == "act":
                 h = arg(h)
             elif training and arg > 0:
@@ -247,7 +248,7 @@ class Stack:
             for j, layers in enumerate(self.linears):
                 w, b = self.params[2 * j], self.params[2 * j + 1]
                 for k, lin in enumerate(layers):
-                    lin.weight.copy_(w[k])
+                    lin.weight.copy_(w[k].T)
                     lin.bias.copy_(b[k])
 
 

@@ -95,22 +95,30 @@ def ensemble_section(epochs: int, repeats: int, device: torch.device) -> str:
     data = load_data(recipe.data, seed=0)
     members = [Member(idx=idx, seed=r) for r, idx in
                enumerate(bootstrap_samples(len(data.y_train), 20, 0))]
-    secs: dict[bool, list[float]] = {True: [], False: []}
-    acc: dict[bool, float] = {}
-    for _ in range(repeats):
-        for batched in (True, False):
-            start = time.perf_counter()
-            out = fit_members(recipe, data, members, device=device, batched=batched)
-            secs[batched].append(time.perf_counter() - start)
-            acc[batched] = statistics.mean(f.history["val_accuracy"][-1] for f in out.fits)
-    b, s = statistics.median(secs[True]), statistics.median(secs[False])
-    rows = [["batched ensemble (baddbmm, fused Adam)", f"{b:.2f}", f"{s / b:.2f}x",
-             f"{acc[True]:.4f}"],
-            ["sequential (engine.train x 20)", f"{s:.2f}", "1.00x", f"{acc[False]:.4f}"]]
+    suite_threads = torch.get_num_threads()
+    rows = []
+    for threads in sorted({suite_threads, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        secs: dict[bool, list[float]] = {True: [], False: []}
+        acc: dict[bool, float] = {}
+        for _ in range(repeats):
+            for batched in (True, False):
+                start = time.perf_counter()
+                out = fit_members(recipe, data, members, device=device, batched=batched)
+                secs[batched].append(time.perf_counter() - start)
+                acc[batched] = statistics.mean(f.history["val_accuracy"][-1]
+                                               for f in out.fits)
+        b, s = statistics.median(secs[True]), statistics.median(secs[False])
+        rows += [[str(threads), "batched ensemble (baddbmm, fused Adam)", f"{b:.2f}",
+                  f"{s / b:.2f}x", f"{acc[True]:.4f}"],
+                 [str(threads), "sequential (engine.train x 20)", f"{s:.2f}", "1.00x",
+                  f"{acc[False]:.4f}"]]
+    torch.set_num_threads(suite_threads)
     step = step_section(device)
     return (f"**2. 20 bootstrap rounds** of the digits MLP (Adam, batch 64, {epochs} epochs, "
-            f"validation pass every epoch), median of {repeats} alternating run(s):\n\n"
-            + table(["training", "seconds", "speedup", "mean val acc"], rows)
+            f"validation pass every epoch), median of {repeats} alternating run(s), at the "
+            f"suite's thread count and at one thread per core:\n\n"
+            + table(["threads", "training", "seconds", "speedup", "mean val acc"], rows)
             + "\n\n" + step)
 
 
@@ -341,7 +349,7 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = (
           + (f" ({info['gpu']})" if "gpu" in info else " (no GPU)")
           + f"; {'quick' if quick else 'full'} run, {time.strftime('%Y-%m-%d')}\n")
     parts = {
-        "epoch": lambda: epoch_section(5 if quick else 12, 1 if quick else 3, device),
+        "epoch": lambda: epoch_section(5 if quick else 12, 1 if quick else 5, device),
         "ensemble": lambda: ensemble_section(5 if quick else 20, 1 if quick else 3, device),
         "inference": lambda: inference_section(quick),
         "app": app_section,
