@@ -7,6 +7,7 @@ import streamlit as st
 
 from engine import jobs
 from engine.store import Store
+from pages.common import session_owner
 
 st.set_page_config(page_title="Model optimization workbench", page_icon=":material/speed:",
                    layout="wide")
@@ -31,7 +32,13 @@ def reap_once() -> bool:
 
 @st.fragment(run_every=2.0)
 def active_runs() -> None:
-    for run in Store().active_runs():
+    """This session's queued and running runs; others' only counted (two people on one
+    instance each follow their own)."""
+    runs = Store().active_runs()
+    mine = [r for r in runs if r.get("owner") in (session_owner(), None)]
+    if len(runs) > len(mine):
+        st.caption(f"{len(runs) - len(mine)} more run(s) active from other sessions")
+    for run in mine:
         progress = run.get("progress") or {}
         st.progress(min(progress.get("epoch", 0) / max(progress.get("epochs") or 1, 1), 1.0),
                     text=f"{run['name']}: epoch {progress.get('epoch', 0)} of "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,12 @@ UPLOAD_LIMIT_MB = min(upload_limit_mb(), int(st.get_option("server.maxUploadSize
 def default_sections() -> dict[str, Any]:
     """The recipe's defaults, from the engine's dataclasses (never a second copy)."""
     return Recipe.from_dict({}).to_dict()
+
+
+def session_owner() -> str:
+    """This browser session's tag on the runs it starts, so two people on one instance
+    each follow their own runs (a reload starts a new session)."""
+    return st.session_state.setdefault("owner", uuid.uuid4().hex)
 
 
 def selection() -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pages.common import (
     recipe_download,
     registry_choice,
     selection,
+    session_owner,
     show_error,
     train_settings,
 )
@@ -74,12 +75,13 @@ try:
         recipe_download(recipe.to_dict(), key="cmp_download")
     if go.button("Run chain", type="primary", key="cmp_run_btn", disabled=not chain):
         st.session_state["cmp_watch"] = jobs.submit(
-            recipe, name=" -> ".join(s["technique"] for s in chain))
+            recipe, name=" -> ".join(s["technique"] for s in chain), owner=session_owner())
         st.session_state["cmp_each"] = []
     if each.button("Compare the steps side by side", key="cmp_each_btn",
                    disabled=len(chain) < 2, help="One run per step, each from its own "
                    "baseline, run in parallel (as Ray tasks when Ray is configured)."):
-        st.session_state["cmp_each"] = jobs.compare(recipe, [[step] for step in chain])
+        st.session_state["cmp_each"] = jobs.compare(recipe, [[step] for step in chain],
+                                                    owner=session_owner())
         st.session_state["cmp_watch"] = None
 except Exception as exc:
     show_error(exc)

@@ -10,7 +10,7 @@ import streamlit as st
 from engine import jobs, plots, ray_backend
 from engine.errors import UserError
 from engine.store import Store
-from pages.common import show_error
+from pages.common import session_owner, show_error
 from pages.live import metric_of
 
 st.title("Runs")
@@ -24,7 +24,9 @@ if jobs.backend_name() == "ray":  # where runs go, and what the cluster has free
             if k != "nodes") + f" · {free['nodes']['total']:g} node(s)")
     except UserError as exc:
         show_error(exc)
-runs = store.list_runs()
+only_mine = st.toggle("Only runs started in this session", key="runs_mine",
+                      help="Several people may share this instance; every run is kept.")
+runs = store.list_runs(owner=session_owner() if only_mine else None)
 if not runs:
     st.info("No runs yet. Start one on the Train page; it will be listed here.")
     st.page_link("pages/train.py", label="Go to Train", icon=":material/play_arrow:")

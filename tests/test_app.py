@@ -345,3 +345,26 @@ def test_compress_page_starts_from_a_finished_runs_model():
     assert variants[0]["metrics"]["epochs_run"] == 0  # the run's model, not retrained
     original = Store().variants(first)[0]["metrics"]["test_accuracy"]
     assert variants[0]["metrics"]["test_accuracy"] == original
+
+
+def test_two_sessions_each_see_their_own_runs_and_compare_fans_out():
+    a = open_on_iris("pages/compress.py", hidden=[8], epochs=2)
+    b = open_on_iris("pages/compress.py", hidden=[8], epochs=2)
+    a.session_state["cmp_chain"] = [
+        {"technique": "prune", "method": "magnitude", "amount": 0.5, "finetune_epochs": 1},
+        {"technique": "quantize", "method": "dynamic_int8"}]
+    a.run()
+    a.button(key="cmp_each_btn").click().run()  # one run per step, side by side
+    b.button(key="cmp_run_btn").click().run()
+    assert not a.exception and not b.exception, (a.exception, b.exception)
+    ids_a, id_b = a.session_state["cmp_each"], b.session_state["cmp_watch"]
+    assert len(ids_a) == 2 and id_b not in ids_a
+    store = Store()
+    assert store.get_run(ids_a[0])["group_id"] == store.get_run(ids_a[1])["group_id"]
+    for run_id in [*ids_a, id_b]:
+        assert wait_finished(run_id)["status"] == "done"
+    for at, names in ((a, ["quantize", "prune"]), (b, ["prune"])):
+        at.switch_page("pages/runs.py").run()
+        assert len(at.dataframe[0].value) == 3  # everyone's runs by default
+        at.toggle(key="runs_mine").set_value(True).run()
+        assert list(at.dataframe[0].value["name"]) == names  # newest first
