@@ -6,7 +6,7 @@ import streamlit as st
 
 from engine import jobs, plots
 from engine.optimizers import OPTIMIZERS
-from engine.recipe import Recipe
+from engine.recipe import PRECISIONS, Recipe
 from engine.schedules import SCHEDULES, preview
 from pages.common import (
     default_sections,
@@ -42,6 +42,14 @@ with opt_col:
         "full" if entry.extra.get("closure") else cfg["batch_size"]), key=f"tr_batch_{name}",
         help="full: batch gradient descent; 1: stochastic; otherwise mini-batch.")
     epochs = int(st.number_input("Epochs", 1, 5000, int(cfg["epochs"]), key="tr_epochs"))
+    with st.expander("Speed"):
+        precision = st.selectbox("Precision", PRECISIONS, key="tr_precision",
+                                 index=PRECISIONS.index(cfg.get("precision", "auto")),
+                                 help="auto: bf16 autocast on a GPU, float32 on the CPU; bf16 "
+                                      "also autocasts on the CPU (slower without bf16 units).")
+        compiled = st.checkbox("Compile the model (torch.compile)", bool(cfg.get("compile")),
+                               key="tr_compile", help="The first epoch pays for compiling "
+                               "(tens of seconds on a CPU); worth it for long runs on a GPU.")
 with sched_col:
     st.subheader("Schedule")
     schedule = cfg["schedule"] or {"name": "constant"}
@@ -72,6 +80,7 @@ with reg_col:
 
 cfg.update(optimizer=name, optimizer_options=options, lr=lr, momentum=momentum,
            batch_size=batch, epochs=epochs, schedule=schedule, l1=l1, l2=l2, weight_decay=wd,
+           precision=precision, compile=compiled,
            early_stopping={**defaults["early_stopping"], "patience": patience}
            if stopping else None, grad_clip=clip_norm if clip else None)
 raw = {"seed": seed, "data": sel["data"], "model": {**sel["model"], "dropout": dropout},

@@ -87,3 +87,20 @@ def test_ort_sessions_are_built_once_and_reused() -> None:
     assert options.intra_op_num_threads == default_threads()
     assert options.inter_op_num_threads == 1
     assert str(options.graph_optimization_level).endswith("ORT_ENABLE_ALL")
+
+
+def test_train_page_sets_precision_and_compile(tmp_path, monkeypatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_STORE", f"sqlite:///{tmp_path}/store.db")
+    monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(tmp_path / "artifacts"))
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    at.run()
+    at.switch_page("pages/train.py").run()
+    assert at.selectbox(key="tr_precision").value == "auto"
+    at.selectbox(key="tr_precision").set_value("bf16")
+    at.checkbox(key="tr_compile").check()
+    at.run()
+    assert not at.exception, at.exception
+    cfg = at.session_state["train_cfg"]
+    assert cfg["precision"] == "bf16" and cfg["compile"] is True
