@@ -3,6 +3,8 @@
     streamlit run app.py
 """
 
+import threading
+
 import streamlit as st
 
 from engine import jobs
@@ -14,7 +16,33 @@ st.set_page_config(page_title="Model optimization workbench", page_icon=":materi
 
 
 @st.cache_resource
+def warm_up() -> threading.Thread:
+    """Import torch, scikit-learn and the engine in the background while the first page
+    shows (about 3 s on two cores), so neither the first render nor the first visit to a
+    page that needs them pays for it."""
+    def work() -> None:
+        import sklearn.datasets
+        import sklearn.model_selection  # noqa: F401
+        import torch
+
+        import engine.data
+        import engine.plots  # noqa: F401
+        from engine.models import complexity
+
+        complexity(torch.nn.Linear(2, 2), (2,))  # its FLOP counter loads torch._dynamo
+
+    thread = threading.Thread(target=work, name="workbench-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def device_name() -> str:
+    """The training device, once the warm-up has imported torch (never blocks a render)."""
+    return "detecting..." if warm_up().is_alive() else _device_name()
+
+
+@st.cache_resource
+def _device_name() -> str:
     import torch
 
     from engine.train import resolve_device
@@ -32,8 +60,9 @@ def reap_once() -> bool:
 
 @st.fragment(run_every=2.0)
 def active_runs() -> None:
-    """This session's queued and running runs; others' only counted (two people on one
-    instance each follow their own)."""
+    """The device, and this session's queued and running runs; others' only counted (two
+    people on one instance each follow their own)."""
+    st.caption(f"Device: **{device_name()}**")
     runs = Store().active_runs()
     mine = [r for r in runs if r.get("owner") in (session_owner(), None)]
     if len(runs) > len(mine):
@@ -45,6 +74,7 @@ def active_runs() -> None:
                          f"{progress.get('epochs', '?')}")
 
 
+warm_up()
 reap_once()
 page = st.navigation([
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
@@ -58,7 +88,6 @@ page = st.navigation([
     st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
 ])
 with st.sidebar:
-    st.caption(f"Device: **{device_name()}**")
     st.caption(f"Run store: `{Store().url}`")
     active_runs()
 page.run()

@@ -310,6 +310,15 @@ def _open_browser(stack: contextlib.ExitStack) -> object:
     return page
 
 
+def _settle(page: object, quiet_s: float = 1.0) -> None:
+    """Wait until the page's script has finished (Streamlit's "Running" status widget is
+    gone) and its charts had `quiet_s` to draw: a click sent while the previous page still
+    draws Plotly charts waits for them on a 2-core machine, which times that page, not the
+    switch."""
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=120_000)
+    page.wait_for_timeout(quiet_s * 1000)
+
+
 def _browser(page: object, url: str, start: float) -> list[tuple[str, str]]:
     from playwright.sync_api import expect
 
@@ -320,6 +329,7 @@ def _browser(page: object, url: str, start: float) -> list[tuple[str, str]]:
                  f"{time.perf_counter() - start:.2f}"))
     for visit in ("first visit", "again"):
         for name in ("Train", "Data & Model", "Diagnose", "Runs"):
+            _settle(page)  # a person clicks once the page is drawn, not mid-draw
             s = time.perf_counter()
             page.get_by_role("link", name=name, exact=True).click()
             expect(page.get_by_role("heading", name=name, exact=True)).to_be_visible(
