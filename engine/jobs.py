@@ -27,6 +27,7 @@ from typing import Any
 import engine
 from engine.errors import Cancelled, UserError
 from engine.recipe import Recipe, as_recipe
+from engine.settings import env_int
 from engine.store import ACTIVE, Store, artifacts_root, run_dir
 
 CANCELLED_MESSAGE = "cancelled by the user"
@@ -105,17 +106,7 @@ def dispatch(store: Store | None = None, *, limit: int | None = None) -> list[st
 def max_workers() -> int:
     """How many local worker processes may run at once: WORKBENCH_MAX_WORKERS, else the
     number of CPU cores (at least 2)."""
-    raw = os.environ.get("WORKBENCH_MAX_WORKERS", "")
-    if raw.strip():
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise UserError(f"WORKBENCH_MAX_WORKERS is {raw!r}; set it to a whole number "
-                            "of at least 1.")
-        return value
-    return max(2, os.cpu_count() or 1)
+    return env_int("WORKBENCH_MAX_WORKERS", max(2, os.cpu_count() or 1))
 
 
 def hang_limit_s() -> float | None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickletools
 import re
 import stat
@@ -38,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from engine.errors import UserError
+from engine.settings import env_int
 
 Source = bytes | str | Path
 
@@ -60,23 +60,9 @@ _EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 
 # --- limits --------------------------------------------------------------------------------
 
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UserError(f"the environment variable {name} must be a positive whole number, "
-                        f"got {text!r}; fix it and restart the app.")
-    return value
-
-
 def upload_limit_mb() -> int:
     """The largest file accepted, in MiB (WORKBENCH_UPLOAD_LIMIT_MB, default 200)."""
-    return _env_int(UPLOAD_LIMIT_ENV, DEFAULT_UPLOAD_LIMIT_MB)
+    return env_int(UPLOAD_LIMIT_ENV, DEFAULT_UPLOAD_LIMIT_MB)
 
 
 @dataclass(frozen=True)
@@ -88,9 +74,9 @@ class ZipLimits:
 
 def zip_limits() -> ZipLimits:
     """Entry count, summed uncompressed size and per-entry compression ratio allowed."""
-    return ZipLimits(_env_int(ZIP_ENTRIES_ENV, DEFAULT_ZIP_ENTRIES),
-                     _env_int(ZIP_MB_ENV, DEFAULT_ZIP_MB) << 20,
-                     _env_int(ZIP_RATIO_ENV, DEFAULT_ZIP_RATIO))
+    return ZipLimits(env_int(ZIP_ENTRIES_ENV, DEFAULT_ZIP_ENTRIES),
+                     env_int(ZIP_MB_ENV, DEFAULT_ZIP_MB) << 20,
+                     env_int(ZIP_RATIO_ENV, DEFAULT_ZIP_RATIO))
 
 
 def _mb(n: int) -> str:

@@ -7,6 +7,7 @@ tour uses them). Skips on a machine without Chromium or Playwright, but never un
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,16 +83,29 @@ def app_url(tmp_path):
             proc.kill()
 
 
-def test_pick_data_run_watch_and_find_the_run(app_url):
+@contextlib.contextmanager
+def browser_page(app_url: str) -> Iterator[Any]:
+    """Chromium on the app's first page, closed afterwards; timeouts sized for a 2-core
+    CI machine, which loads data and torch slowly."""
     from playwright.sync_api import expect, sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
-    expect.set_options(timeout=60_000)  # a 2-core CI machine loads data and torch slowly
+    expect.set_options(timeout=60_000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2000})
-        page.set_default_timeout(60_000)
-        page.goto(app_url)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2000})
+            page.set_default_timeout(60_000)
+            page.goto(app_url)
+            yield page
+        finally:
+            browser.close()
+
+
+def test_pick_data_run_watch_and_find_the_run(app_url):
+    from playwright.sync_api import expect
+
+    with browser_page(app_url) as page:
 
         # Home opens first; Data & Model shows the built-in pair; pick the dataset explicitly
         expect(page.get_by_role("heading", name="Model optimization workbench")).to_be_visible()
@@ -159,20 +175,13 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         expect(page.locator(".js-plotly-plot")).to_have_count(2)
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "compare.png", full_page=True)
-        browser.close()
 
 
 def test_showcase_lands_on_compare_and_fills_the_pareto_plot(app_url):
     """The real showcase (digits, every technique, the race) from one press on Home."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    expect.set_options(timeout=60_000)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2000})
-        page.set_default_timeout(60_000)
-        page.goto(app_url)
+    with browser_page(app_url) as page:
         expect(page.get_by_role("heading", name="Model optimization workbench")).to_be_visible()
         page.wait_for_timeout(1000)
         page.screenshot(path=SHOTS / "home.png", full_page=True)
@@ -191,4 +200,3 @@ def test_showcase_lands_on_compare_and_fills_the_pareto_plot(app_url):
         expect(page.get_by_role("button", name="Download report (HTML)")).to_be_visible()
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "showcase.png", full_page=True)
-        browser.close()

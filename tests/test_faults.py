@@ -93,7 +93,7 @@ def test_a_hung_worker_is_killed_after_the_configured_time(store, monkeypatch):
 
 def test_bad_limits_are_one_sentence(monkeypatch):
     monkeypatch.setenv("WORKBENCH_MAX_WORKERS", "many")
-    with pytest.raises(UserError, match="WORKBENCH_MAX_WORKERS is 'many'"):
+    with pytest.raises(UserError, match="WORKBENCH_MAX_WORKERS must be a positive whole number"):
         jobs.max_workers()
     monkeypatch.setenv("WORKBENCH_HANG_TIMEOUT_S", "soon")
     with pytest.raises(UserError, match="WORKBENCH_HANG_TIMEOUT_S"):
