@@ -16,14 +16,14 @@ from pages.live import metric_of
 st.title("Runs")
 store = Store()
 jobs.reap(store)
-if jobs.backend_name() == "ray":  # where runs go, and what the cluster has free
-    try:
+try:  # where runs go, and what the cluster has free
+    if jobs.backend_name() == "ray":
         free = ray_backend.resources_now()
         st.caption("Ray cluster · " + " · ".join(
             f"{k}: {v['free']:g} of {v['total']:g} free" for k, v in free.items()
             if k != "nodes") + f" · {free['nodes']['total']:g} node(s)")
-    except UserError as exc:
-        show_error(exc)
+except UserError as exc:
+    show_error(exc)
 only_mine = st.toggle("Only runs started in this session", key="runs_mine",
                       help="Several people may share this instance; every run is kept.")
 runs = store.list_runs(owner=session_owner() if only_mine else None)

@@ -368,3 +368,11 @@ def test_two_sessions_each_see_their_own_runs_and_compare_fans_out():
         assert len(at.dataframe[0].value) == 3  # everyone's runs by default
         at.toggle(key="runs_mine").set_value(True).run()
         assert list(at.dataframe[0].value["name"]) == names  # newest first
+
+
+def test_runs_page_says_a_bad_backend_setting_in_one_sentence(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_BACKEND", "kubernetes")
+    at = open_app(None)
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception
+    assert "the backend 'kubernetes' is unknown" in at.error[0].value
