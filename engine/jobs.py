@@ -195,9 +195,10 @@ def _work(store: Store, run_id: str, *, threads: int | None, node: str | None) -
         torch.set_num_threads(threads)
     print(f"run {run_id}: started on {device} with {torch.get_num_threads()} threads", flush=True)
     start = time.perf_counter()
+    reporter = _Reporter(store, run_id)
+    watchdog = _Watchdog(store, run_id, reporter, hang_limit_s())
     try:
-        result = engine.run(recipe, out_dir=run_dir(run_id),
-                            on_progress=_Reporter(store, run_id))
+        result = engine.run(recipe, out_dir=run_dir(run_id), on_progress=reporter)
     except Cancelled:
         store.finish_run(run_id, "cancelled", error=CANCELLED_MESSAGE)
         print(f"run {run_id}: cancelled")
@@ -224,6 +225,8 @@ def _work(store: Store, run_id: str, *, threads: int | None, node: str | None) -
         store.finish_run(run_id, "failed", error=f"internal error: {type(exc).__name__}: "
                                                  f"{exc}; see worker.log")
         return 1
+    finally:
+        watchdog.stop()
     store.finish_run(run_id, "done", result=result)
     print(f"run {run_id}: done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -237,8 +240,10 @@ class _Reporter:
     def __init__(self, store: Store, run_id: str) -> None:
         self.store, self.run_id = store, run_id
         self.next_check = 0.0
+        self.last = time.monotonic()  # when the latest event came: the watchdog's clock
 
     def __call__(self, event: dict[str, Any]) -> None:
+        self.last = time.monotonic()
         self.store.record_event(self.run_id, event)
         if event.get("event") not in ("epoch", "stage"):
             return
@@ -247,6 +252,54 @@ class _Reporter:
             self.next_check = now + CANCEL_CHECK_S
             if self.store.cancel_requested(self.run_id):
                 raise Cancelled(self.run_id)
+
+
+class _Watchdog(threading.Thread):
+    """Inside the worker: when no event has come for `limit_s`, fail the run with its
+    reason and end the process, so a hang ends even with no app polling (a stopped or
+    GIL-holding worker is left to the reaper's same check)."""
+
+    def __init__(self, store: Store, run_id: str, reporter: _Reporter,
+                 limit_s: float | None) -> None:
+        super().__init__(name="workbench-watchdog", daemon=True)
+        self.store, self.run_id, self.reporter, self.limit_s = store, run_id, reporter, limit_s
+        self.stopped = threading.Event()
+        if limit_s is not None:
+            self.start()
+
+    def run(self) -> None:
+        assert self.limit_s is not None
+        while not self.stopped.wait(min(5.0, self.limit_s / 4)):
+            if time.monotonic() - self.reporter.last > self.limit_s:
+                self.store.finish_run(self.run_id, "failed", error=hang_message(self.limit_s))
+                print(f"run {self.run_id}: {hang_message(self.limit_s)}", flush=True)
+                os._exit(3)  # the stuck call never returns; only the process can end
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def hang_message(limit_s: float) -> str:
+    return (f"no progress for {limit_s:g} s, so the worker was stopped; the history so far "
+            f"is kept (WORKBENCH_HANG_TIMEOUT_S sets the limit)")
+
+
+def wait(run_ids: list[str], *, store: Store | None = None, timeout_s: float = 3600.0,
+         poll_s: float = 0.5) -> list[dict[str, Any]]:
+    """Wait until every run has ended, reaping (and so starting queued runs) as it polls,
+    and return the runs; what a script that submits runs without the app calls."""
+    store = store or Store()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reap(store)
+        runs = [store.get_run(run_id) for run_id in run_ids]
+        if all(run is None or run["status"] not in ACTIVE for run in runs):
+            return [run for run in runs if run is not None]
+        if time.monotonic() >= deadline:
+            raise UserError(f"{sum(r['status'] in ACTIVE for r in runs if r)} of "
+                            f"{len(run_ids)} runs still going after {timeout_s:g} s; wait "
+                            "longer or cancel them.")
+        time.sleep(poll_s)
 
 
 def cancel(run_id: str, *, store: Store | None = None, grace_s: float = 10.0) -> None:
@@ -309,8 +362,7 @@ def reap(store: Store | None = None, *, hang_timeout_s: float | str | None = "de
               and now - (run["updated"] or run["started"]) > hang_timeout_s):
             if run["backend"] != "ray" or not _ray().cancel(run["id"]):
                 _kill(run["id"], run["pid"])
-            error = (f"no progress for {hang_timeout_s:g} s, so the worker was killed; "
-                     f"the history so far is kept (WORKBENCH_HANG_TIMEOUT_S sets the limit)")
+            error = hang_message(hang_timeout_s)
         else:
             continue
         if store.finish_run(run["id"], "failed", error=error):

@@ -9,8 +9,11 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,15 +83,47 @@ def test_app_restart_mid_run_leaves_the_run_to_finish(store):
 
 
 def test_a_hung_worker_is_killed_after_the_configured_time(store, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_HANG_TIMEOUT_S", "1")
     run_id = jobs.submit(COMPRESSING, store=store, threads=1)
     in_compression(store, run_id)
-    os.killpg(store.get_run(run_id)["pid"], signal.SIGSTOP)  # hangs: alive, silent
+    monkeypatch.setenv("WORKBENCH_HANG_TIMEOUT_S", "1")  # the reaper's limit, not the worker's
+    os.killpg(store.get_run(run_id)["pid"], signal.SIGSTOP)  # hangs: stopped, so silent
     time.sleep(1.5)
     assert jobs.reap(store) == [run_id]
     run = store.get_run(run_id)
     assert run["status"] == "failed" and "no progress for 1 s" in run["error"]
     assert any(v["name"] == "baseline" for v in store.variants(run_id))
+
+
+HANGS = """
+import sys, time
+import engine
+from engine import jobs
+
+def stuck(*args, **kwargs):
+    kwargs["on_progress"]({"event": "stage", "stage": "train"})
+    time.sleep(60)  # a call that never returns
+
+engine.run = stuck
+sys.exit(jobs.run_worker(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_a_worker_stops_itself_when_it_hangs_with_no_app_polling(store, tmp_path):
+    run_id = store.create_run(TINY)
+    env = {**os.environ, "WORKBENCH_HANG_TIMEOUT_S": "1"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", HANGS, run_id, store.url], env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert done.returncode == 3 and time.monotonic() - start < 30
+    run = store.get_run(run_id)
+    assert run["status"] == "failed" and run["error"] == jobs.hang_message(1)
+    assert store.events(run_id)[0]["stage"] == "train"  # what it said before, kept
+
+
+def test_wait_returns_every_run_once_ended(store):
+    ids = [jobs.submit(TINY, store=store) for _ in range(3)]
+    runs = jobs.wait(ids, store=store, timeout_s=120)
+    assert [r["status"] for r in runs] == ["done"] * 3
 
 
 def test_bad_limits_are_one_sentence(monkeypatch):
