@@ -31,6 +31,7 @@ and why.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -60,6 +61,9 @@ class Member:
     """One model of an ensemble: its training rows, its seed, its own settings."""
 
     idx: np.ndarray | None = None  # rows of the training part (None: all of them)
+    # rows of the training part this member validates on (a k-fold's held-out fold); None:
+    # the data's validation part, shared by every member
+    val_idx: np.ndarray | None = None
     seed: int = 0  # initialization, batch order and dropout
     model: dict[str, Any] = field(default_factory=dict)  # recipe `model` overrides
     train: dict[str, Any] = field(default_factory=dict)  # recipe `train` overrides
@@ -190,6 +194,9 @@ def _sequential(recipe: Recipe, data: DataBundle, m: Member,
     from engine.train import train
 
     part = data if m.idx is None else subset(data, m.idx)
+    if m.val_idx is not None:  # its own held-out rows, as a k-fold trains each fold
+        part = dataclasses.replace(part, X_val=data.X_train[m.val_idx],
+                                   y_val=data.y_train[m.val_idx])
     n_out = data.n_classes if data.task == "classification" else 1
     net = build_model(recipe.model, data.input_shape, n_out, seed=m.seed).to(device)
     fit = train(net, part, recipe.train, device=device, seed=m.seed)
@@ -369,7 +376,13 @@ def train_stacked(recipe: Recipe, data: DataBundle, members: Sequence[Member],
     even = len(set(sizes)) == 1
     full = cfg.batch_size == "full"
     batch = max(sizes) if full else min(int(cfg.batch_size), min(sizes))
-    has_val = len(t["X_val"]) > 0
+    vrows = [None if m.val_idx is None else
+             torch.as_tensor(np.asarray(m.val_idx), dtype=torch.long, device=device)
+             for m in members]
+    own_val = vrows[0] is not None
+    if any((v is None) == own_val for v in vrows):
+        raise ValueError("give every member of a stack its own validation rows, or none")
+    has_val = own_val or len(t["X_val"]) > 0
     if cfg.early_stopping is not None and not has_val:
         from engine.errors import UserError
 
@@ -472,8 +485,12 @@ def train_stacked(recipe: Recipe, data: DataBundle, members: Sequence[Member],
         train_loss = (loss_sum / denom).tolist()
         train_metric = (hits / denom).tolist() if classify else \
             _r2_rows(stack, X, y, rows, member_losses)
-        val_loss, val_metric = _val(stack, t, classify, member_losses) if has_val else \
-            ([math.nan] * K, [math.nan] * K)
+        if own_val:
+            val_loss, val_metric = _val_rows(stack, X, y, vrows, classify, member_losses)
+        elif has_val:
+            val_loss, val_metric = _val(stack, t, classify, member_losses)
+        else:
+            val_loss, val_metric = [math.nan] * K, [math.nan] * K
         now = time.perf_counter() - start
         for k in range(K):
             if not active[k]:
@@ -583,6 +600,28 @@ def _val(stack: Stack, t: dict[str, torch.Tensor], classify: bool,
     ss_tot = float(((yv - yv.mean()) ** 2).sum())
     ss_res = ((yb - pred) ** 2).sum(1)
     r2 = (1 - ss_res / ss_tot) if ss_tot > 0 else torch.zeros(K)
+    return each.tolist(), r2.tolist()
+
+
+@torch.no_grad()
+def _val_rows(stack: Stack, X: torch.Tensor, y: torch.Tensor, vrows: list[torch.Tensor],
+              classify: bool, losses: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+              ) -> tuple[list[float], list[float]]:
+    """Each member's validation loss and metric on its own rows of X (k-fold: its held-out
+    fold), padded to one length with the padding weighted zero."""
+    n = max(len(r) for r in vrows)
+    idx = torch.stack([torch.cat([r, r[:1].expand(n - len(r))]) for r in vrows])
+    w = torch.stack([(torch.arange(n, device=X.device) < len(r)).float() for r in vrows])
+    yb = y[idx]
+    each, out = losses(X[idx], yb, w, False)
+    if classify:
+        right = (out.argmax(-1) == yb).float()
+        return each.tolist(), ((right * w).sum(1) / w.sum(1)).tolist()
+    pred = out.reshape(yb.shape)
+    mean = (yb * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+    ss_tot = (((yb - mean) ** 2) * w).sum(1)
+    ss_res = (((yb - pred) ** 2) * w).sum(1)
+    r2 = torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp(min=1e-30), torch.zeros_like(ss_tot))
     return each.tolist(), r2.tolist()
 
 

@@ -396,7 +396,10 @@ def _objective(trial: optuna.trial.Trial, ctx: _Context) -> float | list[float]:
         fits = []
         splits = fold_indices(pool_y, tune["validation"], tune["folds"], seed=ctx.seed,
                               task=data.task)
-        for i, (tr, va) in enumerate(splits):
+        if not report and not recipe.compress:  # no fold-by-fold pruning: batch the folds
+            fits = _folds_together(recipe, data, pool_X, pool_y, splits, ctx)
+        batched = bool(fits)
+        for i, (tr, va) in enumerate(splits if not fits else []):
             part = dataclasses.replace(data, X_train=pool_X[tr], y_train=pool_y[tr],
                                        X_val=pool_X[va], y_val=pool_y[va])
             fits.append(_fit_and_score(recipe, part, ctx, None, measure=i == 0))
@@ -405,6 +408,7 @@ def _objective(trial: optuna.trial.Trial, ctx: _Context) -> float | list[float]:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after fold {i + 1}")
         scores = [f["score"] for f in fits]
+        trial.set_user_attr("folds_trained", "batched" if batched else "one after another")
         trial.set_user_attr("fold_scores", scores)
         trial.set_user_attr("fold_losses", [f["loss"] for f in fits])
         trial.set_user_attr("std", float(np.std(scores)))
@@ -425,10 +429,9 @@ def _fit_and_score(recipe: Recipe, data: DataBundle, ctx: _Context,
                    measure: bool = True) -> dict[str, float]:
     """Train a fresh model on `data`'s training part (then run the compression chain) and
     score it on its validation part."""
-    import torch
 
-    from engine.models import build_model, set_training
-    from engine.train import evaluate, metric_name, to_tensors, train
+    from engine.models import build_model
+    from engine.train import to_tensors, train
 
     device = ctx.device
     n_out = data.n_classes if data.task == "classification" else 1
@@ -438,6 +441,18 @@ def _fit_and_score(recipe: Recipe, data: DataBundle, ctx: _Context,
           augment_cfg=recipe.data.augment, tensors=tensors, on_progress=on_progress)
     if recipe.compress:
         model = _compress(recipe, model, data, tensors, n_out)
+    return _scored(model, data, ctx, tensors, measure=measure)
+
+
+def _scored(model: Any, data: DataBundle, ctx: _Context, tensors: dict[str, Any], *,
+            measure: bool) -> dict[str, float]:
+    """A trained model's validation score and loss, plus the size and speed objectives
+    the search asks for when `measure`."""
+    import torch
+
+    from engine.models import set_training
+    from engine.train import evaluate, metric_name
+
     set_training(model, False)
     val = evaluate(model, tensors["X_val"], tensors["y_val"], data.task)
     out = {"score": val.get(metric_name(data.task), math.nan), "loss": val.get("loss", math.nan)}
@@ -448,6 +463,29 @@ def _fit_and_score(recipe: Recipe, data: DataBundle, ctx: _Context,
 
         out["latency_ms"] = torch_latency(model, data.input_shape, repeats=50)["median_ms"]
     return out
+
+
+def _folds_together(recipe: Recipe, data: DataBundle, pool_X: np.ndarray,
+                    pool_y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]],
+                    ctx: _Context) -> list[dict[str, float]]:
+    """Train the k fold models of a trial as one batched ensemble (each member its fold's
+    training rows, validating on its held-out fold, as the fold-by-fold loop does) and
+    score each; [] when the recipe cannot be batched, so the loop trains them in turn."""
+    from engine.ensemble import Member, blocker, fit_members
+    from engine.train import to_tensors
+
+    if blocker(recipe) is not None or len(splits) < 2:
+        return []
+    pool = dataclasses.replace(data, X_train=pool_X, y_train=pool_y, X_val=pool_X[:0],
+                               y_val=pool_y[:0])
+    members = [Member(idx=tr, val_idx=va, seed=recipe.seed) for tr, va in splits]
+    trained = fit_members(recipe, pool, members, device=ctx.device, mix_lengths=True)
+    fits = []
+    for i, (model, (tr, va)) in enumerate(zip(trained.models, splits, strict=True)):
+        part = dataclasses.replace(data, X_train=pool_X[tr], y_train=pool_y[tr],
+                                   X_val=pool_X[va], y_val=pool_y[va])
+        fits.append(_scored(model, part, ctx, to_tensors(part, ctx.device), measure=i == 0))
+    return fits
 
 
 def _compress(recipe: Recipe, model: Any, data: DataBundle, tensors: dict[str, Any],
@@ -537,6 +575,7 @@ def _trial_dict(t: optuna.trial.FrozenTrial, space: dict[str, Any]) -> dict[str,
            "state": t.state.name, "duration_s": duration}
     if "fold_scores" in t.user_attrs:
         out["fold_scores"] = t.user_attrs["fold_scores"]
+        out["folds_trained"] = t.user_attrs.get("folds_trained")
         out["std"] = t.user_attrs.get("std")
     return out
 

@@ -245,3 +245,36 @@ def test_two_worker_processes_share_one_study(tmp_path):
     assert [t["state"] for t in result["trials"]] == ["COMPLETE"] * 4
     assert sorted(t["number"] for t in seen) == [0, 1, 2, 3]
     assert len({t["params"]["train.lr"] for t in result["trials"]}) == 4  # distinct seeds
+
+
+@pytest.mark.parametrize("batch_size", ["full", 16])
+def test_kfold_folds_train_as_one_batched_ensemble_like_one_after_another(
+        tmp_path, monkeypatch, batch_size):
+    import engine.ensemble as ensemble
+
+    tune = {"sampler": "random", "n_trials": 2, "seed": 3, "validation": "kfold", "folds": 4,
+            "space": {"train.lr": {"low": 0.01, "high": 0.1, "log": True}}}
+
+    def fold_scores(study: str) -> list[list[float]]:
+        recipe = Recipe.from_dict({
+            "data": {"source": "builtin:iris"}, "model": {"hidden": [8]},
+            "train": {"epochs": 15, "early_stopping": None, "optimizer": "sgd",
+                      "batch_size": batch_size}}).replace(
+            tune=validate_tune({**tune, "study": study}))
+        result = search(recipe, storage=url(tmp_path))
+        trials = sorted(result["trials"], key=lambda t: t["number"])
+        paths.update(t["folds_trained"] for t in trials)
+        return [t["fold_scores"] for t in trials]
+
+    paths: set[str] = set()
+    batched = fold_scores("batched")
+    assert paths == {"batched"}
+    monkeypatch.setattr(ensemble, "blocker", lambda recipe: "switched off for the test")
+    paths.clear()
+    sequential = fold_scores("sequential")
+    assert paths == {"one after another"}
+    for b, s in zip(batched, sequential, strict=True):
+        if batch_size == "full":  # the same updates: the same models to float rounding
+            assert b == pytest.approx(s, abs=1e-6)
+        else:  # unequal folds draw their batches differently: equal in distribution
+            assert np.mean(b) == pytest.approx(np.mean(s), abs=0.08)
