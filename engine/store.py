@@ -472,8 +472,11 @@ def _configure_sqlite(db: sa.Engine) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # sqlite3 leaves BEGIN to `_on_begin`
         cursor = dbapi_conn.cursor()
+        # busy_timeout first: WAL may need the lock. No automatic checkpoints: the database
+        # file changes only when a run ends (`finish_run` checkpoints), so a plain copy of
+        # it taken while runs write events (they go to the write-ahead log) is consistent.
         for pragma in ("busy_timeout=10000", "journal_mode=WAL", "foreign_keys=ON",
-                       "synchronous=NORMAL"):  # busy_timeout first: WAL may need the lock
+                       "synchronous=NORMAL", "wal_autocheckpoint=0"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
