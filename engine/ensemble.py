@@ -586,6 +586,7 @@ def _clip(params: list[torch.Tensor], max_norm: float) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()  # called every epoch: no graph for the validation pass
 def _val(stack: Stack, t: dict[str, torch.Tensor], classify: bool,
          losses: Callable[..., tuple[torch.Tensor, torch.Tensor]]
          ) -> tuple[list[float], list[float]]:

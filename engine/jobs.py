@@ -345,12 +345,13 @@ def reap(store: Store | None = None, *, hang_timeout_s: float | str | None = "de
         hang_timeout_s = hang_limit_s()
     exited = _poll_children()  # before the query: a worker that ended has written its end
     host, now = socket.gethostname(), time.time()
-    marked = []
+    marked, waiting = [], False
     for run in store.active_runs():
         if run["host"] != host and run["backend"] != "ray":
             continue
         if run["status"] == "queued" and run["claimed"] is None and run["backend"] != "ray":
-            continue  # waiting for a free worker
+            waiting = True  # for a free worker: `dispatch` below starts it when one is
+            continue
         waited = now - (run["claimed"] or run["created"])
         dead = run["id"] in exited or not _worker_alive(run)
         if dead and run["status"] == "running":
@@ -367,7 +368,8 @@ def reap(store: Store | None = None, *, hang_timeout_s: float | str | None = "de
             continue
         if store.finish_run(run["id"], "failed", error=error):
             marked.append(run["id"])
-    dispatch(store)
+    if waiting:  # a write transaction: only when a queued run could take a slot
+        dispatch(store)
     return marked
 
 
