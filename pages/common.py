@@ -14,6 +14,7 @@ from typing import Any
 
 import streamlit as st
 
+from engine import jobs
 from engine.errors import UserError
 from engine.recipe import Recipe
 from engine.registry import Param
@@ -34,6 +35,11 @@ def session_owner() -> str:
     """This browser session's tag on the runs it starts, so two people on one instance
     each follow their own runs (a reload starts a new session)."""
     return st.session_state.setdefault("owner", uuid.uuid4().hex)
+
+
+def submit(recipe: Any, **kwargs: Any) -> str:
+    """`jobs.submit` from a page: the run is tagged with this session (see `session_owner`)."""
+    return jobs.submit(recipe, owner=session_owner(), **kwargs)
 
 
 def selection() -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pages.common import (
     selection,
     session_owner,
     show_error,
+    submit,
     train_settings,
 )
 from pages.live import watch
@@ -74,33 +75,27 @@ try:
     with download:
         recipe_download(recipe.to_dict(), key="cmp_download")
     if go.button("Run chain", type="primary", key="cmp_run_btn", disabled=not chain):
-        st.session_state["cmp_watch"] = jobs.submit(
-            recipe, name=" -> ".join(s["technique"] for s in chain), owner=session_owner())
-        st.session_state["cmp_each"] = []
+        st.session_state["cmp_watch"] = [submit(
+            recipe, name=" -> ".join(s["technique"] for s in chain))]
     if each.button("Compare the steps side by side", key="cmp_each_btn",
                    disabled=len(chain) < 2, help="One run per step, each from its own "
                    "baseline, run in parallel (as Ray tasks when Ray is configured)."):
-        st.session_state["cmp_each"] = jobs.compare(recipe, [[step] for step in chain],
-                                                    owner=session_owner())
-        st.session_state["cmp_watch"] = None
+        st.session_state["cmp_watch"] = jobs.compare(recipe, [[step] for step in chain],
+                                                     owner=session_owner())
 except Exception as exc:
     show_error(exc)
 
-if st.session_state.get("cmp_each"):
+run_ids = st.session_state.get("cmp_watch") or []
+if run_ids:
     st.subheader("Progress")
-    watch(st.session_state["cmp_each"], key="cmp_each_live")
-    st.page_link("pages/compare.py", label="Compare all variants", icon=":material/scatter_plot:")
-run_id = st.session_state.get("cmp_watch")
-if run_id:
-    st.subheader("Progress")
-    watch([run_id], key="cmp_live")
-    run = store.get_run(run_id)
-    if run and run["status"] == "done":
+    watch(run_ids, key="cmp_live")
+    for run in filter(None, map(store.get_run, run_ids)):
+        if run["status"] != "done":
+            continue
         sens = (run.get("result") or {}).get("sensitivity")
         if sens:
-            st.plotly_chart(plots.sensitivity_heatmap(sens), key="cmp_heatmap")
-        for v in store.variants(run_id):
+            st.plotly_chart(plots.sensitivity_heatmap(sens), key=f"cmp_heatmap_{run['id']}")
+        for v in store.variants(run["id"]):
             for note in v["metrics"].get("notes", []):
                 st.caption(f"{v['name']}: {note}")
-        st.page_link("pages/compare.py", label="Compare all variants",
-                     icon=":material/scatter_plot:")
+    st.page_link("pages/compare.py", label="Compare all variants", icon=":material/scatter_plot:")

@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-from engine import jobs, plots
+from engine import plots
 from engine.recipe import VALIDATION_PARAMS, Recipe
 from engine.store import Store
-from pages.common import describe, selection, session_owner, show_error, train_settings
+from pages.common import describe, selection, show_error, submit, train_settings
 from pages.live import watch
 
 VERDICTS = {"high_bias": ("High bias: the model underfits.", st.warning),
@@ -46,7 +46,7 @@ try:
     recipe = Recipe.from_dict({"data": sel["data"], "model": sel["model"], "train": train_cfg,
                                "diagnose": diagnose})
     if st.button("Diagnose", type="primary", key="dg_run", icon=":material/troubleshoot:"):
-        st.session_state["dg_watch"] = jobs.submit(recipe, owner=session_owner(), name=f"diagnose "
+        st.session_state["dg_watch"] = submit(recipe, name=f"diagnose "
                                                    f"{describe(sel['model'])}")
 except Exception as exc:
     show_error(exc)

@@ -4,7 +4,7 @@ import uuid
 
 import streamlit as st
 
-from engine import jobs, plots
+from engine import plots
 from engine.optimizers import OPTIMIZERS
 from engine.recipe import PRECISIONS, Recipe
 from engine.schedules import SCHEDULES, preview
@@ -15,6 +15,7 @@ from pages.common import (
     registry_choice,
     selection,
     show_error,
+    submit,
 )
 from pages.live import watch
 
@@ -119,10 +120,10 @@ if recipe is not None:
                         else dict(cfg, optimizer=choice, lr=None, optimizer_options={},
                                   batch_size="full" if OPTIMIZERS.get(choice).extra.get(
                                       "closure") else cfg["batch_size"])
-                    ids.append(jobs.submit({**raw, "train": train}, name=choice, group=group,
-                                           threads=1))
+                    ids.append(submit({**raw, "train": train}, name=choice, group=group,
+                                      threads=1))
             else:
-                ids = [jobs.submit(recipe, name=f"{describe(sel['model'])} · {name}")]
+                ids = [submit(recipe, name=f"{describe(sel['model'])} · {name}")]
             st.session_state["watch"] = ids
         except Exception as exc:
             show_error(exc)

@@ -4,11 +4,11 @@ import json
 
 import streamlit as st
 
-from engine import jobs, plots
+from engine import plots
 from engine.optimizers import OPTIMIZERS
 from engine.recipe import Recipe
 from engine.store import Store
-from pages.common import describe, selection, session_owner, show_error, train_settings
+from pages.common import describe, selection, show_error, submit, train_settings
 from pages.live import watch
 
 SAMPLERS = {"tpe": "Bayesian (TPE)", "gp": "Bayesian (Gaussian process)", "random": "random",
@@ -57,8 +57,7 @@ try:
     recipe = Recipe.from_dict({"data": sel["data"], "model": sel["model"], "train": train_cfg,
                                "tune": tune})
     if st.button("Search", type="primary", key="tu_run", icon=":material/search:"):
-        st.session_state["tu_watch"] = jobs.submit(recipe, name=f"search {sampler}",
-                                                 owner=session_owner())
+        st.session_state["tu_watch"] = submit(recipe, name=f"search {sampler}")
 except Exception as exc:
     show_error(exc)
 

@@ -233,7 +233,8 @@ def test_compress_page_builds_a_chain_and_runs_it():
     at.checkbox(key="cmp_sens").uncheck().run()
     at.button(key="cmp_run_btn").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    run = wait_finished(at.session_state["cmp_watch"], timeout=240)
+    [run_id] = at.session_state["cmp_watch"]
+    run = wait_finished(run_id, timeout=240)
     assert run["status"] == "done", run.get("error")
     names = [v["name"] for v in Store().variants(run["id"])]
     assert names == ["baseline", "prune-magnitude", "quantize-uniform"]
@@ -295,17 +296,23 @@ def test_diagnose_page_runs_and_shows_the_verdict_and_curves():
     assert "fits random labels" in [m.label for m in at.metric]
 
 
-def test_tune_page_runs_a_small_search_to_completion():
-    at = open_on_iris("pages/tune.py", hidden=[8], epochs=5, early_stopping=None)
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    at.selectbox(key="tu_sampler").set_value("random").run()
-    at.number_input(key="tu_trials").set_value(3).run()
+def search_to_the_end(at: AppTest) -> dict:
+    """Press the Tune page's Run, wait for the search's run to finish, redraw the page."""
     at.button(key="tu_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     run = wait_finished(at.session_state["tu_watch"], timeout=300)
     assert run["status"] == "done", run.get("error")
     at.run()
     assert not at.exception
+    return run
+
+
+def test_tune_page_runs_a_small_search_to_completion():
+    at = open_on_iris("pages/tune.py", hidden=[8], epochs=5, early_stopping=None)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.selectbox(key="tu_sampler").set_value("random").run()
+    at.number_input(key="tu_trials").set_value(3).run()
+    run = search_to_the_end(at)
     assert len(run["result"]["tuning"]["trials"]) == 3
     assert any("Best" in s.value for s in at.success)
     assert len(at.get("plotly_chart")) >= 4  # history, parameters, live loss and accuracy
@@ -316,12 +323,7 @@ def test_tune_page_draws_the_pareto_front_of_a_two_objective_search():
     at.selectbox(key="tu_sampler").set_value("nsga2").run()
     at.number_input(key="tu_trials").set_value(4).run()
     at.multiselect(key="tu_obj").set_value(["val_score", "params"]).run()
-    at.button(key="tu_run").click().run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    run = wait_finished(at.session_state["tu_watch"], timeout=300)
-    assert run["status"] == "done", run.get("error")
-    at.run()
-    assert not at.exception
+    run = search_to_the_end(at)
     assert run["result"]["tuning"]["pareto"]
     assert len(at.get("plotly_chart")) >= 5  # history, parameters, front, live curves
 
@@ -338,7 +340,8 @@ def test_compress_page_starts_from_a_finished_runs_model():
     at.checkbox(key="cmp_sens").uncheck().run()
     at.button(key="cmp_run_btn").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    run = wait_finished(at.session_state["cmp_watch"], timeout=240)
+    [run_id] = at.session_state["cmp_watch"]
+    run = wait_finished(run_id, timeout=240)
     assert run["status"] == "done", run.get("error")
     variants = Store().variants(run["id"])
     assert [v["name"] for v in variants] == ["baseline", "prune-magnitude"]
@@ -357,7 +360,7 @@ def test_two_sessions_each_see_their_own_runs_and_compare_fans_out():
     a.button(key="cmp_each_btn").click().run()  # one run per step, side by side
     b.button(key="cmp_run_btn").click().run()
     assert not a.exception and not b.exception, (a.exception, b.exception)
-    ids_a, id_b = a.session_state["cmp_each"], b.session_state["cmp_watch"]
+    ids_a, [id_b] = a.session_state["cmp_watch"], b.session_state["cmp_watch"]
     assert len(ids_a) == 2 and id_b not in ids_a
     store = Store()
     assert store.get_run(ids_a[0])["group_id"] == store.get_run(ids_a[1])["group_id"]
