@@ -1,6 +1,7 @@
 """Data & Model: choose what to train on and what to train, and see both before running."""
 
 import json
+from typing import Any
 
 import streamlit as st
 
@@ -19,6 +20,24 @@ from pages.common import (
 )
 from pages.previews import data_preview, model_preview, show_data, show_model
 
+
+def builtin_choice(label: str, source: str, registry: Any, keys: tuple[str, str], choice: str,
+                   fallback: int, help: str | None = None) -> tuple[Any, bool] | None:
+    """"Built-in" or "Upload" for a source, and on "Built-in" the registry entry picked
+    (with its description) and whether it is the one `source` already names; None on
+    "Upload"."""
+    builtin = source.startswith("builtin:")
+    if st.radio(label, ["Built-in", "Upload"], index=0 if builtin else 1, horizontal=True,
+                key=keys[0]) == "Upload":
+        return None
+    names = registry.names()
+    current = source.removeprefix("builtin:") if builtin else names[fallback]
+    name = st.selectbox(choice, names, index=names.index(current), key=keys[1], help=help)
+    entry = registry.get(name)
+    st.caption(entry.description)
+    return entry, builtin and name == current
+
+
 st.title("Data & Model")
 sel = selection()
 data, model = dict(sel["data"]), dict(sel["model"])
@@ -27,17 +46,12 @@ uploads = artifacts_root().parent / "uploads"
 st.header("Data")
 left, right = st.columns([2, 3])
 with left:
-    builtin = data["source"].startswith("builtin:")
-    kind = st.radio("Dataset", ["Built-in", "Upload"], index=0 if builtin else 1,
-                    horizontal=True, key="dm_data_kind")
-    if kind == "Built-in":
-        names = DATASETS.names()
-        current = data["source"].removeprefix("builtin:") if builtin else names[0]
-        name = st.selectbox("Built-in dataset", names, index=names.index(current),
-                            key="dm_dataset", help="Shipped with the packages; no download.")
-        entry = DATASETS.get(name)
-        st.caption(entry.description)
-        params = data["params"] if name == current and builtin else {}
+    picked = builtin_choice("Dataset", data["source"], DATASETS, ("dm_data_kind", "dm_dataset"),
+                            "Built-in dataset", 0, "Shipped with the packages; no download.")
+    if picked is not None:
+        entry, same = picked
+        name = entry.name
+        params = data["params"] if same else {}
         if entry.params:
             with st.expander("Dataset settings"):
                 params = {p.name: param_input(p, f"dm_ds_{name}_{p.name}", params.get(p.name))
@@ -80,17 +94,12 @@ with left:
 st.header("Model")
 mleft, mright = st.columns([2, 3])
 with mleft:
-    builtin = model["source"].startswith("builtin:")
-    mkind = st.radio("Model", ["Built-in", "Upload"], index=0 if builtin else 1,
-                     horizontal=True, key="dm_model_kind")
-    if mkind == "Built-in":
-        names = MODELS.names()
-        current = model["source"].removeprefix("builtin:") if builtin else names[1]
-        name = st.selectbox("Architecture", names, index=names.index(current), key="dm_arch")
-        entry = MODELS.get(name)
-        st.caption(entry.description)
+    picked = builtin_choice("Model", model["source"], MODELS, ("dm_model_kind", "dm_arch"),
+                            "Architecture", 1)
+    if picked is not None:
+        entry, _ = picked
         uses = entry.extra["uses"]
-        model["source"] = f"builtin:{name}"
+        model["source"] = f"builtin:{entry.name}"
         try:
             if "channels" in uses:
                 model["channels"] = int_list(st.text_input(
