@@ -331,17 +331,16 @@ def cancel(run_id: str, *, store: Store | None = None, grace_s: float = 10.0) ->
                                                 f"stop within {grace_s:g} s and was killed")
 
 
-def reap(store: Store | None = None, *, hang_timeout_s: float | str | None = "default"
-         ) -> list[str]:
+def reap(store: Store | None = None, *, hang_timeout_s: float | None = None) -> list[str]:
     """Mark runs whose worker is gone as failed, return their ids, then start queued runs
     into the freed slots (`dispatch`).
 
     Cheap enough for every poll: one query when nothing is active. A worker silent for
-    longer than `hang_timeout_s` (default `hang_limit_s()`; None: no check) is killed and
+    longer than `hang_timeout_s` (default: `hang_limit_s()`, where 0 turns it off) is killed and
     its run failed too. A queued run waiting for a free worker is left alone. Local runs of
     other hosts are left to their own reaper; Ray runs are judged by their task."""
     store = store or Store()
-    if hang_timeout_s == "default":
+    if hang_timeout_s is None:
         hang_timeout_s = hang_limit_s()
     exited = _poll_children()  # before the query: a worker that ended has written its end
     host, now = socket.gethostname(), time.time()
