@@ -219,6 +219,17 @@ def test_a_killed_worker_shows_as_failed_with_its_history_after_an_app_restart()
     assert len(Store().history(run_id)["epoch"]) >= 2
 
 
+def chain_to_the_end(at: AppTest) -> dict:
+    """Run the Compress page's chain without the heatmap and wait for its run to finish."""
+    at.checkbox(key="cmp_sens").uncheck().run()
+    at.button(key="cmp_run_btn").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    [run_id] = at.session_state["cmp_watch"]
+    run = wait_finished(run_id, timeout=240)
+    assert run["status"] == "done", run.get("error")
+    return run
+
+
 def test_compress_page_builds_a_chain_and_runs_it():
     at = open_app("pages/compress.py")
     from engine.compress import load_all
@@ -230,12 +241,7 @@ def test_compress_page_builds_a_chain_and_runs_it():
     at.button(key="cmp_add").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert [s["technique"] for s in at.session_state["cmp_chain"]] == ["prune", "quantize"]
-    at.checkbox(key="cmp_sens").uncheck().run()
-    at.button(key="cmp_run_btn").click().run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    [run_id] = at.session_state["cmp_watch"]
-    run = wait_finished(run_id, timeout=240)
-    assert run["status"] == "done", run.get("error")
+    run = chain_to_the_end(at)
     names = [v["name"] for v in Store().variants(run["id"])]
     assert names == ["baseline", "prune-magnitude", "quantize-uniform"]
     at.run()
@@ -337,12 +343,7 @@ def test_compress_page_starts_from_a_finished_runs_model():
     assert wait_finished(first)["status"] == "done"
     at = open_app("pages/compress.py")
     at.radio(key="cmp_start").set_value("A finished run's model").run()
-    at.checkbox(key="cmp_sens").uncheck().run()
-    at.button(key="cmp_run_btn").click().run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    [run_id] = at.session_state["cmp_watch"]
-    run = wait_finished(run_id, timeout=240)
-    assert run["status"] == "done", run.get("error")
+    run = chain_to_the_end(at)
     variants = Store().variants(run["id"])
     assert [v["name"] for v in variants] == ["baseline", "prune-magnitude"]
     assert variants[0]["metrics"]["epochs_run"] == 0  # the run's model, not retrained
