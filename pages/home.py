@@ -11,13 +11,14 @@ st.markdown("Train, tune and compress a model by pointing and clicking, then see
             "technique bought: **accuracy, size and latency side by side**. Everything runs "
             "headless from a recipe file too, so what you see here replays in a pipeline.")
 
+entries = showcase.recipes()
 left, right = st.columns([3, 2])
 with left:
     st.subheader("Showcase")
     st.markdown(
         "One press, on the built-in `digits` images and an MLP: a **baseline**, an "
         "**optimizer race** (" + ", ".join(showcase.RACE) + "), then one run per technique: "
-        + ", ".join(f"**{label}**" for label, _ in showcase.STEPS) + ". You land on "
+        + ", ".join(f"**{e.label}**" for e in entries if e.kind == "compress") + ". You land on "
         "Compare, where the Pareto plots fill in as each variant is measured (about a minute "
         "on two CPU cores). A second press reuses the runs already finished.")
     if st.button("Showcase", type="primary", key="home_showcase", icon=":material/play_circle:",
@@ -31,8 +32,7 @@ with left:
             st.switch_page("pages/compare.py")
         except Exception as exc:
             show_error(exc)
-    # after the text and the button: building the recipes' keys loads the engine
-    entries, done = showcase.recipes(), showcase.existing(Store())
+    done = showcase.existing(Store())
     ready = sum(1 for e in entries if done.get(e.key, {}).get("status") == "done")
     if ready:
         st.caption(f"{ready} of {len(entries)} showcase runs are already finished in this "
