@@ -7,7 +7,6 @@ import threading
 
 import streamlit as st
 
-from engine import jobs
 from engine.store import Store
 from pages.common import session_owner
 
@@ -19,17 +18,16 @@ st.set_page_config(page_title="Model optimization workbench", page_icon=":materi
 def warm_up() -> threading.Thread:
     """Import torch, scikit-learn and the engine in the background while the first page
     shows (about 3 s on two cores), so neither the first render nor the first visit to a
-    page that needs them pays for it."""
+    page that needs them pays for it; then mark runs whose worker died while the app was
+    down as failed."""
     def work() -> None:
-        import sklearn.datasets
-        import sklearn.model_selection  # noqa: F401
         import torch
 
-        import engine.data
-        import engine.plots  # noqa: F401
+        from engine import jobs
         from engine.models import complexity
 
         complexity(torch.nn.Linear(2, 2), (2,))  # its FLOP counter loads torch._dynamo
+        jobs.reap(Store())
 
     thread = threading.Thread(target=work, name="workbench-warm-up", daemon=True)
     thread.start()
@@ -51,13 +49,6 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
-@st.cache_resource
-def reap_once() -> bool:
-    """At start-up: runs whose worker died while the app was down are marked failed."""
-    jobs.reap(Store())
-    return True
-
-
 @st.fragment(run_every=2.0)
 def active_runs() -> None:
     """The device, and this session's queued and running runs; others' only counted (two
@@ -75,7 +66,6 @@ def active_runs() -> None:
 
 
 warm_up()
-reap_once()
 page = st.navigation([
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:"),

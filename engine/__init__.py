@@ -1,6 +1,12 @@
 """The model optimization workbench's engine: recipes in, trained and measured models out.
 
-`import engine` stays light; torch and the rest load when `engine.run` is first used.
+`import engine` stays light: `run`, `resolve` and `registries` (engine.runner) load torch
+and the rest when first used. Reading the package top to bottom, its layers are: the
+schema (errors, settings, registry, schema, recipe), the parts (data, models, optimizers,
+schedules, regularization, uploads, latency, export, executor), training (metrics,
+sections, train, stack, ensemble), the techniques (compress, diagnostics, tune, deploy),
+the runner, running (store, backends, worker, jobs), and the outputs (plots, report,
+showcase, cli); `.importlinter` holds the rule that each imports only from those below.
 
     import engine
     result = engine.run({"data": {"source": "builtin:digits"}}, on_progress=print)
@@ -8,30 +14,19 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from engine.errors import UserError
 from engine.recipe import Recipe, load_recipe
 
-__all__ = ["Recipe", "UserError", "load_recipe", "registries", "run"]
+__all__ = ["Recipe", "UserError", "load_recipe", "registries", "resolve", "run"]
+
+_LAZY = {"run": "engine.runner", "resolve": "engine.runner", "registries": "engine.runner"}
 
 
-def run(recipe: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run a recipe (a Recipe, a dict or a path); see `engine.runner.run`."""
-    from engine.runner import run as _run
-
-    return _run(recipe, **kwargs)
-
-
-def registries() -> dict[str, Any]:
-    """Every registry by its plural name: datasets, models, optimizers, schedules,
-    regularizers, compression."""
-    from engine.compress import load_all
-    from engine.data import DATASETS
-    from engine.models import MODELS
-    from engine.optimizers import OPTIMIZERS
-    from engine.regularization import REGULARIZERS
-    from engine.schedules import SCHEDULES
-
-    return {r.kind: r for r in (DATASETS, MODELS, OPTIMIZERS, SCHEDULES, REGULARIZERS,
-                                load_all())}
+def __getattr__(name: str) -> Any:
+    """`engine.run`, `engine.resolve` and `engine.registries`, imported on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

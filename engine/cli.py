@@ -12,11 +12,19 @@ A user's mistake ends with one line `error: ...` and exit code 2, never a traceb
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from engine.errors import UserError
+from engine.recipe import load_recipe
+from engine.runner import registries, resolve, run
+from engine.settings import store_url
+from engine.worker import run_worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "(used by the app; see engine/jobs.py)")
     worker_p.add_argument("run_id", help="the run's id in the store")
     worker_p.add_argument("--store", required=True, help="the store's SQLAlchemy URL")
+    worker_p.add_argument("--artifacts", help="the folder of the runs' files (default: "
+                                              "WORKBENCH_ARTIFACTS or runs/artifacts)")
     worker_p.add_argument("--threads", type=int, help="torch threads for this run")
     sub.add_parser("bench", help="print the performance suite's tables "
                                  "(tests/benchmarks/suite.py; bench --help for options)")
@@ -49,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args.recipe, args.out, quiet=args.quiet)
         if args.command == "worker":
-            from engine import jobs
-
-            return jobs.run_worker(args.run_id, args.store, threads=args.threads)
+            return run_worker(args.run_id, args.store, artifacts=args.artifacts,
+                              threads=args.threads)
         return _list(args.kind, as_json=args.json)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -60,9 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(options: list[str]) -> int:
     """The suite lives with the other benchmark scripts, in the repository's tests/."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "tests" / "benchmarks" / "suite.py"
     if not path.is_file():
         raise UserError(f"the benchmark suite is not here ({path}); run `python -m engine "
@@ -74,13 +80,10 @@ def _bench(options: list[str]) -> int:
 
 
 def _run(recipe_path: str, out: str, *, quiet: bool) -> int:
-    import engine
-    from engine.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path)
+    recipe = resolve(load_recipe(recipe_path))
     bar = None if quiet else _ProgressBar(recipe.train.epochs)
     try:
-        result = engine.run(recipe, out_dir=out, on_progress=bar)
+        result = run(recipe, out_dir=out, on_progress=bar, storage=store_url())
     finally:
         if bar is not None:
             bar.close()
@@ -98,8 +101,6 @@ class _ProgressBar:
     """tqdm over epochs on stderr, fed by the engine's progress events."""
 
     def __init__(self, epochs: int) -> None:
-        from tqdm import tqdm
-
         self.bar = tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -116,9 +117,7 @@ class _ProgressBar:
 
 
 def _list(kind: str | None, *, as_json: bool) -> int:
-    import engine
-
-    regs = engine.registries()
+    regs = registries()
     if kind is not None:
         if kind not in regs:
             raise UserError(f"there is no registry {kind!r}; choose one of: {', '.join(regs)}.")

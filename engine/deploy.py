@@ -13,15 +13,23 @@ thread count and the machine's description.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from onnx import compose
 from torch import nn
 
+from engine.data import load_data
 from engine.errors import UserError
 from engine.export import onnx_bytes, ort_predict, ort_session
-from engine.latency import machine, time_calls
+from engine.latency import machine, time_calls, torch_latency
+from engine.metrics import r2, score_outputs
+from engine.models import set_training
+from engine.recipe import Recipe
+from engine.sections import resolve_sections
 
 OPSET = 18
 TOLERANCE = 1e-4  # relative to the largest output magnitude
@@ -52,9 +60,6 @@ class Preprocessing(nn.Module):
 
 def with_preprocessing(model_onnx: bytes, data: Any) -> bytes:
     """Prepend the data's fitted preprocessing to an exported model (float or int8)."""
-    import onnx
-    from onnx import compose
-
     raw_shape = tuple(data.X_test_raw.shape[1:])
     front = onnx.load_from_string(onnx_bytes(Preprocessing(data.preprocess, data.input_shape),
                                              raw_shape, opset=OPSET))
@@ -89,18 +94,14 @@ def export_model(model: nn.Module, data: Any, *, name: str = "model") -> bytes:
 
 def _scores(out: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
     if task == "classification":
-        return {"accuracy": float((out.argmax(1) == y).mean())}
+        return {"accuracy": score_outputs(out, y, task)}
     pred = out.reshape(y.shape)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {"mse": float(((y - pred) ** 2).mean()),
-            "r2": 1 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 0.0}
+    return {"mse": float(((y - pred) ** 2).mean()), "r2": r2(y, pred)}
 
 
 def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: int = 1,
            batch: int = 256) -> dict[str, Any]:
     """Check, evaluate and time an exported file; with `model`, compare it with PyTorch."""
-    import onnx
-
     proto = onnx.load_from_string(file)
     X_raw, y = data.X_test_raw, data.y_test
     session = ort_session(file, threads=threads)
@@ -121,8 +122,6 @@ def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: i
     if cuda:
         info["latency"]["onnxruntime_cuda"] = cuda
     if model is not None:
-        from engine.models import set_training
-
         set_training(model, False)
         device = next(iter(model.parameters()), torch.zeros(())).device
         with torch.no_grad():
@@ -160,8 +159,6 @@ def _ort_cuda_timing(file: bytes, X: np.ndarray, batch: int) -> dict[str, float]
 
 def _torch_timing(model: nn.Module, input_shape: tuple[int, ...], batch: int,
                   device: torch.device) -> dict[str, float]:
-    from engine.latency import torch_latency
-
     single = torch_latency(model, input_shape, repeats=300)
     bulk = torch_latency(model, input_shape, batch=batch, repeats=30)
     return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
@@ -191,12 +188,7 @@ def export_stored(recipe: dict[str, Any], model_file: str, *, name: str
                   ) -> tuple[bytes, dict[str, Any]]:
     """Export a stored variant (its .pt2, or the .onnx of an int8 variant) with the
     preprocessing of its run's data, and report on it."""
-    from pathlib import Path
-
-    from engine.data import load_data
-    from engine.recipe import Recipe
-
-    checked = Recipe.from_dict(recipe)
+    checked = resolve_sections(Recipe.from_dict(recipe))
     data = load_data(checked.data, seed=checked.seed)
     path = Path(model_file)
     if not path.is_file():

@@ -1,9 +1,9 @@
-"""ONNX export and ONNX Runtime inference.
+"""ONNX export and ONNX Runtime inference: sessions, predictions, evaluation and timing.
 
 One exported file per model: a dynamic batch axis, input "input", output "output", all
 weights inside the file (no external data), checked by `onnx.checker` before it is
-returned. onnx and onnxruntime are imported inside the functions so `import engine` stays
-light.
+returned. onnxruntime is imported inside the functions that run a session, so importing
+this module stays light.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
+
+from engine.latency import time_calls
+from engine.models import set_training
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -28,10 +32,6 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], *, opset: int = 1
 
     Works for built-in models and for graphs from torch.export (`load_model` of a .pt2).
     Puts the model in evaluation mode (dropout off), as inference needs."""
-    import onnx
-
-    from engine.models import set_training
-
     set_training(model, False)
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
@@ -110,8 +110,6 @@ def compact(model_bytes: bytes) -> bytes:
     annotations (`value_info`) and node names, and renames internal tensors to short ids
     (the graph's input and output keep their names). For a small model this metadata is a
     tenth of the file, which an int8 model should not carry."""
-    import onnx
-
     proto = onnx.load_from_string(model_bytes)
     proto.doc_string = ""
     graph = proto.graph
@@ -136,3 +134,22 @@ def compact(model_bytes: bytes) -> bytes:
     data = proto.SerializeToString()
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     return data
+
+
+class SessionModule(nn.Module):
+    """An ONNX Runtime session behind a module's call, so the torch evaluation (the same
+    losses and metrics as every other variant) applies unchanged."""
+
+    def __init__(self, session: onnxruntime.InferenceSession) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(ort_predict(self.session, x.detach().cpu().numpy())).to(x.device)
+
+
+def onnx_latency_ms(model_bytes: bytes, input_shape: tuple[int, ...]) -> float:
+    """Median milliseconds per batch-1 call, ONNX Runtime on one thread."""
+    session = ort_session(model_bytes, threads=1)
+    feed = {session.get_inputs()[0].name: np.zeros((1, *input_shape), np.float32)}
+    return time_calls(lambda: session.run(None, feed))["median_ms"]

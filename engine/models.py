@@ -20,8 +20,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
+from torch._export.converter import TS2EPConverter
+from torch.utils.flop_counter import FlopCounterMode
 
 from engine.errors import UserError
 from engine.recipe import ModelConfig
@@ -140,8 +144,6 @@ def load_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn
 
 def _from_torchscript(path: Path, input_shape: tuple[int, ...]) -> nn.Module:
     """TorchScript, converted to a torch.export graph so every later step sees one format."""
-    from torch._export.converter import TS2EPConverter
-
     try:
         script = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
@@ -256,8 +258,6 @@ def complexity(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
     activations and pooling are not counted, as is customary. The size is that of the
     state_dict as `torch.save` writes it; a run replaces it with its shipped file's size.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     set_training(model, False)
@@ -276,9 +276,6 @@ def complexity(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
 
 def onnx_complexity(path: str | Path) -> dict[str, Any]:
     """Parameters (initializer elements), operators and file size of an ONNX model."""
-    import onnx
-    from onnx import numpy_helper
-
     path = Path(path)
     check_onnx(path)
     try:
@@ -304,8 +301,6 @@ def read_onnx(path: str | Path) -> bytes:
     """An uploaded .onnx file as self-contained bytes for ONNX Runtime, after its checks;
     external data (only ever from the model's own folder) is folded in, since a session made
     from bytes would look for it relative to the working directory."""
-    import onnx
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {str(path)!r} does not exist; check the path.")

@@ -34,21 +34,26 @@ def _fused(groups: Groups) -> dict[str, Any]:
     return {"fused": True} if devices <= {"cpu", "cuda"} else {}
 
 
+# `train.momentum`, the recipe's older spelling, is moved into these two's options
+_MOMENTUM = Param("momentum", "float", 0.9, "fraction of the previous step kept (velocity "
+                  "decay)", low=0.0, high=0.999)
+
+
 @OPTIMIZERS.register("sgd", "Gradient descent: batch (batch_size \"full\"), stochastic "
                      "(batch_size 1) or mini-batch (any other size).", default_lr=0.01)
-def sgd(groups: Groups, lr: float, momentum: float) -> torch.optim.Optimizer:
+def sgd(groups: Groups, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=lr, **_fused(groups))
 
 
-@OPTIMIZERS.register("momentum", "Gradient descent with heavy-ball momentum (train.momentum).",
-                     default_lr=0.01)
-def momentum_sgd(groups: Groups, lr: float, momentum: float) -> torch.optim.Optimizer:
+@OPTIMIZERS.register("momentum", "Gradient descent with heavy-ball momentum.",
+                     params=(_MOMENTUM,), default_lr=0.01, train_momentum=True)
+def momentum_sgd(groups: Groups, lr: float, *, momentum: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, **_fused(groups))
 
 
-@OPTIMIZERS.register("nesterov", "Gradient descent with Nesterov's accelerated momentum "
-                     "(train.momentum).", default_lr=0.01)
-def nesterov(groups: Groups, lr: float, momentum: float) -> torch.optim.Optimizer:
+@OPTIMIZERS.register("nesterov", "Gradient descent with Nesterov's accelerated momentum.",
+                     params=(_MOMENTUM,), default_lr=0.01, train_momentum=True)
+def nesterov(groups: Groups, lr: float, *, momentum: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **_fused(groups))
 
 
@@ -57,7 +62,7 @@ def nesterov(groups: Groups, lr: float, momentum: float) -> torch.optim.Optimize
     Param("eps", "float", 1e-10, "added to the denominator", low=0.0, log=True),
     Param("initial_accumulator", "float", 0.0, "starting sum of squared gradients", low=0.0),
 ), default_lr=0.01)
-def adagrad(groups: Groups, lr: float, momentum: float, *, eps: float,
+def adagrad(groups: Groups, lr: float, *, eps: float,
             initial_accumulator: float) -> torch.optim.Optimizer:
     return torch.optim.Adagrad(groups, lr=lr, eps=eps,
                                initial_accumulator_value=initial_accumulator, **_fused(groups))
@@ -71,9 +76,8 @@ def adagrad(groups: Groups, lr: float, momentum: float, *, eps: float,
     Param("momentum", "float", 0.0, "momentum on top of the scaled step", low=0.0, high=0.999),
     Param("centered", "bool", False, "divide by the gradient's variance, not its 2nd moment"),
 ), default_lr=0.001)
-def rmsprop(groups: Groups, lr: float, train_momentum: float, /,
-            **options: Any) -> torch.optim.Optimizer:
-    # RMSProp's own momentum option (default 0, as in torch) is separate from train.momentum
+def rmsprop(groups: Groups, lr: float, **options: Any) -> torch.optim.Optimizer:
+    # RMSProp's own momentum option defaults to 0, as in torch; train.momentum is not it
     return torch.optim.RMSprop(groups, lr=lr, **options)
 
 
@@ -88,7 +92,7 @@ _ADAM_PARAMS = (
 
 @OPTIMIZERS.register("adam", "Adam: momentum and RMSProp-style scaling with bias correction.",
                      params=_ADAM_PARAMS, default_lr=0.001)
-def adam(groups: Groups, lr: float, momentum: float, *, beta1: float, beta2: float, eps: float,
+def adam(groups: Groups, lr: float, *, beta1: float, beta2: float, eps: float,
          amsgrad: bool) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=lr, betas=(beta1, beta2), eps=eps, amsgrad=amsgrad,
                             **_fused(groups))
@@ -96,7 +100,7 @@ def adam(groups: Groups, lr: float, momentum: float, *, beta1: float, beta2: flo
 
 @OPTIMIZERS.register("adamw", "AdamW: Adam with decoupled weight decay (train.weight_decay).",
                      params=_ADAM_PARAMS, default_lr=0.001, native_decay=True)
-def adamw(groups: Groups, lr: float, momentum: float, *, beta1: float, beta2: float,
+def adamw(groups: Groups, lr: float, *, beta1: float, beta2: float,
           eps: float, amsgrad: bool) -> torch.optim.Optimizer:
     # the groups carry weight_decay; AdamW applies it as w <- w - lr * wd * w
     return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, amsgrad=amsgrad,
@@ -111,7 +115,7 @@ def adamw(groups: Groups, lr: float, momentum: float, *, beta1: float, beta2: fl
     Param("tolerance_grad", "float", 1e-7, "stop when the gradient is this small", low=0.0,
           log=True),
 ), default_lr=1.0, closure=True)
-def lbfgs(groups: Groups, lr: float, momentum: float, *, max_iter: int, history_size: int,
+def lbfgs(groups: Groups, lr: float, *, max_iter: int, history_size: int,
           line_search: bool, tolerance_grad: float) -> torch.optim.Optimizer:
     params = [p for g in groups for p in g["params"]]
     return torch.optim.LBFGS(params, lr=lr, max_iter=max_iter, history_size=history_size,
@@ -252,7 +256,7 @@ class BFGS(_SecondOrder):
           log=True),
     Param("max_params", "int", 2000, "refuse models with more trainable parameters", low=1),
 ), default_lr=1.0, closure=True, deterministic_loss=True)
-def newton(groups: Groups, lr: float, momentum: float, *, max_iter: int, damping: float,
+def newton(groups: Groups, lr: float, *, max_iter: int, damping: float,
            max_params: int) -> torch.optim.Optimizer:
     params = _flat_params(groups)
     _check_size(params, max_params, "newton")
@@ -265,15 +269,15 @@ def newton(groups: Groups, lr: float, momentum: float, *, max_iter: int, damping
     Param("max_iter", "int", 10, _ITERS, low=1),
     Param("max_params", "int", 5000, "refuse models with more trainable parameters", low=1),
 ), default_lr=1.0, closure=True, deterministic_loss=True)
-def bfgs(groups: Groups, lr: float, momentum: float, *, max_iter: int,
+def bfgs(groups: Groups, lr: float, *, max_iter: int,
          max_params: int) -> torch.optim.Optimizer:
     params = _flat_params(groups)
     _check_size(params, max_params, "bfgs")
     return BFGS(params, lr, max_iter)
 
 
-def make_optimizer(name: str, groups: Groups, lr: float, momentum: float,
+def make_optimizer(name: str, groups: Groups, lr: float,
                    options: dict[str, Any]) -> torch.optim.Optimizer:
     """Build the named optimizer over `groups` with its resolved options."""
     entry = OPTIMIZERS.get(name)
-    return entry.fn(groups, lr, momentum, **entry.resolve(options, "train.optimizer_options"))
+    return entry.fn(groups, lr, **entry.resolve(options, "train.optimizer_options"))

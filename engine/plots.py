@@ -1,8 +1,9 @@
 """Plotly figures from stored results: pure functions, tested on their data.
 
 Each figure has a `*_records` function that computes what is drawn as plain records
-(tests assert on those) and a builder that turns the records into a figure. Pages only
-place the figures. Axis titles always carry units.
+(tests assert on those) and a builder that turns the records into a figure. The search
+figures, which Optuna draws from a study, are in `engine.search_plots`. Pages only place
+the figures. Axis titles always carry units.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 METRIC_LABELS = {"loss": "loss", "accuracy": "accuracy (fraction correct)", "r2": "R²",
                  "lr": "learning rate"}
@@ -96,9 +99,6 @@ def class_balance(counts: Mapping[str, int], *, title: str = "class balance (tra
 def image_grid(images: Sequence[Any], labels: Sequence[str], *, columns: int = 8,
                title: str = "sample images") -> go.Figure:
     """A grid of (C, H, W) images in [0, 1] (or any range: each is scaled on its own)."""
-    import numpy as np
-    from plotly.subplots import make_subplots
-
     n = len(images)
     rows = max(1, math.ceil(n / columns))
     fig = make_subplots(rows=rows, cols=columns, subplot_titles=[str(x) for x in labels],
@@ -308,61 +308,4 @@ def landscape(ls: Mapping[str, Any]) -> go.Figure:
                           yaxis_title="loss")
     fig.update_layout(title=f"loss landscape (sharpness {ls.get('sharpness', 0):.3g})",
                       height=340, margin={"l": 10, "r": 10, "t": 40, "b": 10})
-    return fig
-
-
-# --- hyperparameter search ---------------------------------------------------------------------
-
-def _complete(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [t for t in trials if t.get("state") == "COMPLETE" and t.get("values")]
-
-
-def search_history(trials: Sequence[Mapping[str, Any]], *, maximize: bool = True,
-                   name: str = "validation score") -> go.Figure:
-    """Each complete trial's first objective, and the best so far."""
-    done = sorted(_complete(trials), key=lambda t: t["number"])
-    values = [t["values"][0] for t in done]
-    best, running = [], None
-    for v in values:
-        running = v if running is None else (max(running, v) if maximize else min(running, v))
-        best.append(running)
-    fig = go.Figure([go.Scatter(x=[t["number"] for t in done], y=values, mode="markers",
-                                name="trial", marker={"color": PALETTE[0]}),
-                     go.Scatter(x=[t["number"] for t in done], y=best, mode="lines",
-                                name="best so far", line={"color": PALETTE[1], "shape": "hv"})])
-    fig.update_layout(title="optimization history", xaxis_title="trial", yaxis_title=name,
-                      height=320, margin={"l": 10, "r": 10, "t": 40, "b": 10})
-    return fig
-
-
-def parallel_coordinates(trials: Sequence[Mapping[str, Any]], *,
-                         name: str = "validation score") -> go.Figure:
-    """One line per complete trial across its parameters, coloured by the objective."""
-    done = _complete(trials)
-    params = sorted({p for t in done for p in t.get("params", {})})
-    dims = []
-    for p in params:
-        raw = [t["params"].get(p) for t in done]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
-            dims.append({"label": p, "values": raw})
-        else:
-            labels = sorted({str(v) for v in raw})
-            dims.append({"label": p, "values": [labels.index(str(v)) for v in raw],
-                         "tickvals": list(range(len(labels))), "ticktext": labels})
-    values = [t["values"][0] for t in done]
-    dims.append({"label": name, "values": values})
-    fig = go.Figure(go.Parcoords(line={"color": values, "colorscale": "Viridis",
-                                       "showscale": True}, dimensions=dims))
-    fig.update_layout(title="parameters of every trial", height=340,
-                      margin={"l": 40, "r": 40, "t": 60, "b": 20})
-    return fig
-
-
-def importances(values: Mapping[str, float]) -> go.Figure:
-    items = sorted(values.items(), key=lambda kv: kv[1])
-    fig = go.Figure(go.Bar(x=[v for _, v in items], y=[k for k, _ in items], orientation="h",
-                           marker_color=PALETTE[2]))
-    fig.update_layout(title="parameter importance (fANOVA)", xaxis_title="share of the "
-                      "objective's variance", yaxis_title="parameter", height=80 + 40 * len(items),
-                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig

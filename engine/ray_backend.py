@@ -5,34 +5,34 @@ WORKBENCH_RAY_ADDRESS names, reporting to the same store as a local worker.
 
 The address is anything `ray.init(address=...)` takes ("auto" for the cluster this host
 belongs to, "ray://head:10001" for a remote one); "local" or unset starts a private
-one-machine instance. The task runs `jobs.run_worker` in a Ray worker process, so a run's
-events, variants and result land in the store exactly as a local run's do; the store
-should then be one every node reaches (PostgreSQL) and WORKBENCH_ARTIFACTS a folder every
-node mounts. Nodes need this repository and its requirements on the same path.
-
-Searches fan their trials out as Ray tasks (`search_workers`), and `jobs.compare` sends one
-task per compression chain. Ray is imported only here, and only when asked for.
+one-machine instance. The task runs `engine.worker.run_worker` in a Ray worker process, so
+a run's events, variants and result land in the store exactly as a local run's do; the
+store should then be one every node reaches (PostgreSQL) and the artifacts folder one every
+node mounts. Nodes need this repository and its requirements on the same path. A run's
+search fans its trials out as Ray tasks too (`RayTasks`, the backend's executor), and
+`jobs.compare` sends one task per compression chain. Ray is imported only here, and only
+when asked for.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.backends import Backend
 from engine.errors import UserError
+from engine.executor import Executor, Task
+from engine.local_backend import is_alive
+from engine.recipe import Recipe
+from engine.settings import python_path, ray_address
+from engine.worker import run_worker
 
 _REFS: dict[str, Any] = {}  # run id -> the ObjectRef of its task, for runs this process sent
 _LOCK = threading.Lock()
 _REMOTE: dict[str, Any] = {}
-
-
-def address() -> str | None:
-    """The cluster address from WORKBENCH_RAY_ADDRESS; None for a private local instance."""
-    value = os.environ.get("WORKBENCH_RAY_ADDRESS", "").strip()
-    return None if value in ("", "local") else value
 
 
 def connect() -> None:
@@ -45,15 +45,15 @@ def connect() -> None:
                         "`pip install -r requirements.txt`.") from exc
     if ray.is_initialized():
         return
-    _check_port(address())
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    address = ray_address()
+    _check_port(address)
+    path = python_path(Path(__file__).resolve().parents[1])
     try:
-        ray.init(address=address(), ignore_reinit_error=True, include_dashboard=False,
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
                  log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UserError(f"could not reach the Ray cluster at {address() or 'local'} ({exc}); "
+        raise UserError(f"could not reach the Ray cluster at {address or 'local'} ({exc}); "
                         "check WORKBENCH_RAY_ADDRESS, or start one with `ray start "
                         "--head`.") from exc
 
@@ -82,82 +82,93 @@ def _remote(name: str) -> Any:
     with _LOCK:
         if not _REMOTE:
             _REMOTE["run"] = ray.remote(max_retries=0)(_run_task)
-            _REMOTE["trials"] = ray.remote(max_retries=0)(_trials_task)
+            _REMOTE["call"] = ray.remote(max_retries=0)(_call)
         return _REMOTE[name]
 
 
 def _run_task(run_id: str, store_url: str, artifacts: str, threads: int | None) -> int:
     import ray
 
-    from engine import jobs
-
-    os.environ["WORKBENCH_ARTIFACTS"] = artifacts
-    os.environ["WORKBENCH_BACKEND"] = "ray"  # its search fans out over the cluster too
     node = ray.get_runtime_context().get_node_id()
-    return jobs.run_worker(run_id, store_url, threads=threads, node=f"ray:{node[:12]}")
+    return run_worker(run_id, store_url, artifacts=artifacts, threads=threads,
+                      node=f"ray:{node[:12]}", executor=RayTasks(),  # its search fans out
+                      drain_queue=False)  # Ray schedules its own tasks
 
 
-def _trials_task(*args: Any) -> None:
-    from engine import tune
-
-    tune.run_trials(*args)
+def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    return fn(*args)
 
 
-def submit(run_id: str, store: Any, recipe: Any, *, threads: int | None = None,
-           resources: dict[str, float] | None = None) -> None:
-    """Send the stored run to the cluster as a task with its resources: one CPU (or
-    `threads`), and one GPU for a recipe asking for cuda, unless `resources` says."""
-    from engine.store import artifacts_root
+class RayTasks(Executor):
+    """Each task a Ray task of one CPU; even a single one runs on the cluster."""
 
-    connect()
-    wanted = {"num_cpus": threads or 1,
-              "num_gpus": 1 if str(recipe.device).startswith("cuda") else 0,
-              **(resources or {})}
-    ref = _remote("run").options(**wanted, name=f"workbench-run-{run_id[:8]}").remote(
-        run_id, store.url, str(artifacts_root()), threads)
-    store.set_worker(run_id, pid=None, node="ray")
-    with _LOCK:
-        _REFS[run_id] = ref
+    name = "ray"
+    always_fan_out = True
 
+    def threads_per_task(self, n_tasks: int) -> int:
+        return 1
 
-def alive(run_id: str) -> bool | None:
-    """Whether the run's task is still pending or running; None when this process did not
-    send it (after an app restart only the task's own store updates tell)."""
-    with _LOCK:
-        ref = _REFS.get(run_id)
-    if ref is None:
-        return None
-    import ray
+    def run_all(self, tasks: Sequence[Task], *, poll: Callable[[], None],
+                poll_s: float = 0.5) -> None:
+        import ray
 
-    ready, _ = ray.wait([ref], timeout=0)
-    return not ready
+        connect()
+        pending = [_remote("call").options(num_cpus=1).remote(fn, args) for fn, args in tasks]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+            ray.get(ready)  # re-raises what a finished task raised
+            poll()
 
 
-def cancel(run_id: str) -> bool:
-    """Force-cancel the run's task (its worker process is killed); False if unknown here."""
-    with _LOCK:
-        ref = _REFS.pop(run_id, None)
-    if ref is None:
-        return False
-    import ray
+class RayBackend(Backend):
+    """A run is a Ray task asking for one CPU (or `threads`) and one GPU for a cuda
+    recipe, unless `resources` says otherwise."""
 
-    ray.cancel(ref, force=True)
-    return True
+    name = "ray"
 
+    def connect(self) -> None:
+        connect()  # an unreachable cluster is the user's one sentence, and no run
 
-def search_workers(args: list[tuple[Any, ...]]) -> list[Any]:
-    """Start one trial task per argument tuple of `tune.run_trials`; return their refs."""
-    connect()
-    return [_remote("trials").options(num_cpus=1).remote(*a) for a in args]
+    def submit(self, run_id: str, store: Any, recipe: Recipe, *, threads: int | None = None,
+               resources: dict[str, float] | None = None) -> None:
+        connect()
+        wanted = {"num_cpus": threads or 1,
+                  "num_gpus": 1 if str(recipe.device).startswith("cuda") else 0,
+                  **(resources or {})}
+        ref = _remote("run").options(**wanted, name=f"workbench-run-{run_id[:8]}").remote(
+            run_id, store.url, str(store.artifacts), threads)
+        store.set_worker(run_id, pid=None, node="ray")
+        with _LOCK:
+            _REFS[run_id] = ref
 
+    def alive(self, run: dict[str, Any]) -> bool:
+        """The task's state when this process sent it; else what the store says: a queued
+        run Ray has not placed yet is alive, a started one is judged by its pid."""
+        with _LOCK:
+            ref = _REFS.get(run["id"])
+        if ref is not None:
+            import ray
 
-def wait(refs: list[Any], timeout_s: float) -> list[Any]:
-    """The refs still running after waiting up to `timeout_s`; raises a task's error."""
-    import ray
+            ready, _ = ray.wait([ref], timeout=0)
+            return not ready
+        if run["pid"] is None:
+            return run["status"] == "queued"
+        return run["host"] != socket.gethostname() or is_alive(run["pid"])
 
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    ray.get(ready)  # re-raises what a finished task raised
-    return pending
+    def kill(self, run: dict[str, Any]) -> bool:
+        """Force-cancel the run's task (its worker process is killed); False if this
+        process did not send it."""
+        with _LOCK:
+            ref = _REFS.pop(run["id"], None)
+        if ref is None:
+            return False
+        import ray
+
+        ray.cancel(ref, force=True)
+        return True
+
+    def executor(self) -> Executor:
+        return RayTasks()
 
 
 def resources_now() -> dict[str, dict[str, float]]:

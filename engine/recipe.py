@@ -3,22 +3,26 @@
 A recipe is JSON (or YAML). `load_recipe` reads a file, `Recipe.from_dict` checks a dict:
 unknown keys and bad values are refused with one sentence naming the key and the fix, and
 every default is filled in so that `to_dict()` is the complete, replayable recipe.
-Technique-specific settings (a schedule's `gamma`, a dataset's `noise`) are checked
-against the registries, which hold their defaults; nothing here repeats them.
+This module is the schema alone: it knows no registry. Technique-specific settings (a
+schedule's `gamma`, a dataset's `noise`, an optimizer's default learning rate) and the names
+of techniques are checked, and their defaults filled, by `engine.runner.resolve`, from the
+registries that hold them; nothing here repeats them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import yaml
 
 from engine.errors import UserError
-from engine.registry import unknown_message
+from engine.schema import at_least as _at_least
+from engine.schema import build, dump
+from engine.schema import choice as _choice
 
 # the allowed values of the recipe's enumerated settings, for validation and for the app
 TASKS = ("auto", "classification", "regression")
@@ -84,12 +88,7 @@ class DataConfig:
         if len(self.image_size) != 2 or min(self.image_size) < 4:
             raise UserError(f"data.image_size must be two sizes of at least 4 pixels, "
                             f"got {list(self.image_size)!r}.")
-        if self.source.startswith("builtin:"):
-            from engine.data import DATASETS
-
-            entry = DATASETS.get(self.source.removeprefix("builtin:"))
-            object.__setattr__(self, "params", entry.resolve(self.params, "data.params"))
-        elif self.params:
+        if self.params and not self.source.startswith("builtin:"):
             raise UserError("data.params applies to built-in datasets only; remove it "
                             "for a file source.")
 
@@ -114,14 +113,6 @@ class ModelConfig:
                 raise UserError(f"model.{name} must be a list of positive integers, "
                                 f"got {list(getattr(self, name))!r}.")
         _at_least("model.kernel_size", self.kernel_size, 1)
-        if self.source.startswith("builtin:"):
-            from engine.models import MODELS
-
-            MODELS.get(self.source.removeprefix("builtin:"))
-        if self.architecture is not None:
-            from engine.models import MODELS
-
-            MODELS.get(self.architecture)
 
 
 @dataclass(frozen=True)
@@ -131,16 +122,13 @@ class ScheduleConfig:
     warmup_start: float = 0.1  # warm-up starts at this fraction of the base learning rate
     options: dict[str, Any] = field(default_factory=dict)  # the schedule's own settings,
     #                                  written flat in JSON: {"name": "step", "gamma": 0.5}
+    FLAT: ClassVar[str] = "options"
 
     def validate(self) -> None:
-        from engine.schedules import SCHEDULES
-
         _at_least("train.schedule.warmup_epochs", self.warmup_epochs, 0)
         if not 0.0 <= self.warmup_start <= 1.0:
             raise UserError(f"train.schedule.warmup_start must be in [0, 1], "
                             f"got {self.warmup_start!r}.")
-        entry = SCHEDULES.get(self.name)
-        object.__setattr__(self, "options", entry.resolve(self.options, "train.schedule"))
 
 
 @dataclass(frozen=True)
@@ -159,7 +147,8 @@ class TrainConfig:
     optimizer: str = "adam"  # a registered optimizer: sgd, momentum, adam, lbfgs, newton, ...
     lr: float | None = None  # base learning rate; None takes the optimizer's own default
     #                          (sgd 0.01, adam 0.001, lbfgs/newton/bfgs 1.0: a step multiplier)
-    momentum: float = 0.9  # for momentum and nesterov
+    momentum: float | None = None  # the older spelling of optimizer_options.momentum for
+    #                                the momentum and nesterov optimizers; null: their default
     weight_decay: float = 0.0  # decoupled decay: w <- w - lr * weight_decay * w after a step
     l2: float = 0.0  # coupled L2 penalty: adds l2/2 * sum(w^2) to the loss (weights only)
     l1: float = 0.0  # L1 penalty: adds l1 * sum(|w|) to the loss (weights only)
@@ -179,16 +168,9 @@ class TrainConfig:
     #                        for compiling; falls back to eager if compiling fails)
 
     def validate(self) -> None:
-        from engine.optimizers import OPTIMIZERS
-
-        entry = OPTIMIZERS.get(self.optimizer)
-        object.__setattr__(self, "optimizer_options",
-                           entry.resolve(self.optimizer_options, "train.optimizer_options"))
-        if self.lr is None:
-            object.__setattr__(self, "lr", entry.extra["default_lr"])
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise UserError(f"train.lr must be positive, got {self.lr!r}.")
-        if not 0.0 <= self.momentum < 1.0:
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             raise UserError(f"train.momentum must be in [0, 1), got {self.momentum!r}.")
         for name in ("weight_decay", "l2", "l1"):
             _at_least(f"train.{name}", getattr(self, name), 0.0)
@@ -200,10 +182,6 @@ class TrainConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise UserError(f"train.grad_clip must be positive or null, got {self.grad_clip!r}.")
         _choice("train.precision", self.precision, PRECISIONS)
-        if self.precision == "bf16" and entry.extra.get("closure"):
-            raise UserError(f"train.precision bf16 does not work with {self.optimizer}, whose "
-                            f"line search needs float32 losses; set it to \"auto\" or "
-                            f"\"fp32\".")
 
 
 @dataclass(frozen=True)
@@ -310,42 +288,25 @@ class Recipe:
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
                             f"got {self.device!r}.")
-        object.__setattr__(self, "compress", tuple(
-            _resolve_step(step, i, last=i == len(self.compress) - 1)
-            for i, step in enumerate(self.compress)))
-        if self.tune is not None:
-            from engine.tune import validate_tune
-
-            object.__setattr__(self, "tune", validate_tune(self.tune))
+        for i, step in enumerate(self.compress):
+            if not isinstance(step, dict) or "technique" not in step:
+                raise UserError(f"compress[{i}] must be an object with a 'technique' key, "
+                                f'such as {{"technique": "prune", "amount": 0.8}}.')
+        if self.tune is not None and not isinstance(self.tune, dict):
+            raise UserError(f"tune must be an object with keys such as sampler, n_trials and "
+                            f"space, got {self.tune!r}.")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
         """Check `raw` and return the recipe with every default filled in."""
-        return _build(cls, raw, "")
+        return build(cls, raw, "")
 
     def to_dict(self) -> dict[str, Any]:
         """The complete recipe as plain JSON data (lists, not tuples; flat schedule)."""
-        return _dump(self)
+        return dump(self)
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
-
-
-def _resolve_step(step: Any, i: int, *, last: bool) -> dict[str, Any]:
-    """A compression step with its settings checked and its defaults filled in."""
-    from engine.compress import load_all
-
-    where = f"compress[{i}]"
-    if not isinstance(step, dict) or "technique" not in step:
-        raise UserError(f"{where} must be an object with a 'technique' key, such as "
-                        f'{{"technique": "prune", "amount": 0.8}}.')
-    entry = load_all().get(step["technique"])
-    params = entry.resolve({k: v for k, v in step.items() if k != "technique"}, where)
-    if params.get("method") in entry.extra.get("terminal_methods", ()) and not last:
-        raise UserError(f"{where}: {step['technique']} {params['method']} yields an ONNX "
-                        f"Runtime model that later steps cannot change; put it last in "
-                        f"the chain.")
-    return {"technique": step["technique"], **params}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -357,8 +318,6 @@ def load_recipe(path: str | Path) -> Recipe:
     is_yaml = path.suffix.lower() in (".yaml", ".yml")
     try:
         if is_yaml:
-            import yaml
-
             raw = yaml.safe_load(text)
         else:
             raw = json.loads(text)
@@ -375,115 +334,6 @@ def as_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Recipe:
     """Accept a Recipe, a dict or a path, as the public API does."""
     if isinstance(recipe, Recipe):
         return recipe
-    if isinstance(recipe, dict):
-        return Recipe.from_dict(recipe)
-    return load_recipe(recipe)
-
-
-# --- generic dict <-> dataclass, with messages that name the key -------------------------
-
-_FLAT_OPTIONS = {ScheduleConfig: "options"}  # sections whose own settings are written flat
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    label = where or "the recipe"
-    if not isinstance(raw, dict):
-        raise UserError(f"{label} must be an object with keys, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    flat = _FLAT_OPTIONS.get(cls)
-    kwargs: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else key
-        if key not in names or key == flat:
-            if flat is not None:
-                extra[key] = value
-                continue
-            raise UserError(unknown_message("key", path, names))
-        kwargs[key] = _convert(hints[key], value, path)
-    if flat is not None:
-        kwargs[flat] = extra
-    for f in dataclasses.fields(cls):  # sections left out are built (and checked) from {}
-        if f.name not in kwargs and f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-            if dataclasses.is_dataclass(default):
-                kwargs[f.name] = _build(type(default), {}, f"{where}.{f.name}".lstrip("."))
-    obj = cls(**kwargs)
-    obj.validate()
-    return obj
-
-
-def _convert(hint: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if dataclasses.is_dataclass(arg):
-                return _build(arg, value, path)
-        options = [a for a in args if a is not type(None)]
-        for arg in options:
-            try:
-                return _convert(arg, value, path)
-            except UserError:
-                continue
-        names = " or ".join(_type_name(a) for a in options)
-        raise UserError(f"{path} must be {names}, got {value!r}.")
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{path} must be a list, got {value!r}.")
-        inner = args[0]
-        return tuple(_convert(inner, v, f"{path}[{i}]") if inner is not Any else v
-                     for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{path} must be an object with keys, got {value!r}.")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float) and isinstance(value, bool):
-        raise UserError(f"{path} must be a number, got {value!r}.")
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise UserError(f"{path} must be {_type_name(hint)}, got {value!r}.")
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _dump(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        out: dict[str, Any] = {}
-        flat = _FLAT_OPTIONS.get(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.name == flat:
-                out.update(_dump(value))
-            else:
-                out[f.name] = _dump(value)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_dump(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _dump(v) for k, v in obj.items()}
-    return obj
-
-
-def _choice(path: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed or (isinstance(value, bool) != any(
-            isinstance(a, bool) and a == value for a in allowed)):
-        shown = ", ".join(json.dumps(a) for a in allowed)
-        raise UserError(f"{path} must be one of {shown}; got {json.dumps(value)}.")
-
-
-def _at_least(path: str, value: Any, low: float) -> None:
-    if value < low:
-        raise UserError(f"{path} must be at least {low}, got {value!r}.")
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    return Recipe.from_dict(recipe)  # a dict, or a one-sentence refusal of anything else

@@ -18,14 +18,23 @@ import copy
 import hashlib
 import html
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from engine import plots
+from engine.compress import COMPRESSORS
 from engine.errors import UserError
+from engine.latency import machine
+from engine.showcase import display_name
 from engine.store import ACTIVE, Store
+
+try:  # PNG export only; the HTML report needs nothing of it
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - it is in requirements.txt
+    sync_playwright = None
 
 PLOT_CONFIG = {"displaylogo": False, "responsive": True,
                "toImageButtonOptions": {"format": "png", "scale": 2}}
@@ -43,8 +52,6 @@ def _training_key(recipe: dict[str, Any]) -> str:
 
 def run_label(run: dict[str, Any]) -> str:
     """The name a run goes by in plots and tables (a showcase run's key left out)."""
-    from engine.showcase import display_name
-
     return display_name(run.get("name")) or run["id"][:6]
 
 
@@ -138,9 +145,7 @@ def figures(store: Store, run_ids: Sequence[str]) -> dict[str, Any]:
 
 def technique_descriptions() -> dict[str, str]:
     """Each compression technique's one-sentence description, from its registry."""
-    from engine.compress import load_all
-
-    return {e.name: e.description for e in load_all()}
+    return {e.name: e.description for e in COMPRESSORS}
 
 
 def build(store: Store, run_ids: Sequence[str], *, title: str = "Model optimization report"
@@ -201,14 +206,10 @@ def export_png(store: Store, run_ids: Sequence[str], folder: str | Path, *,
     a headless Chromium through Playwright (both already used by the browser test), so the
     PNG is exactly what the report shows. Kaleido is not used: it is not installed here and
     needs a Chrome of its own. Without Chromium, a UserError says so."""
-    import shutil
-
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
+    if sync_playwright is None:
         raise UserError("PNG export needs Playwright (pip install -r requirements.txt); "
-                        "the report's camera buttons save PNGs without it.") from None
+                        "the report's camera buttons save PNGs without it.")
     if not Path(chromium).exists():
         raise UserError("PNG export needs Chromium (apt-get install -y chromium); the "
                         "report's camera buttons save PNGs without it.")
@@ -251,8 +252,6 @@ def _figure_writer() -> Any:
 
 def _machines(runs: list[dict[str, Any]], results: dict[str, dict[str, Any]]) -> str:
     """Where the figures were measured: each distinct machine the runs stored."""
-    from engine.latency import machine
-
     seen: dict[str, list[str]] = {}
     for run in runs:
         info = results[run["id"]].get("machine")

@@ -1,4 +1,9 @@
-"""`engine.run`: a recipe in, a trained model and a result out.
+"""`engine.resolve` and `engine.run`: a recipe checked, then a trained model and a result.
+
+`resolve` is the registry-aware step above the schema: the sections' names looked up and
+their defaults filled (`engine.sections`), the compression chain checked
+(`engine.compress.resolve_chain`) and the tune section (`engine.tune.validate_tune`). The
+CLI, `jobs.submit` and the pages call it, and `run` calls it on what it is given.
 
 The result follows DESIGN.md: the recipe with every default filled in, the device, and one
 record per variant (only the baseline until compression steps exist) with its metrics and
@@ -17,9 +22,35 @@ from typing import Any
 
 import torch
 
+from engine import deploy
+from engine.compress import (
+    COMPRESSORS,
+    CompressContext,
+    StepResult,
+    describe_step,
+    resolve_chain,
+    run_chain,
+    step_name,
+)
+from engine.compress.encode import encode
+from engine.compress.onnx_int8 import quantize_onnx
+from engine.compress.sensitivity import sensitivity
+from engine.data import DATASETS, load_data
+from engine.diagnostics.run import run_diagnostics
 from engine.errors import UserError
+from engine.executor import Executor
+from engine.export import SessionModule, onnx_latency_ms, ort_session
+from engine.latency import machine, paired_latency, torch_latency
+from engine.models import MODELS, complexity, onnx_complexity, read_onnx, save_model
+from engine.optimizers import OPTIMIZERS
 from engine.recipe import Recipe, as_recipe
-from engine.train import ProgressFn, resolve_device, to_tensors, train
+from engine.registry import Registry
+from engine.regularization import REGULARIZERS
+from engine.schedules import SCHEDULES
+from engine.sections import resolve_sections
+from engine.settings import store_url
+from engine.train import ProgressFn, fit_fresh, resolve_device, to_tensors
+from engine.tune import best_recipe, search, validate_tune
 
 
 class TrainingDivergedError(UserError):
@@ -30,37 +61,49 @@ class TrainingDivergedError(UserError):
         self.result = result
 
 
-def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | None = None,
-        on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run a recipe end to end and return its result (see DESIGN.md for the keys)."""
-    from engine.compress import StepResult
-    from engine.data import load_data
-    from engine.latency import machine
-    from engine.models import build_model
+def registries() -> dict[str, Registry]:
+    """Every registry by its plural name: datasets, models, optimizers, schedules,
+    regularizers, compression."""
+    return {r.kind: r for r in (DATASETS, MODELS, OPTIMIZERS, SCHEDULES, REGULARIZERS,
+                                COMPRESSORS)}
 
-    recipe = as_recipe(recipe)
+
+def resolve(recipe: Recipe | dict[str, Any] | str | Path) -> Recipe:
+    """The recipe (a Recipe, a dict or a path) checked against the registries, with every
+    default filled in; idempotent. A UserError names the key and the fix."""
+    recipe = resolve_sections(as_recipe(recipe))
+    tune = validate_tune(recipe.tune) if recipe.tune is not None else None
+    return recipe.replace(compress=resolve_chain(recipe.compress), tune=tune)
+
+
+def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | None = None,
+        on_progress: ProgressFn | None = None, storage: str | None = None,
+        executor: Executor | None = None) -> dict[str, Any]:
+    """Run a recipe end to end and return its result (see DESIGN.md for the keys).
+
+    A search (the recipe's `tune` section) keeps its study in `storage` (an SQLAlchemy
+    URL; the run store's database when None) and runs parallel trials on `executor`
+    (local processes when None)."""
+    recipe = resolve(recipe)
     emit = on_progress or (lambda event: None)
     asked, tuning = recipe, None
     if recipe.tune is not None:  # search first, then the run trains the winner
-        from engine.tune import best_recipe, search
-
         emit({"event": "stage", "stage": "tune", "message": "searching hyperparameters"})
-        tuning = search(recipe, on_trial=lambda trial: emit({"event": "trial", **trial}))
+        tuning = search(recipe, storage=storage or store_url(), executor=executor,
+                        on_trial=lambda trial: emit({"event": "trial", **trial}))
         recipe = best_recipe(recipe, tuning)
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     emit({"event": "stage", "stage": "data", "message": "loading the data"})
     data = load_data(recipe.data, seed=recipe.seed)
-    n_out = data.n_classes if data.task == "classification" else 1
+    n_out = data.n_outputs
     if recipe.model.source.lower().endswith(".onnx"):
         return _run_onnx(recipe, data, device, n_out, out_dir, emit)
-    model = build_model(recipe.model, data.input_shape, n_out, seed=recipe.seed).to(device)
     tensors = to_tensors(data, device)
     emit({"event": "stage", "stage": "train", "message": f"training on {device.type}",
           "epochs": recipe.train.epochs})
-    fit = train(model, data, recipe.train, device=device, seed=recipe.seed,
-                augment_cfg=recipe.data.augment, tensors=tensors,
-                on_progress=lambda event: emit({**event, "variant": "baseline"}))
+    model, fit = fit_fresh(recipe, data, device=device, tensors=tensors,
+                           on_progress=lambda event: emit({**event, "variant": "baseline"}))
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
@@ -94,14 +137,10 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         if tuning is not None:
             result["trained_recipe"] = recipe.to_dict()
         if recipe.diagnose is not None:
-            from engine.diagnostics.run import run_diagnostics
-
             emit({"event": "stage", "stage": "diagnose", "message": "diagnosing the model"})
             result["diagnostics"] = run_diagnostics(recipe, data, model, device=device,
                                                     emit=emit)
         if recipe.sensitivity is not None:
-            from engine.compress.sensitivity import sensitivity
-
             emit({"event": "stage", "stage": "sensitivity",
                   "message": "measuring each layer's sensitivity"})
             result["sensitivity"] = sensitivity(model, ctx, recipe.sensitivity)
@@ -112,9 +151,7 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
 
 
 def _context(recipe: Recipe, data: Any, tensors: dict[str, torch.Tensor],
-             device: torch.device, n_out: int, emit: ProgressFn) -> Any:
-    from engine.compress import CompressContext
-
+             device: torch.device, n_out: int, emit: ProgressFn) -> CompressContext:
     return CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
                            n_out=n_out, train_cfg=recipe.train, model_cfg=recipe.model,
                            data=data, device=device, seed=recipe.seed, on_progress=emit)
@@ -123,39 +160,33 @@ def _context(recipe: Recipe, data: Any, tensors: dict[str, torch.Tensor],
 def _compress_chain(recipe: Recipe, model: torch.nn.Module, ctx: Any, folder: Path,
                     result: dict[str, Any], emit: ProgressFn, *, keep: bool) -> None:
     """Each step starts from the previous step's model and yields one measured variant."""
-    if not recipe.compress:
-        return
-    from engine.compress import load_all
-
-    registry = load_all()
+    steps = recipe.compress
     baseline = result["variants"][0]
-    current, chain, huffman, used = model, [], False, set()
-    for i, step in enumerate(recipe.compress):
-        entry = registry.get(step["technique"])
-        params = {k: v for k, v in step.items() if k != "technique"}
-        name = step_name(step, used)
+    chain: list[str] = []
+    huffman, used = False, set()
+    names = [step_name(step, used) for step in steps]
+
+    def announce(i: int) -> None:
         emit({"event": "stage", "stage": "compress", "message": f"step {i + 1} of "
-              f"{len(recipe.compress)}: {name}", "step": i + 1, "steps": len(recipe.compress)})
-        outcome = entry.fn(current, params, ctx)
+              f"{len(steps)}: {names[i]}", "step": i + 1, "steps": len(steps)})
+
+    if steps:
+        announce(0)
+    for i, step, outcome in run_chain(model, steps, ctx):
         huffman = huffman or outcome.huffman
         chain.append(describe_step(step))
-        variant = _measure(name, outcome, ctx, folder, chain=list(chain), reference=baseline,
-                           huffman=huffman, technique=step["technique"])
+        variant = _measure(names[i], outcome, ctx, folder, chain=list(chain),
+                           reference=baseline, huffman=huffman, technique=step["technique"])
         result["variants"].append(variant)
         _announce(variant, emit, keep_file=keep)
-        if outcome.model is not None:
-            current = outcome.model
+        if i + 1 < len(steps):
+            announce(i + 1)
 
 
 def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
               out_dir: str | Path | None, emit: ProgressFn) -> dict[str, Any]:
     """An uploaded .onnx model, which has no PyTorch module: ONNX Runtime evaluates and
     times it as it is, and a dynamic int8 copy is made; no training, no other steps."""
-    from engine.compress.quantize import _SessionModule, onnx_latency_ms, quantize_onnx
-    from engine.export import ort_session
-    from engine.latency import machine
-    from engine.models import onnx_complexity, read_onnx
-
     if recipe.compress or recipe.train.freeze:
         raise UserError("an ONNX model can only be evaluated and int8-quantized here; "
                         "remove the compress steps and train.freeze, or upload a .pt2.")
@@ -172,7 +203,7 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
         metrics: dict[str, Any] = {**onnx_complexity(source), "size_bytes": len(blob),
                                    "runtime": "onnxruntime", "chain": name, "notes": notes}
         if fits:
-            module = _SessionModule(ort_session(blob))
+            module = SessionModule(ort_session(blob))
             for part in ("train", "val", "test"):
                 metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(module, part).items()})
             metrics["latency_ms"] = onnx_latency_ms(blob, data.input_shape)
@@ -218,10 +249,6 @@ def _measure(name: str, outcome: Any, ctx: Any, folder: Path, *, chain: list[str
              reference: dict[str, Any] | None, huffman: bool,
              technique: str | None = None) -> dict[str, Any]:
     """Evaluate a variant and measure what ships: the same harness for every variant."""
-    from engine.compress.encode import encode
-    from engine.latency import paired_latency, torch_latency
-    from engine.models import complexity, save_model
-
     metrics: dict[str, Any] = {}
     if outcome.runtime == "torch":
         model = outcome.model
@@ -270,8 +297,6 @@ def _measure(name: str, outcome: Any, ctx: Any, folder: Path, *, chain: list[str
 
 def _deploy(name: str, outcome: Any, ctx: Any, folder: Path) -> dict[str, Any]:
     """The deployable .onnx (preprocessing inside) and ONNX Runtime's view of it."""
-    from engine import deploy
-
     if outcome.runtime == "torch":
         file = deploy.export_model(outcome.model, ctx.data, name=name)
         info = deploy.report(file, ctx.data, model=outcome.model)
@@ -287,25 +312,6 @@ def _announce(variant: dict[str, Any], emit: ProgressFn, *, keep_file: bool) -> 
         variant.pop("model_file", None)
     emit({"event": "variant", "name": variant["name"], "technique": variant["technique"],
           "metrics": variant["metrics"], "model_file": variant.get("model_file")})
-
-
-def step_name(step: dict[str, Any], used: set[str]) -> str:
-    """A variant is named after its step: `prune-magnitude`, `share`, `prune-magnitude-2`."""
-    base = step["technique"] + (f"-{step['method']}" if step.get("method") else "")
-    name, k = base, 2
-    while name in used:
-        name, k = f"{base}-{k}", k + 1
-    used.add(name)
-    return name
-
-
-def describe_step(step: dict[str, Any]) -> str:
-    """One line for hover texts and tables: `prune magnitude amount=0.9`."""
-    shown = [step["technique"], str(step.get("method", ""))]
-    for key in ("amount", "bits", "rank_fraction", "temperature", "width_multiplier"):
-        if key in step:
-            shown.append(f"{key}={step[key]}")
-    return " ".join(s for s in shown if s)
 
 
 def write_result(result: dict[str, Any], out_dir: str | Path) -> Path:

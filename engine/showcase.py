@@ -27,6 +27,7 @@ from typing import Any
 
 from engine import jobs
 from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.store import ACTIVE, Store
 
 GROUP = "showcase"
@@ -104,7 +105,7 @@ class Launch:
 def recipe_key(recipe: dict[str, Any] | Recipe) -> str:
     """A stable 10-hex-digit hash of the recipe with every default filled in (name left
     out), so the same settings written two ways get the same key."""
-    full = (recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)).to_dict()
+    full = resolve(recipe).to_dict()
     full.pop("name", None)
     text = json.dumps(full, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]

@@ -19,15 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from engine.data import DataBundle, augment
+from engine.data import DataBundle, augment, subset
 from engine.errors import UserError
+from engine.metrics import evaluate, loss_fn, metric_name
+from engine.models import build_model, set_training
 from engine.optimizers import OPTIMIZERS, make_optimizer
-from engine.recipe import AugmentConfig, TrainConfig
-from engine.regularization import EarlyStopping, clip_, decay_, freeze, is_weight, penalty
+from engine.recipe import AugmentConfig, Recipe, TrainConfig
+from engine.regularization import Regularizers, freeze, is_weight
 from engine.schedules import LRSchedule
+from engine.sections import resolve_sections
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -61,35 +65,6 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (device.type == "cuda" and cfg.amp)
 
 
-def metric_name(task: str) -> str:
-    return "accuracy" if task == "classification" else "r2"
-
-
-def loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if task == "classification":
-        return nn.functional.cross_entropy
-    return lambda out, y: nn.functional.mse_loss(out.reshape(y.shape), y)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
-             batch: int = 8192) -> dict[str, float]:
-    """Loss and accuracy (classification) or MSE and R² (regression) on one split."""
-    from engine.models import set_training
-
-    if len(X) == 0:
-        return {}
-    set_training(model, False)
-    outs = torch.cat([model(X[i:i + batch]).float() for i in range(0, len(X), batch)])
-    loss = float(loss_fn(task)(outs, y))
-    if task == "classification":
-        return {"loss": loss, "accuracy": float((outs.argmax(1) == y).float().mean())}
-    pred = outs.reshape(y.shape)
-    ss_res = float(((y - pred) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {"loss": loss, "mse": loss, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 0.0}
-
-
 def to_tensors(data: DataBundle, device: torch.device) -> dict[str, torch.Tensor]:
     """Every split on the device once; labels int64 (classes) or float32 (regression)."""
     ydtype = torch.long if data.task == "classification" else torch.float32
@@ -114,8 +89,6 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
     Compression hooks in here: `after_step(model)` runs after every optimizer step (to
     re-apply a pruning mask or a weight-sharing constraint), and `loss_override(out, xb,
     yb)` replaces the task loss (distillation)."""
-    from engine.models import set_training
-
     t = tensors or to_tensors(data, device)
     X, y = t["X_train"], t["y_train"]
     n = len(X)
@@ -137,12 +110,10 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
     groups = [{"params": weights, "weight_decay": cfg.weight_decay if native_decay else 0.0}]
     if others:
         groups.append({"params": others, "weight_decay": 0.0})
-    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.momentum,
-                               cfg.optimizer_options)
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.optimizer_options)
     schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.epochs)
-    stopper = (EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta,
-                             cfg.early_stopping.restore_best)
-               if cfg.early_stopping is not None else None)
+    regularizers = Regularizers(cfg, native_decay=native_decay)  # through the registry
+    stopper = regularizers.stopper
     criterion = loss_fn(data.task)
     metric = metric_name(data.task)
     batch = n if cfg.batch_size == "full" else min(int(cfg.batch_size), n)
@@ -187,7 +158,7 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
             data_loss = loss_override(out.float(), xb, yb)
         else:
             data_loss = criterion(out.float(), yb)
-        extra = penalty(weights, cfg.l1, cfg.l2)
+        extra = regularizers.penalty(weights)
         return (data_loss if extra is None else data_loss + extra), out
 
     for epoch in range(cfg.epochs):
@@ -210,7 +181,7 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
                     loss, _ = objective(xb, yb)
                     if backward:
                         loss.backward()
-                        clip_(trainable, cfg.grad_clip)
+                        regularizers.on_gradients(trainable)
                     return loss
                 loss = optimizer.step(closure)
                 with torch.no_grad():
@@ -220,11 +191,11 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
                 optimizer.zero_grad(set_to_none=True)
                 loss, out = objective(xb, yb)
                 loss.backward()
-                clip_(trainable, cfg.grad_clip)
+                regularizers.on_gradients(trainable)
                 optimizer.step()
-                if (cfg.l1 > 0 or cfg.l2 > 0) and loss_override is None:
+                if regularizers.penalties and loss_override is None:
                     loss = criterion(out.detach().float(), yb)  # the data loss alone
-            decay_(weights if not native_decay else [], lr, cfg.weight_decay)
+            regularizers.after_step(weights, lr)
             if after_step is not None:
                 after_step(model)
             rows = len(yb)
@@ -265,3 +236,33 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
     set_training(model, False)
     return TrainResult(history, best_epoch, stopped, message, time.perf_counter() - start,
                        path)
+
+
+def fit_fresh(recipe: Recipe, data: DataBundle, idx: np.ndarray | None = None, *,
+              seed: int | None = None, device: torch.device | None = None,
+              model: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+              tensors: dict[str, torch.Tensor] | None = None,
+              on_progress: ProgressFn | None = None) -> tuple[nn.Module, TrainResult]:
+    """A freshly initialized model of the recipe, trained on the training rows `idx` (all
+    when None): the one way every part of the engine builds and trains a new model.
+
+    `model` and `train` override recipe sections (a validation curve's width, say); the
+    seed (the recipe's when None) sets the initialization, the batch order and dropout.
+    Returns the model in evaluation mode on `device` (the CPU by default) and its result."""
+    device = device or torch.device("cpu")
+    seed = recipe.seed if seed is None else seed
+    if model or train:
+        raw = recipe.to_dict()
+        raw["model"] = {**raw["model"], **(model or {})}
+        raw["train"] = {**raw["train"], **(train or {})}
+        recipe = resolve_sections(Recipe.from_dict(raw))
+    part = data if idx is None else subset(data, idx)
+    net = build_model(recipe.model, data.input_shape, data.n_outputs, seed=seed).to(device)
+    fit = run_training(net, part, recipe.train, device=device, seed=seed,
+                       augment_cfg=recipe.data.augment, tensors=tensors,
+                       on_progress=on_progress)
+    set_training(net, False)
+    return net, fit
+
+
+run_training = train  # `fit_fresh`'s `train` argument is a section, not this function

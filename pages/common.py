@@ -14,9 +14,8 @@ from typing import Any
 
 import streamlit as st
 
-from engine import jobs
+import engine
 from engine.errors import UserError
-from engine.recipe import Recipe
 from engine.registry import Param
 from engine.uploads import check_upload, safe_name, upload_limit_mb
 
@@ -26,9 +25,10 @@ UPLOAD_LIMIT_MB = min(upload_limit_mb(), int(st.get_option("server.maxUploadSize
 
 
 @st.cache_data
-def default_sections() -> dict[str, Any]:
-    """The recipe's defaults, from the engine's dataclasses (never a second copy)."""
-    return Recipe.from_dict({}).to_dict()
+def default_sections(raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe's defaults, from the engine's dataclasses and registries (never a second
+    copy). `raw` switches on optional sections to read theirs: {"diagnose": {}}."""
+    return engine.resolve(raw or {}).to_dict()
 
 
 def session_owner() -> str:
@@ -39,6 +39,8 @@ def session_owner() -> str:
 
 def submit(recipe: Any, **kwargs: Any) -> str:
     """`jobs.submit` from a page: the run is tagged with this session (see `session_owner`)."""
+    from engine import jobs  # here, not at the top: Home's first render needs no torch
+
     return jobs.submit(recipe, owner=session_owner(), **kwargs)
 
 

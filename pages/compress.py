@@ -3,9 +3,8 @@
 import streamlit as st
 
 from engine import jobs, plots
-from engine.compress import load_all
-from engine.recipe import Recipe
-from engine.runner import describe_step
+from engine.compress import COMPRESSORS, describe_step
+from engine.runner import resolve
 from engine.store import Store
 from pages.common import (
     describe,
@@ -20,12 +19,12 @@ from pages.common import (
 from pages.live import watch
 
 st.title("Compress")
-COMPRESSORS = load_all()
 store = Store()
 jobs.reap(store)
 sel = selection()
-chain = st.session_state.setdefault("cmp_chain", [{"technique": "prune", "method": "magnitude",
-                                                   "amount": 0.8, "finetune_epochs": 5}])
+# a first step to edit or run: pruning with the registry's defaults
+chain = st.session_state.setdefault("cmp_chain", [{"technique": "prune",
+                                                   **COMPRESSORS.get("prune").defaults()}])
 
 finished = [r for r in store.list_runs(status="done") if r["metrics"]]  # has a model
 start = st.radio("Start from", ["A fresh baseline", "A finished run's model"], horizontal=True,
@@ -53,8 +52,10 @@ with left:
     add, preset = st.columns(2)
     if add.button("Add step", key="cmp_add", icon=":material/add:"):
         chain.append({"technique": technique, **params})
+    deep = COMPRESSORS.get("deep_compression").defaults()
     if preset.button("Deep Compression preset", key="cmp_preset",
-                     help="Prune 90%, share 5-bit weights, Huffman-code them (Han et al.)."):
+                     help=f"Prune {deep['amount']:.0%}, share {deep['bits']}-bit weights, "
+                          f"Huffman-code them (Han et al.)."):
         chain[:] = [{"technique": "deep_compression"}]
 with right:
     st.subheader("Chain")
@@ -69,8 +70,7 @@ with right:
     sensitivity = st.checkbox("Per-layer sensitivity analysis (heatmap)", True, key="cmp_sens")
 
 try:
-    recipe = Recipe.from_dict({**base, "compress": chain,
-                               "sensitivity": {} if sensitivity else None})
+    recipe = resolve({**base, "compress": chain, "sensitivity": {} if sensitivity else None})
     go, each, download = st.columns([1, 2, 3])
     with download:
         recipe_download(recipe.to_dict(), key="cmp_download")

@@ -8,10 +8,12 @@ import streamlit as st
 from engine.data import DATASETS, read_table
 from engine.errors import UserError
 from engine.models import MODELS
-from engine.recipe import ACTIVATIONS, MISSING, SCALINGS, TASKS, Recipe
-from engine.store import artifacts_root
+from engine.recipe import ACTIVATIONS, MISSING, SCALINGS, TASKS
+from engine.runner import resolve
+from engine.settings import artifacts_root
 from pages.common import (
     UPLOAD_LIMIT_MB,
+    default_sections,
     int_list,
     param_input,
     save_upload,
@@ -22,16 +24,16 @@ from pages.previews import data_preview, model_preview, show_data, show_model
 
 
 def builtin_choice(label: str, source: str, registry: Any, keys: tuple[str, str], choice: str,
-                   fallback: int, help: str | None = None) -> tuple[Any, bool] | None:
+                   fallback: str, help: str | None = None) -> tuple[Any, bool] | None:
     """"Built-in" or "Upload" for a source, and on "Built-in" the registry entry picked
     (with its description) and whether it is the one `source` already names; None on
-    "Upload"."""
+    "Upload". `fallback` is the recipe's default source, offered after an upload."""
     builtin = source.startswith("builtin:")
     if st.radio(label, ["Built-in", "Upload"], index=0 if builtin else 1, horizontal=True,
                 key=keys[0]) == "Upload":
         return None
     names = registry.names()
-    current = source.removeprefix("builtin:") if builtin else names[fallback]
+    current = (source if builtin else fallback).removeprefix("builtin:")
     name = st.selectbox(choice, names, index=names.index(current), key=keys[1], help=help)
     entry = registry.get(name)
     st.caption(entry.description)
@@ -47,7 +49,8 @@ st.header("Data")
 left, right = st.columns([2, 3])
 with left:
     picked = builtin_choice("Dataset", data["source"], DATASETS, ("dm_data_kind", "dm_dataset"),
-                            "Built-in dataset", 0, "Shipped with the packages; no download.")
+                            "Built-in dataset", default_sections()["data"]["source"],
+                            "Shipped with the packages; no download.")
     if picked is not None:
         entry, same = picked
         name = entry.name
@@ -95,7 +98,7 @@ st.header("Model")
 mleft, mright = st.columns([2, 3])
 with mleft:
     picked = builtin_choice("Model", model["source"], MODELS, ("dm_model_kind", "dm_arch"),
-                            "Architecture", 1)
+                            "Architecture", default_sections()["model"]["source"])
     if picked is not None:
         entry, _ = picked
         uses = entry.extra["uses"]
@@ -133,7 +136,7 @@ with mleft:
             format_func=lambda a: a or "(not a state_dict)", key="dm_state_arch")
 
 try:
-    checked = Recipe.from_dict({"data": data, "model": model})
+    checked = resolve({"data": data, "model": model})
     sel["data"], sel["model"] = data, model  # only settings the engine accepts are kept
     with right:
         show_data(data_preview(json.dumps(checked.to_dict()["data"]), 0))

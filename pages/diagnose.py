@@ -3,17 +3,31 @@
 import streamlit as st
 
 from engine import plots
-from engine.recipe import VALIDATION_PARAMS, Recipe
+from engine.recipe import VALIDATION_PARAMS
+from engine.runner import resolve
 from engine.store import Store
-from pages.common import describe, selection, show_error, submit, train_settings
+from pages.common import (
+    default_sections,
+    describe,
+    selection,
+    show_error,
+    submit,
+    train_settings,
+)
 from pages.live import watch
 
 VERDICTS = {"high_bias": ("High bias: the model underfits.", st.warning),
             "high_variance": ("High variance: the model overfits.", st.warning),
             "good_fit": ("Good fit: training and validation agree.", st.success)}
-KNOBS = {"model.hidden": [[8], [32], [128], [512]], "model.dropout": [0.0, 0.2, 0.5],
-         "train.l2": [0.0, 0.001, 0.01, 0.1], "train.weight_decay": [0.0, 0.01, 0.1],
-         "train.epochs": [5, 15, 30, 60]}
+PARTS = ("learning_curve", "validation_curve", "bias_variance", "landscape")
+# the engine's defaults: which parts a diagnosis runs, and each part's own settings
+RUNS = default_sections({"diagnose": {}})["diagnose"]
+PART = default_sections({"diagnose": {part: {} for part in PARTS}})["diagnose"]
+FRACTIONS = sorted({0.1, 0.25, 0.5, 0.75, 1.0, *PART["learning_curve"]["fractions"]})
+# values to try per complexity knob; the engine's default knob (model.hidden) brings its own
+KNOBS = {"model.dropout": [0.0, 0.2, 0.5], "train.l2": [0.0, 0.001, 0.01, 0.1],
+         "train.weight_decay": [0.0, 0.01, 0.1], "train.epochs": [5, 15, 30, 60],
+         PART["validation_curve"]["param"]: PART["validation_curve"]["values"]}
 
 st.title("Diagnose")
 sel = selection()
@@ -23,28 +37,37 @@ st.caption(f"Model **{describe(sel['model'])}** on **{describe(sel['data'])}** w
 
 left, right = st.columns(2)
 with left:
-    use_lc = st.checkbox("Learning curve", True, key="dg_lc")
-    fractions = st.multiselect("Training fractions", [0.1, 0.25, 0.5, 0.75, 1.0],
-                               [0.1, 0.25, 0.5, 1.0], key="dg_fractions", disabled=not use_lc)
-    use_vc = st.checkbox("Validation curve", False, key="dg_vc")
+    use_lc = st.checkbox("Learning curve", RUNS["learning_curve"] is not None, key="dg_lc")
+    fractions = st.multiselect("Training fractions", FRACTIONS,
+                               PART["learning_curve"]["fractions"], key="dg_fractions",
+                               disabled=not use_lc)
+    use_vc = st.checkbox("Validation curve", RUNS["validation_curve"] is not None, key="dg_vc")
     knob = st.selectbox("Complexity knob", VALIDATION_PARAMS, key="dg_knob",
+                        index=VALIDATION_PARAMS.index(PART["validation_curve"]["param"]),
                         disabled=not use_vc)
 with right:
-    use_bv = st.checkbox("Bias-variance decomposition", True, key="dg_bv")
-    rounds = int(st.number_input("Bootstrap rounds", 2, 200, 10, key="dg_rounds",
-                                 disabled=not use_bv))
-    use_cx = st.checkbox("Complexity (parameters, FLOPs, Rademacher)", True, key="dg_cx")
-    use_ls = st.checkbox("Loss landscape", True, key="dg_ls")
-    two_d = st.checkbox("2-D landscape", False, key="dg_ls2", disabled=not use_ls)
+    use_bv = st.checkbox("Bias-variance decomposition", RUNS["bias_variance"] is not None,
+                         key="dg_bv")
+    rounds = int(st.number_input("Bootstrap rounds", 2, 200, PART["bias_variance"]["rounds"],
+                                 key="dg_rounds", disabled=not use_bv))
+    use_cx = st.checkbox("Complexity (parameters, FLOPs, Rademacher)", RUNS["complexity"],
+                         key="dg_cx")
+    use_ls = st.checkbox("Loss landscape", RUNS["landscape"] is not None, key="dg_ls")
+    two_d = st.checkbox("2-D landscape", PART["landscape"]["two_d"], key="dg_ls2",
+                        disabled=not use_ls)
+    points = int(st.number_input("Landscape points per direction", 3, 101,
+                                 PART["landscape"]["points"], key="dg_ls_points",
+                                 disabled=not use_ls,
+                                 help="A 2-D landscape evaluates the square of this."))
 
 diagnose = {"learning_curve": {"fractions": sorted(fractions)} if use_lc and fractions
             else None,
             "validation_curve": {"param": knob, "values": KNOBS[knob]} if use_vc else None,
             "bias_variance": {"rounds": rounds} if use_bv else None, "complexity": use_cx,
-            "landscape": {"two_d": two_d, "points": 15 if two_d else 21} if use_ls else None}
+            "landscape": {"two_d": two_d, "points": points} if use_ls else None}
 try:
-    recipe = Recipe.from_dict({"data": sel["data"], "model": sel["model"], "train": train_cfg,
-                               "diagnose": diagnose})
+    recipe = resolve({"data": sel["data"], "model": sel["model"], "train": train_cfg,
+                      "diagnose": diagnose})
     if st.button("Diagnose", type="primary", key="dg_run", icon=":material/troubleshoot:"):
         st.session_state["dg_watch"] = submit(recipe, name=f"diagnose "
                                                    f"{describe(sel['model'])}")

@@ -2,7 +2,6 @@
 
 import streamlit as st
 
-from engine import showcase
 from engine.store import Store
 from pages.common import show_error
 
@@ -10,6 +9,9 @@ st.title("Model optimization workbench")
 st.markdown("Train, tune and compress a model by pointing and clicking, then see what each "
             "technique bought: **accuracy, size and latency side by side**. Everything runs "
             "headless from a recipe file too, so what you see here replays in a pipeline.")
+
+# After the heading: the showcase resolves recipes, which loads torch (about 3 s at start)
+from engine import showcase  # noqa: E402
 
 entries = showcase.recipes()
 left, right = st.columns([3, 2])

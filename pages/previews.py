@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import plots
-from engine.recipe import Recipe
+from engine.runner import resolve
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading the data...")
@@ -17,7 +17,7 @@ def data_preview(data_json: str, seed: int) -> dict[str, Any]:
     """The engine's data preview, cached by the data section's JSON."""
     from engine.data import preview
 
-    return preview(Recipe.from_dict({"data": json.loads(data_json)}).data, seed=seed)
+    return preview(resolve({"data": json.loads(data_json)}).data, seed=seed)
 
 
 @st.cache_data(max_entries=16, show_spinner="Building the model...")
@@ -27,7 +27,7 @@ def model_preview(model_json: str, data_json: str) -> dict[str, Any]:
 
     summary = data_preview(data_json, 0)
     n_out = len(summary.get("classes") or {}) or 1
-    cfg = Recipe.from_dict({"model": json.loads(model_json)}).model
+    cfg = resolve({"model": json.loads(model_json)}).model
     return describe(cfg, tuple(summary["input_shape"]), n_out)
 
 

@@ -9,6 +9,7 @@ import streamlit as st
 
 from engine import jobs, plots, ray_backend
 from engine.errors import UserError
+from engine.settings import backend_name
 from engine.store import Store
 from pages.common import session_owner, show_error
 from pages.live import metric_of
@@ -17,7 +18,7 @@ st.title("Runs")
 store = Store()
 jobs.reap(store)
 try:  # where runs go, and what the cluster has free
-    if jobs.backend_name() == "ray":
+    if backend_name() == "ray":
         free = ray_backend.resources_now()
         st.caption("Ray cluster · " + " · ".join(
             f"{k}: {v['free']:g} of {v['total']:g} free" for k, v in free.items()

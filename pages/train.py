@@ -6,11 +6,16 @@ import streamlit as st
 
 from engine import plots
 from engine.optimizers import OPTIMIZERS
-from engine.recipe import PRECISIONS, Recipe
+from engine.recipe import PRECISIONS
+from engine.registry import Param
+from engine.regularization import REGULARIZERS
+from engine.runner import resolve
 from engine.schedules import SCHEDULES, preview
+from engine.showcase import RACE
 from pages.common import (
     default_sections,
     describe,
+    param_input,
     recipe_download,
     registry_choice,
     selection,
@@ -19,10 +24,16 @@ from pages.common import (
 )
 from pages.live import watch
 
+
+def regularizer(name: str, param: str | None = None) -> Param:
+    """A regularizer's registry parameter: its default, bounds and help."""
+    return REGULARIZERS.get(name).param(param or name)
+
+
 st.title("Train")
 sel = selection()
 defaults = default_sections()["train"]
-cfg = st.session_state.setdefault("train_cfg", {**defaults, "schedule": {"name": "cosine"}})
+cfg = st.session_state.setdefault("train_cfg", dict(defaults))
 st.caption(f"Data: **{describe(sel['data'])}** · Model: **{describe(sel['model'])}**")
 st.page_link("pages/data_model.py", label="Change data or model", icon=":material/tune:")
 
@@ -35,17 +46,16 @@ with opt_col:
     lr = st.number_input("Learning rate", min_value=1e-7, max_value=100.0, format="%g",
                          value=float(cfg["lr"] if name == cfg["optimizer"] and cfg["lr"]
                                      else entry.extra["default_lr"]), key=f"tr_lr_{name}")
-    momentum = cfg["momentum"]
-    if name in ("momentum", "nesterov"):
-        momentum = st.slider("Momentum", 0.0, 0.99, float(momentum), 0.01, key="tr_momentum")
-    sizes = ["full", 1, 8, 16, 32, 64, 128, 256, 512]
-    batch = st.selectbox("Batch size", sizes, index=sizes.index(
-        "full" if entry.extra.get("closure") else cfg["batch_size"]), key=f"tr_batch_{name}",
-        help="full: batch gradient descent; 1: stochastic; otherwise mini-batch.")
+    batch = "full" if entry.extra.get("closure") else cfg["batch_size"]
+    sizes = list(dict.fromkeys(["full", 1, 8, 16, 32, 64, 128, 256, 512, batch]))
+    batch = st.selectbox("Batch size", sizes, index=sizes.index(batch), key=f"tr_batch_{name}",
+                         help="full: batch gradient descent; 1: stochastic; otherwise "
+                              "mini-batch.")
     epochs = int(st.number_input("Epochs", 1, 5000, int(cfg["epochs"]), key="tr_epochs"))
     with st.expander("Speed"):
         precision = st.selectbox("Precision", PRECISIONS, key="tr_precision",
-                                 index=PRECISIONS.index(cfg.get("precision", "auto")),
+                                 index=PRECISIONS.index(cfg.get("precision",
+                                                                defaults["precision"])),
                                  help="auto: bf16 autocast on a GPU, float32 on the CPU; bf16 "
                                       "also autocasts on the CPU (slower without bf16 units).")
         compiled = st.checkbox("Compile the model (torch.compile)", bool(cfg.get("compile")),
@@ -53,33 +63,37 @@ with opt_col:
                                "(tens of seconds on a CPU); worth it for long runs on a GPU.")
 with sched_col:
     st.subheader("Schedule")
-    schedule = cfg["schedule"] or {"name": "constant"}
+    schedule = cfg["schedule"] or defaults["schedule"]  # null: the recipe's default
     sched_name, sched_opts = registry_choice(
         SCHEDULES, "Schedule", "tr_sched", schedule["name"],
         {k: v for k, v in schedule.items() if k not in ("name", "warmup_epochs")})
+    warmup = schedule.get("warmup_epochs", defaults["schedule"]["warmup_epochs"])
     warmup = int(st.number_input("Linear warm-up (epochs)", 0, max(0, epochs - 1),
-                                 min(int(schedule.get("warmup_epochs", 0)), epochs - 1),
-                                 key="tr_warmup"))
+                                 min(int(warmup), epochs - 1), key="tr_warmup"))
     schedule = {"name": sched_name, "warmup_epochs": warmup, **sched_opts}
 with reg_col:
     st.subheader("Regularization")
-    l1 = st.number_input("L1 penalty", 0.0, 10.0, float(cfg["l1"]), format="%g", key="tr_l1")
-    l2 = st.number_input("L2 penalty (coupled)", 0.0, 10.0, float(cfg["l2"]), format="%g",
-                         key="tr_l2")
-    wd = st.number_input("Weight decay (decoupled)", 0.0, 10.0, float(cfg["weight_decay"]),
-                         format="%g", key="tr_wd")
-    dropout = st.slider("Dropout", 0.0, 0.9, float(sel["model"]["dropout"]), 0.05,
-                        key="tr_dropout")
+    l1 = param_input(regularizer("l1"), "tr_l1", cfg["l1"], label="L1 penalty")
+    l2 = param_input(regularizer("l2"), "tr_l2", cfg["l2"], label="L2 penalty (coupled)")
+    wd = param_input(regularizer("weight_decay"), "tr_wd", cfg["weight_decay"],
+                     label="Weight decay (decoupled)")
+    drop = regularizer("dropout")
+    dropout = st.slider("Dropout", float(drop.low), float(drop.high),
+                        float(sel["model"]["dropout"]), 0.05, key="tr_dropout", help=drop.help)
     stopping = st.checkbox("Early stopping", cfg["early_stopping"] is not None, key="tr_es")
-    patience = int(st.number_input("Patience (epochs)", 1, 500, int(
-        (cfg["early_stopping"] or defaults["early_stopping"])["patience"]), key="tr_patience",
-        disabled=not stopping))
+    wait = regularizer("early_stopping", "patience")
+    patience = int(st.number_input(
+        "Patience (epochs)", min_value=int(wait.low), help=wait.help,
+        max_value=int(wait.high) if wait.high is not None else None,
+        value=int((cfg["early_stopping"] or defaults["early_stopping"])["patience"]),
+        key="tr_patience", disabled=not stopping))
     clip = st.checkbox("Gradient clipping", cfg["grad_clip"] is not None, key="tr_clip")
     clip_norm = st.number_input("Max gradient norm", 1e-4, 1e4, float(cfg["grad_clip"] or 1.0),
                                 format="%g", key="tr_clip_norm", disabled=not clip)
-    seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="tr_seed"))
+    seed = int(st.number_input("Seed", 0, 2**31 - 1, default_sections()["seed"],
+                               key="tr_seed"))
 
-cfg.update(optimizer=name, optimizer_options=options, lr=lr, momentum=momentum,
+cfg.update(optimizer=name, optimizer_options=options, lr=lr, momentum=None,  # an option now
            batch_size=batch, epochs=epochs, schedule=schedule, l1=l1, l2=l2, weight_decay=wd,
            precision=precision, compile=compiled,
            early_stopping={**defaults["early_stopping"], "patience": patience}
@@ -87,7 +101,7 @@ cfg.update(optimizer=name, optimizer_options=options, lr=lr, momentum=momentum,
 raw = {"seed": seed, "data": sel["data"], "model": {**sel["model"], "dropout": dropout},
        "train": cfg}
 try:
-    recipe = Recipe.from_dict(raw)
+    recipe = resolve(raw)
     with sched_col:
         st.plotly_chart(plots.lr_schedule(preview(recipe.train.schedule, lr, epochs)),
                         key="tr_lr_preview")
@@ -100,9 +114,9 @@ race = st.toggle("Race: the same model with several optimizers or schedules, sid
 if race:
     race_kind = st.radio("Vary", ["optimizer", "schedule"], horizontal=True, key="tr_race_kind")
     pool = OPTIMIZERS.names() if race_kind == "optimizer" else SCHEDULES.names()
+    picks = RACE if race_kind == "optimizer" else ["constant", "step", "cosine"]
     chosen = st.multiselect(f"{race_kind.capitalize()}s to race", pool, key="tr_race_pick",
-                            default=["sgd", "momentum", "adam"] if race_kind == "optimizer"
-                            else ["constant", "step", "cosine"])
+                            default=[n for n in picks if n in pool])
     st.caption("Each optimizer uses its own default learning rate and batch size in a race." if
                race_kind == "optimizer" else "Every schedule starts from the learning rate above.")
 

@@ -1,18 +1,46 @@
 """Tune: a search space built by clicking, a sampler, a budget; trials fill in live."""
 
 import json
+import math
+from typing import Any
 
 import streamlit as st
 
-from engine import plots
+from engine import plots, search_plots
 from engine.optimizers import OPTIMIZERS
-from engine.recipe import Recipe
-from engine.store import Store
+from engine.runner import resolve
+from engine.showcase import RACE
+from engine.store import ACTIVE, Store
+from engine.tune import (
+    DEFAULTS,
+    MULTI_OBJECTIVE_SAMPLERS,
+    OBJECTIVES,
+    PRUNERS,
+    SAMPLERS,
+    VALIDATIONS,
+)
 from pages.common import describe, selection, show_error, submit, train_settings
 from pages.live import watch
 
-SAMPLERS = {"tpe": "Bayesian (TPE)", "gp": "Bayesian (Gaussian process)", "random": "random",
-            "grid": "grid (every combination of the lists)", "nsga2": "NSGA-II (multi-objective)"}
+# display labels only: the names and their order are the engine's (a name without a label
+# shows as itself)
+SAMPLER_LABELS = {"tpe": "Bayesian (TPE)", "gp": "Bayesian (Gaussian process)",
+                  "random": "random", "grid": "grid (every combination of the lists)",
+                  "nsga2": "NSGA-II (multi-objective)"}
+
+
+def pick(label: str, names: tuple[str, ...], default: str, key: str, **kwargs: Any) -> str:
+    """A selectbox over the engine's names, starting at the engine's default."""
+    return st.selectbox(label, names, index=names.index(default), key=key, **kwargs)
+
+
+def load_study(name: str) -> Any:
+    """The run's Optuna study, read fresh from the run store's database (it grows while the
+    search runs, so it is never cached)."""
+    import optuna  # heavy: imported only once a search is watched
+
+    return optuna.load_study(study_name=name, storage=Store().url)
+
 
 st.title("Tune")
 sel = selection()
@@ -21,14 +49,16 @@ st.caption(f"Searching around **{describe(sel['model'])}** on **{describe(sel['d
            f"with the Train page's other settings.")
 left, right = st.columns(2)
 with left:
-    sampler = st.selectbox("Sampler", list(SAMPLERS), format_func=SAMPLERS.get, key="tu_sampler")
-    trials = int(st.number_input("Trials", 1, 500, 12, key="tu_trials"))
+    sampler = pick("Sampler", SAMPLERS, DEFAULTS["sampler"], "tu_sampler",
+                   format_func=lambda s: SAMPLER_LABELS.get(s, s))
+    trials_slot = st.empty()  # filled below: the grid's size depends on the space
     timeout = int(st.number_input("Time budget (s, 0 = none)", 0, 36000, 0, key="tu_timeout"))
-    workers = int(st.number_input("Parallel workers", 1, 8, 1, key="tu_workers"))
-    validation = st.selectbox("Validation", ["holdout", "kfold", "stratified"], key="tu_val")
-    folds = int(st.number_input("Folds", 2, 20, 5, key="tu_folds",
+    workers = int(st.number_input("Parallel workers", 1, 8, DEFAULTS["workers"],
+                                  key="tu_workers"))
+    validation = pick("Validation", VALIDATIONS, DEFAULTS["validation"], "tu_val")
+    folds = int(st.number_input("Folds", 2, 20, DEFAULTS["folds"], key="tu_folds",
                                 disabled=validation == "holdout"))
-    pruner = st.selectbox("Trial pruning", ["none", "median", "hyperband"], key="tu_pruner")
+    pruner = pick("Trial pruning", PRUNERS, DEFAULTS["pruner"], "tu_pruner")
 with right:
     space = {}
     grid = sampler == "grid"
@@ -36,8 +66,10 @@ with right:
         space["train.lr"] = [0.001, 0.01, 0.1] if grid else {"low": 1e-4, "high": 0.1,
                                                                 "log": True}
     if st.checkbox("Optimizer", False, key="tu_opt"):
-        space["train.optimizer"] = st.multiselect("Optimizers", OPTIMIZERS.names(),
-                                                  ["sgd", "momentum", "adam"], key="tu_opts")
+        names = OPTIMIZERS.names()
+        space["train.optimizer"] = st.multiselect("Optimizers", names,
+                                                  [n for n in RACE if n in names],
+                                                  key="tu_opts")
     if st.checkbox("Hidden layer widths", True, key="tu_hidden"):
         text = st.text_input("Width choices (JSON)", "[[16], [64], [64, 32]]", key="tu_widths")
         space["model.hidden"] = json.loads(text) if text.strip().startswith("[") else []
@@ -46,16 +78,27 @@ with right:
             "low": 1e-6, "high": 0.1, "log": True}
     if st.checkbox("Dropout", False, key="tu_dropout"):
         space["model.dropout"] = [0.0, 0.2, 0.5] if grid else {"low": 0.0, "high": 0.5}
-    objectives = st.multiselect("Objectives", ["val_score", "val_loss", "params",
-                                               "latency_ms"], ["val_score"], key="tu_obj",
-                                help="More than one: the result is a Pareto front (NSGA-II).")
+    objectives = st.multiselect(
+        "Objectives", list(OBJECTIVES), list(DEFAULTS["objectives"]), key="tu_obj",
+        format_func=search_plots.objective_label,
+        help=f"More than one: the result is a Pareto front; the samplers "
+             f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)} search for one.")
+with trials_slot:
+    if grid:  # the engine's default for a grid: every combination once
+        size = math.prod(len(v) for v in space.values()) if space else 0
+        st.caption(f"Trials: the whole grid, {size} combination(s), each tried once.")
+        trials = None
+    else:
+        trials = int(st.number_input("Trials", 1, 500, DEFAULTS["n_trials"], key="tu_trials"))
 
-tune = {"sampler": sampler, "n_trials": trials, "timeout_s": timeout or None,
-        "workers": workers, "validation": validation, "folds": folds, "pruner": pruner,
-        "space": space, "objectives": objectives}
+tune = {"sampler": sampler, "timeout_s": timeout or None, "workers": workers,
+        "validation": validation, "folds": folds, "pruner": pruner, "space": space,
+        "objectives": objectives}
+if trials is not None:
+    tune["n_trials"] = trials
 try:
-    recipe = Recipe.from_dict({"data": sel["data"], "model": sel["model"], "train": train_cfg,
-                               "tune": tune})
+    recipe = resolve({"data": sel["data"], "model": sel["model"], "train": train_cfg,
+                      "tune": tune})
     if st.button("Search", type="primary", key="tu_run", icon=":material/search:"):
         st.session_state["tu_watch"] = submit(recipe, name=f"search {sampler}")
 except Exception as exc:
@@ -64,26 +107,31 @@ except Exception as exc:
 run_id = st.session_state.get("tu_watch")
 if run_id:
     store = Store()
+    run = store.get_run(run_id) or {}
+    # the objectives the run searches for, which the widgets above may no longer show
+    searched = ((run.get("recipe") or {}).get("tune") or {}).get("objectives") or objectives
 
-    @st.fragment(run_every=1.0)
     def trials_live() -> None:
         found = [e for e in store.events(run_id) if e.get("event") == "trial"]
+        done = [t for t in found if t.get("state") == "COMPLETE" and t.get("values")]
         st.caption(f"{len(found)} trial(s) finished")
-        if found:
-            a, b = st.columns(2)
-            a.plotly_chart(plots.search_history(found), key="tu_history")
-            b.plotly_chart(plots.parallel_coordinates(found), key="tu_parcoords")
-        if len(objectives) == 2 and objectives[0] == "val_score":  # the front, as it grows
+        if not done:
+            st.caption("The optimization history and the parameters of each trial appear "
+                       "once a trial completes.")
+            return
+        study = load_study(found[-1]["study"])
+        a, b = st.columns(2)
+        a.plotly_chart(search_plots.optimization_history(study, searched), key="tu_history")
+        b.plotly_chart(search_plots.parallel_coordinates(study, searched), key="tu_parcoords")
+        if len(searched) == 2 and searched[0] == "val_score":  # the front, as it grows
             points = [{"name": f"trial {t['number']}", "technique": "trial",
-                       "chain": str(t["params"]), objectives[0]: t["values"][0],
-                       objectives[1]: t["values"][1]}
-                      for t in found if t.get("state") == "COMPLETE" and t.get("values")]
-            if points:
-                st.plotly_chart(plots.pareto(points, objectives[1], objectives[0],
-                                             title="Pareto front of the trials"),
-                                key="tu_pareto")
+                       "chain": str(t["params"]), searched[0]: t["values"][0],
+                       searched[1]: t["values"][1]} for t in done]
+            st.plotly_chart(plots.pareto(points, searched[1], searched[0],
+                                         title="Pareto front of the trials"),
+                            key="tu_pareto")
 
-    trials_live()
+    st.fragment(trials_live, run_every=1.0 if run.get("status") in ACTIVE else None)()
     watch([run_id], key="tu_live")
     tuning = ((store.get_run(run_id) or {}).get("result") or {}).get("tuning")
     if tuning:
@@ -91,8 +139,10 @@ if run_id:
             best = tuning.get("best_value", (tuning.get("best_values") or [None])[0])
             st.success(f"Best {tuning['objectives'][0]}: {best:.4f} with "
                        f"{tuning['best_params']}; the run trained this winner as its baseline.")
-        if tuning.get("importances"):
-            st.plotly_chart(plots.importances(tuning["importances"]), key="tu_importances")
+        if tuning.get("importances"):  # the engine found parameters that varied enough
+            st.plotly_chart(search_plots.param_importances(load_study(tuning["study"]),
+                                                    tuning["objectives"]),
+                            key="tu_importances")
         if tuning.get("pareto"):
             st.dataframe([{"trial": t["number"], **t["params"], **dict(zip(
                 tuning["objectives"], t["values"], strict=False))} for t in tuning["pareto"]],

@@ -73,7 +73,7 @@ def store_url(request, tmp_path, monkeypatch):
 def _forget_engines(url: str) -> None:
     """Close this process's pooled connections to `url` (the store keeps one engine per
     URL), so a test's schema can be dropped and a long run never piles up idle sessions."""
-    from engine import store
+    from engine import store_schema as store
 
     with store._ENGINES_LOCK:
         for key in [k for k in store._ENGINES if k[1] == url]:

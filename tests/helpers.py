@@ -8,14 +8,14 @@ from torch import nn
 from engine.compress import CompressContext
 from engine.data import load_data
 from engine.models import build_model
-from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.train import to_tensors, train
 
 
 def trained_context(raw: dict) -> tuple[nn.Module, CompressContext]:
     """Train the recipe's model on the CPU and return it with the context a compression
     step gets inside a run."""
-    recipe = Recipe.from_dict(raw)
+    recipe = resolve(raw)
     data = load_data(recipe.data, seed=0)
     dev = torch.device("cpu")
     tensors = to_tensors(data, dev)

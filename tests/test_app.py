@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -29,16 +30,22 @@ def open_app(page: str | None = "pages/data_model.py") -> AppTest:
 
 def open_on_iris(page: str, *, hidden: list[int], **train: object) -> AppTest:
     """The app with iris and a small MLP selected and quick training settings, on `page`."""
-    from engine.recipe import Recipe
+    from engine.runner import resolve
 
     at = AppTest.from_file("../app.py", default_timeout=90)
-    defaults = Recipe.from_dict({}).to_dict()
+    defaults = resolve({}).to_dict()
     at.session_state["selection"] = {"data": {**defaults["data"], "source": "builtin:iris"},
                                      "model": {**defaults["model"], "hidden": hidden}}
     at.session_state["train_cfg"] = {**defaults["train"], **train}
     at.run()
     at.switch_page(page).run()
     return at
+
+
+def chart_titles(at: AppTest) -> list[str]:
+    """The titles of the Plotly figures on the page, in order."""
+    return [json.loads(c.proto.spec)["layout"].get("title", {}).get("text")
+            for c in at.get("plotly_chart")]
 
 
 def wait_finished(run_id: str, timeout: float = 120) -> dict:
@@ -58,6 +65,7 @@ def test_home_is_the_first_page_and_offers_the_showcase():
     assert at.button(key="home_showcase").label == "Showcase"
 
 
+@pytest.mark.slow
 def test_showcase_lands_on_compare_and_fills_the_pareto_plots(monkeypatch):
     from engine import showcase
 
@@ -123,6 +131,32 @@ def test_train_page_lists_every_registered_choice():
     assert at.selectbox(key="tr_batch_newton").value == "full"
 
 
+def test_train_page_starts_from_the_engines_defaults_and_registry_bounds():
+    from engine.optimizers import OPTIMIZERS
+    from engine.recipe import EarlyStoppingConfig, ScheduleConfig
+    from engine.regularization import REGULARIZERS
+
+    at = open_app("pages/train.py")
+    assert at.selectbox(key="tr_sched").value == ScheduleConfig().name == "constant"
+    dropout = REGULARIZERS.get("dropout").param("dropout")
+    slider = at.slider(key="tr_dropout")
+    assert (slider.min, slider.max) == (dropout.low, dropout.high)
+    patience = REGULARIZERS.get("early_stopping").param("patience")
+    assert at.number_input(key="tr_patience").value == EarlyStoppingConfig().patience
+    assert at.number_input(key="tr_patience").min == patience.low
+    assert at.number_input(key="tr_l1").max is None  # the registry sets no upper bound
+    # momentum is an ordinary setting of the momentum optimizer, rendered from its Param
+    at.selectbox(key="tr_opt").set_value("momentum").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    field = at.number_input(key="tr_opt_momentum_momentum")
+    assert field.value == OPTIMIZERS.get("momentum").param("momentum").default == 0.9
+    field.set_value(0.5).run()
+    cfg = at.session_state["train_cfg"]
+    assert cfg["optimizer_options"] == {"momentum": 0.5}
+    assert cfg["momentum"] is None  # the deprecated train.momentum is never sent
+
+
+@pytest.mark.slow
 def test_train_page_runs_digits_and_shows_the_curve():
     at = open_app("pages/train.py")
     at.number_input(key="tr_epochs").set_value(3).run()
@@ -138,6 +172,7 @@ def test_train_page_runs_digits_and_shows_the_curve():
     assert len(Store().history(run_id)["epoch"]) == 3
 
 
+@pytest.mark.slow
 def test_train_page_race_starts_one_run_per_optimizer():
     at = open_app("pages/train.py")
     at.number_input(key="tr_epochs").set_value(2).run()
@@ -152,6 +187,7 @@ def test_train_page_race_starts_one_run_per_optimizer():
     assert {r["recipe"]["train"]["optimizer"] for r in runs} == {"sgd", "adam"}
 
 
+@pytest.mark.slow
 def test_runs_page_empty_then_lists_a_run():
     at = open_app("pages/runs.py")
     assert "No runs yet" in at.info[0].value
@@ -196,6 +232,7 @@ def test_a_pickle_uploaded_as_a_model_is_one_sentence_on_the_page():
     assert any("never loaded" in e.value for e in at.error)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_shows_as_failed_with_its_history_after_an_app_restart():
     import os
     import signal
@@ -230,6 +267,7 @@ def chain_to_the_end(at: AppTest) -> dict:
     return run
 
 
+@pytest.mark.slow
 def test_compress_page_builds_a_chain_and_runs_it():
     at = open_app("pages/compress.py")
     from engine.compress import load_all
@@ -248,6 +286,7 @@ def test_compress_page_builds_a_chain_and_runs_it():
     assert not at.exception
 
 
+@pytest.mark.slow
 def test_compare_page_draws_both_fronts():
     from engine import jobs
 
@@ -268,6 +307,7 @@ def test_compare_page_draws_both_fronts():
     assert table["smaller by (x)"][2] > 1.5  # pruned, then fp16: smaller than the baseline
 
 
+@pytest.mark.slow
 def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
     from engine import jobs
 
@@ -286,9 +326,20 @@ def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
     assert "CLASSES" in at.code[0].value
 
 
+@pytest.mark.slow
 def test_diagnose_page_runs_and_shows_the_verdict_and_curves():
+    from engine.recipe import BiasVarianceConfig, LandscapeConfig, LearningCurveConfig
+
     at = open_on_iris("pages/diagnose.py", hidden=[16], epochs=15, lr=0.01)
     assert not at.exception and not at.error, [e.value for e in at.error]
+    # every default is the recipe's: 20 rounds, its fractions, no landscape unless asked
+    assert at.number_input(key="dg_rounds").value == BiasVarianceConfig().rounds == 20
+    assert at.multiselect(key="dg_fractions").value == list(LearningCurveConfig().fractions)
+    assert at.selectbox(key="dg_knob").value == "model.hidden"
+    assert not at.checkbox(key="dg_ls").value
+    assert at.number_input(key="dg_ls_points").value == LandscapeConfig().points
+    at.checkbox(key="dg_ls").check().run()
+    at.number_input(key="dg_ls_points").set_value(5).run()
     at.number_input(key="dg_rounds").set_value(3).run()
     at.multiselect(key="dg_fractions").set_value([0.25, 1.0]).run()
     at.button(key="dg_run").click().run()
@@ -299,7 +350,9 @@ def test_diagnose_page_runs_and_shows_the_verdict_and_curves():
     verdicts = [e.value for e in at.warning] + [e.value for e in at.success]
     assert any(v.startswith(("High bias", "High variance", "Good fit")) for v in verdicts)
     assert len(at.get("plotly_chart")) >= 3 + 2  # live curves + learning, decomposition, ...
+    assert any(t and t.startswith("loss landscape") for t in chart_titles(at))
     assert "fits random labels" in [m.label for m in at.metric]
+    assert run["recipe"]["diagnose"]["landscape"]["points"] == 5
 
 
 def search_to_the_end(at: AppTest) -> dict:
@@ -313,17 +366,63 @@ def search_to_the_end(at: AppTest) -> dict:
     return run
 
 
+def test_tune_page_starts_from_the_engines_defaults():
+    from engine.tune import DEFAULTS, OBJECTIVES, PRUNERS, SAMPLERS, VALIDATIONS
+
+    at = open_app("pages/tune.py")
+    assert at.number_input(key="tu_trials").value == DEFAULTS["n_trials"] == 20
+    assert at.selectbox(key="tu_sampler").value == DEFAULTS["sampler"]
+    assert len(at.selectbox(key="tu_sampler").options) == len(SAMPLERS)
+    for key, names, default in (("tu_val", VALIDATIONS, "validation"),
+                                ("tu_pruner", PRUNERS, "pruner")):
+        assert at.selectbox(key=key).options == list(names)
+        assert at.selectbox(key=key).value == DEFAULTS[default]
+    assert at.number_input(key="tu_folds").value == DEFAULTS["folds"]
+    assert at.number_input(key="tu_workers").value == DEFAULTS["workers"]
+    assert at.multiselect(key="tu_obj").value == list(DEFAULTS["objectives"])
+    assert len(at.multiselect(key="tu_obj").options) == len(OBJECTIVES)
+    at.selectbox(key="tu_sampler").set_value("grid").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    with pytest.raises(KeyError):  # the grid sets its own number of trials
+        at.number_input(key="tu_trials")
+    assert any("9 combination" in c.value for c in at.caption)  # 3 rates x 3 widths
+
+
+def test_tune_page_waits_with_a_caption_until_a_trial_completes():
+    from engine import jobs
+
+    run_id = jobs.submit({"data": {"source": "builtin:iris"}, "train": {"epochs": 1}},
+                         name="no trials")
+    assert wait_finished(run_id)["status"] == "done"
+    at = open_app("pages/tune.py")
+    at.session_state["tu_watch"] = run_id
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("once a trial completes" in c.value for c in at.caption)
+    assert "optimization history" not in chart_titles(at)
+
+
+@pytest.mark.slow
 def test_tune_page_runs_a_small_search_to_completion():
     at = open_on_iris("pages/tune.py", hidden=[8], epochs=5, early_stopping=None)
     assert not at.exception and not at.error, [e.value for e in at.error]
     at.selectbox(key="tu_sampler").set_value("random").run()
     at.number_input(key="tu_trials").set_value(3).run()
     run = search_to_the_end(at)
-    assert len(run["result"]["tuning"]["trials"]) == 3
+    tuning = run["result"]["tuning"]
+    assert len(tuning["trials"]) == 3
     assert any("Best" in s.value for s in at.success)
     assert len(at.get("plotly_chart")) >= 4  # history, parameters, live loss and accuracy
+    titles = chart_titles(at)
+    assert {"optimization history", "parameters of every trial"} <= set(titles)
+    history = at.get("plotly_chart")[titles.index("optimization history")]
+    [trials, _] = json.loads(history.proto.spec)["data"]  # drawn from the stored study
+    assert trials["y"] == [t["values"][0] for t in tuning["trials"]]
+    if tuning["importances"]:
+        assert "parameter importance (fANOVA)" in titles
 
 
+@pytest.mark.slow
 def test_tune_page_draws_the_pareto_front_of_a_two_objective_search():
     at = open_on_iris("pages/tune.py", hidden=[8], epochs=3, early_stopping=None)
     at.selectbox(key="tu_sampler").set_value("nsga2").run()
@@ -332,8 +431,11 @@ def test_tune_page_draws_the_pareto_front_of_a_two_objective_search():
     run = search_to_the_end(at)
     assert run["result"]["tuning"]["pareto"]
     assert len(at.get("plotly_chart")) >= 5  # history, parameters, front, live curves
+    assert {"optimization history", "parameters of every trial",
+            "Pareto front of the trials"} <= set(chart_titles(at))
 
 
+@pytest.mark.slow
 def test_compress_page_starts_from_a_finished_runs_model():
     from engine import jobs
 
@@ -351,6 +453,7 @@ def test_compress_page_starts_from_a_finished_runs_model():
     assert variants[0]["metrics"]["test_accuracy"] == original
 
 
+@pytest.mark.slow
 def test_two_sessions_each_see_their_own_runs_and_compare_fans_out():
     a = open_on_iris("pages/compress.py", hidden=[8], epochs=2)
     b = open_on_iris("pages/compress.py", hidden=[8], epochs=2)

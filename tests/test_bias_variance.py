@@ -12,7 +12,6 @@ from sklearn.linear_model import LinearRegression
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from engine.data import DataBundle, load_data
-from engine.diagnostics import fit_fresh, score
 from engine.diagnostics.bias_variance import (
     bias_variance,
     bootstrap_samples,
@@ -20,7 +19,10 @@ from engine.diagnostics.bias_variance import (
 )
 from engine.diagnostics.verdict import diagnose
 from engine.errors import UserError
+from engine.metrics import score
 from engine.recipe import Recipe
+from engine.runner import resolve
+from engine.train import fit_fresh
 
 LINEAR = {"model": {"source": "builtin:logreg"},
           "train": {"optimizer": "lbfgs", "batch_size": "full", "epochs": 10,
@@ -29,7 +31,7 @@ LINEAR = {"model": {"source": "builtin:logreg"},
 
 def _setup(source: str, params: dict | None = None, **sections) -> tuple[Recipe, DataBundle]:
     raw = {**LINEAR, **sections, "data": {"source": source, "params": params or {}}}
-    recipe = Recipe.from_dict(raw)
+    recipe = resolve(raw)
     return recipe, load_data(recipe.data, seed=0)
 
 
@@ -120,7 +122,7 @@ def test_refuses_one_round_and_an_empty_test_part() -> None:
 # --- the verdict, end to end --------------------------------------------------------------
 
 def _scores(recipe: Recipe, data: DataBundle) -> tuple[float, float]:
-    model = fit_fresh(recipe, data, seed=0)
+    model, _ = fit_fresh(recipe, data, seed=0)
     return (score(model, data.X_train, data.y_train, data.task),
             score(model, data.X_val, data.y_val, data.task))
 

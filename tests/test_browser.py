@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real servers, processes or a browser: the full tier
+
 ROOT = Path(__file__).parent.parent
 SHOTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -80,6 +80,7 @@ def test_list_prints_every_registry(capsys):
     assert main(["list", "optimisers"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted((ROOT / "assets" / "recipes").glob("*")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_run_as_a_subprocess(recipe, tmp_path):

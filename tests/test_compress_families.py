@@ -20,7 +20,8 @@ from engine.compress.presets import concat_histories
 from engine.compress.share import kmeans_1d
 from engine.errors import UserError
 from engine.models import build_model
-from engine.recipe import ModelConfig, Recipe
+from engine.recipe import ModelConfig
+from engine.runner import resolve
 from tests.helpers import trained_context
 
 
@@ -127,7 +128,7 @@ def test_feature_mode_returns_the_bare_student(setup):
     model, ctx = setup
     student_cfg = {"source": "builtin:mlp", "hidden": [24]}
     result = run("distill", model, ctx, epochs=2, mode="feature", student=student_cfg)
-    bare = build_model(Recipe.from_dict({"model": student_cfg}).model, ctx.input_shape,
+    bare = build_model(resolve({"model": student_cfg}).model, ctx.input_shape,
                        ctx.n_out, seed=0)
     student = result.model
     assert type(student) is nn.Sequential

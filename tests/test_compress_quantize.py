@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from engine.compress import COMPRESSORS, CompressContext, StepResult
-from engine.compress.quantize import METHODS, ONNX_METHODS, quantize_tensor
+from engine.compress.quantize import METHODS, ONNX_METHODS
+from engine.compress.quantizers import quantize_tensor
 from engine.errors import UserError
 from engine.export import ort_predict, ort_session
 from engine.models import build_model, load_model, save_model

@@ -8,7 +8,7 @@ import torch
 import engine
 from engine.compress import COMPRESSORS, load_all
 from engine.compress.encode import encode
-from engine.recipe import Recipe
+from engine.runner import resolve
 from tests.helpers import trained_context
 
 load_all()
@@ -73,5 +73,5 @@ def test_a_chain_yields_one_variant_per_step_in_order(tmp_path):
 
 def test_onnx_runtime_steps_must_come_last():
     with pytest.raises(engine.UserError, match="last in the chain"):
-        Recipe.from_dict({"compress": [{"technique": "quantize", "method": "static_int8"},
+        resolve({"compress": [{"technique": "quantize", "method": "static_int8"},
                                        {"technique": "prune"}]})

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from engine.data import load_data
-from engine.diagnostics import fit_fresh
 from engine.diagnostics.curves import (
     complexity_report,
     learning_curve,
@@ -17,12 +16,14 @@ from engine.diagnostics.curves import (
 )
 from engine.diagnostics.landscape import loss_landscape
 from engine.errors import UserError
+from engine.metrics import evaluate
 from engine.recipe import Recipe
-from engine.train import evaluate
+from engine.runner import resolve
+from engine.train import fit_fresh
 
 
 def small(source: str, hidden: list[int] | None = None, **train: object) -> Recipe:
-    return Recipe.from_dict({
+    return resolve({
         "data": {"source": source},
         "model": {"source": "builtin:mlp", "hidden": hidden or [16]},
         "train": {"epochs": 20, "lr": 0.01, "early_stopping": None, **train}})
@@ -87,7 +88,7 @@ def test_stratified_subsets_keep_every_class_and_its_share():
 
 
 def test_learning_curve_refuses_an_empty_validation_part():
-    recipe = Recipe.from_dict({"data": {"source": "builtin:iris", "val_fraction": 0.0},
+    recipe = resolve({"data": {"source": "builtin:iris", "val_fraction": 0.0},
                                "model": {"source": "builtin:logreg"},
                                "train": {"epochs": 1, "early_stopping": None}})
     with pytest.raises(UserError, match="val_fraction"):
@@ -113,7 +114,7 @@ def test_validation_curve_refuses_other_knobs():
     data = load_data(recipe.data, seed=0)
     with pytest.raises(UserError, match=r"model\.hidden.*train\.epochs"):
         validation_curve(recipe, data, param="train.lr", values=[0.1, 0.01])
-    logreg = Recipe.from_dict({"data": {"source": "builtin:iris"},
+    logreg = resolve({"data": {"source": "builtin:iris"},
                                "model": {"source": "builtin:logreg"}})
     with pytest.raises(UserError, match="no effect"):
         validation_curve(logreg, data, param="model.hidden", values=[[8]])
@@ -133,7 +134,7 @@ def test_rademacher_grows_with_width(digits):
 
 
 def test_rademacher_on_regression_is_a_clipped_r2():
-    recipe = Recipe.from_dict({"data": {"source": "builtin:diabetes"},
+    recipe = resolve({"data": {"source": "builtin:diabetes"},
                                "model": {"source": "builtin:mlp", "hidden": [64]},
                                "train": {"epochs": 30, "lr": 0.01}})
     data = load_data(recipe.data, seed=0)
@@ -144,7 +145,7 @@ def test_rademacher_on_regression_is_a_clipped_r2():
 
 def test_complexity_report_counts_parameters(digits):
     recipe, data = digits
-    model = fit_fresh(recipe, data, seed=0, train={"epochs": 0})
+    model, _ = fit_fresh(recipe, data, seed=0, train={"epochs": 0})
     report = complexity_report(model, data)
     assert report["params"] == 64 * 16 + 16 + 16 * 10 + 10
     assert report["flops"] > 0 and report["nonzero_params"] <= report["params"]
@@ -152,12 +153,12 @@ def test_complexity_report_counts_parameters(digits):
 
 @pytest.fixture(scope="module")
 def iris_logreg():
-    recipe = Recipe.from_dict({
+    recipe = resolve({
         "data": {"source": "builtin:iris"}, "model": {"source": "builtin:logreg"},
         "train": {"optimizer": "lbfgs", "batch_size": "full", "epochs": 10,
                   "early_stopping": None}})
     data = load_data(recipe.data, seed=0)
-    return fit_fresh(recipe, data, seed=0), data
+    return fit_fresh(recipe, data, seed=0)[0], data
 
 
 def test_landscape_center_is_the_models_loss_and_the_slice_minimum(iris_logreg):

@@ -22,6 +22,7 @@ from engine.data import (
 )
 from engine.errors import UserError
 from engine.recipe import AugmentConfig, DataConfig, FeatureSelectionConfig
+from engine.sections import resolve_data
 
 SHAPES = {"digits": (1, 8, 8), "breast_cancer": (30,), "wine": (13,), "iris": (4,),
           "diabetes": (10,), "moons": (2,), "circles": (2,), "classification": (20,)}
@@ -64,11 +65,10 @@ def test_builtin_loads(name):
 
 
 def test_builtin_params_validate_and_fill_defaults():
-    cfg = DataConfig(source="builtin:moons", params={"noise": 0.3})
-    cfg.validate()
+    cfg = resolve_data(DataConfig(source="builtin:moons", params={"noise": 0.3}))
     assert cfg.params == {"n_samples": 500, "noise": 0.3, "random_state": 0}
     with pytest.raises(UserError, match="noise"):
-        DataConfig(source="builtin:moons", params={"noise": 5.0}).validate()
+        resolve_data(DataConfig(source="builtin:moons", params={"noise": 5.0}))
     X, _, _ = load_arrays(DataConfig(source="builtin:classification",
                                      params={"n_samples": 100, "n_features": 7}))
     assert X.shape == (100, 7)

@@ -13,7 +13,7 @@ from engine.data import load_data
 from engine.errors import UserError
 from engine.export import ort_predict, ort_session
 from engine.models import MODELS, build_model
-from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.train import to_tensors, train
 
 load_all()
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 def trained(arch: str, source: str = "builtin:digits", epochs: int = 4, **data_cfg):
-    recipe = Recipe.from_dict({"data": {"source": source, **data_cfg},
+    recipe = resolve({"data": {"source": source, **data_cfg},
                                "model": {"source": f"builtin:{arch}", "hidden": [32]},
                                "train": {"epochs": epochs, "early_stopping": None}})
     data = load_data(recipe.data, seed=0)

@@ -10,6 +10,7 @@ from engine.data import load_data
 from engine.diagnostics.bias_variance import bias_variance, bootstrap_samples
 from engine.ensemble import Member, fit_members
 from engine.recipe import Recipe
+from engine.runner import resolve
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,7 +23,7 @@ def one_thread():
 
 
 def _recipe(source: str = "builtin:digits", model: dict | None = None, **train) -> Recipe:
-    return Recipe.from_dict({"data": {"source": source},
+    return resolve({"data": {"source": source},
                              "model": model or {"source": "builtin:mlp", "hidden": [16]},
                              "train": {"epochs": 4, "early_stopping": None, **train}})
 
@@ -160,10 +161,11 @@ def test_bias_variance_rounds_train_as_one_batched_ensemble(digits) -> None:
                        on_round=lambda d, t: calls.append((d, t)))
     assert bv["training"]["path"] == "batched" and bv["training"]["batched"] == 4
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    from engine.diagnostics import fit_fresh, predict
+    from engine.metrics import predict
+    from engine.train import fit_fresh
 
     def fit(idx, r):  # the sequential reference: one fresh model per round
-        model = fit_fresh(recipe, digits, idx, seed=2 + r)
+        model, _ = fit_fresh(recipe, digits, idx, seed=2 + r)
         return lambda X: predict(model, X)
 
     alone = bias_variance(recipe, digits, rounds=4, seed=2, fit=fit)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine import jobs
+from engine import jobs, local_backend, settings, worker
 from engine.errors import UserError
 from engine.store import ACTIVE, Store, run_dir
 from tests.test_jobs import epochs_done, finished, wait_for
@@ -39,10 +39,10 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(tmp_path / "art"))
     monkeypatch.setenv("WORKBENCH_MAX_WORKERS", "2")
     yield Store(f"sqlite:///{tmp_path}/s.db")
-    for proc in list(jobs._PROCS.values()):  # a failed test may leave a worker behind
+    for proc in list(local_backend._PROCS.values()):  # a failed test may leave a worker behind
         proc.kill()
         proc.wait(10)
-    jobs._PROCS.clear()
+    local_backend._PROCS.clear()
 
 
 def in_compression(store: Store, run_id: str) -> None:
@@ -56,6 +56,7 @@ def in_compression(store: Store, run_id: str) -> None:
     wait_for(ready, "the fine-tune to start", timeout=120)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_compression_keeps_every_finished_variant(store):
     run_id = jobs.submit(COMPRESSING, store=store, threads=1)
     in_compression(store, run_id)
@@ -64,7 +65,7 @@ def test_sigkill_mid_compression_keeps_every_finished_variant(store):
 
     fresh = Store(store.url)  # what an app started afterwards reads
     run = fresh.get_run(run_id)
-    assert run["status"] == "failed" and run["error"] == jobs.DIED_MESSAGE
+    assert run["status"] == "failed" and run["error"] == worker.DIED_MESSAGE
     result = fresh.result(run_id)
     baseline = next(v for v in result["variants"] if v["name"] == "baseline")
     assert baseline["metrics"]["test_accuracy"] > 0.5 and os.path.isfile(baseline["model_file"])
@@ -74,14 +75,16 @@ def test_sigkill_mid_compression_keeps_every_finished_variant(store):
     assert "prune-magnitude" not in [v["name"] for v in fresh.variants(run_id)]
 
 
+@pytest.mark.slow
 def test_app_restart_mid_run_leaves_the_run_to_finish(store):
     run_id = jobs.submit(TINY | {"train": {"epochs": 40}}, store=store, threads=1)
     epochs_done(store, run_id, 1)
-    jobs._PROCS.clear()  # a restarted app knows its workers only from the store
+    local_backend._PROCS.clear()  # a restarted app knows its workers only from the store
     assert jobs.reap(Store(store.url)) == []  # alive by its pid: not failed
     assert finished(Store(store.url), run_id)["status"] == "done"
 
 
+@pytest.mark.slow
 def test_a_hung_worker_is_killed_after_the_configured_time(store, monkeypatch):
     run_id = jobs.submit(COMPRESSING, store=store, threads=1)
     in_compression(store, run_id)
@@ -96,15 +99,14 @@ def test_a_hung_worker_is_killed_after_the_configured_time(store, monkeypatch):
 
 HANGS = """
 import sys, time
-import engine
-from engine import jobs
+from engine import worker
 
 def stuck(*args, **kwargs):
     kwargs["on_progress"]({"event": "stage", "stage": "train"})
     time.sleep(60)  # a call that never returns
 
-engine.run = stuck
-sys.exit(jobs.run_worker(sys.argv[1], sys.argv[2]))
+worker.run_recipe = stuck
+sys.exit(worker.run_worker(sys.argv[1], sys.argv[2]))
 """
 
 
@@ -116,10 +118,11 @@ def test_a_worker_stops_itself_when_it_hangs_with_no_app_polling(store, tmp_path
                           cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert done.returncode == 3 and time.monotonic() - start < 30
     run = store.get_run(run_id)
-    assert run["status"] == "failed" and run["error"] == jobs.hang_message(1)
+    assert run["status"] == "failed" and run["error"] == worker.hang_message(1)
     assert store.events(run_id)[0]["stage"] == "train"  # what it said before, kept
 
 
+@pytest.mark.slow
 def test_wait_returns_every_run_once_ended(store):
     ids = [jobs.submit(TINY, store=store) for _ in range(3)]
     runs = jobs.wait(ids, store=store, timeout_s=120)
@@ -129,14 +132,15 @@ def test_wait_returns_every_run_once_ended(store):
 def test_bad_limits_are_one_sentence(monkeypatch):
     monkeypatch.setenv("WORKBENCH_MAX_WORKERS", "many")
     with pytest.raises(UserError, match="WORKBENCH_MAX_WORKERS must be a positive whole number"):
-        jobs.max_workers()
+        settings.max_workers()
     monkeypatch.setenv("WORKBENCH_HANG_TIMEOUT_S", "soon")
     with pytest.raises(UserError, match="WORKBENCH_HANG_TIMEOUT_S"):
-        jobs.hang_limit_s()
+        settings.hang_limit_s()
     monkeypatch.setenv("WORKBENCH_HANG_TIMEOUT_S", "0")
-    assert jobs.hang_limit_s() is None
+    assert settings.hang_limit_s() is None
 
 
+@pytest.mark.slow
 def test_cancel_works_queued_running_and_finished(store, monkeypatch):
     monkeypatch.setenv("WORKBENCH_MAX_WORKERS", "1")
     busy = jobs.submit(COMPRESSING, store=store, threads=1)
@@ -148,7 +152,7 @@ def test_cancel_works_queued_running_and_finished(store, monkeypatch):
     in_compression(store, busy)  # cancel mid-compression
     jobs.cancel(busy, store=store)
     run = store.get_run(busy)
-    assert run["status"] == "cancelled" and run["error"] == jobs.CANCELLED_MESSAGE
+    assert run["status"] == "cancelled" and run["error"] == worker.CANCELLED_MESSAGE
     assert any(v["name"] == "baseline" for v in store.variants(busy))
 
     done = jobs.submit(TINY, store=store)  # the slot is free again
@@ -157,6 +161,7 @@ def test_cancel_works_queued_running_and_finished(store, monkeypatch):
     assert store.get_run(done)["status"] == "done"  # a finished run stays as it is
 
 
+@pytest.mark.slow
 def test_ten_runs_behind_a_limit_of_two_all_finish(store):
     ids = [jobs.submit(TINY, store=store, name=f"load {i}", threads=1) for i in range(10)]
     most, stop = [0], threading.Event()
@@ -187,6 +192,7 @@ def test_ten_runs_behind_a_limit_of_two_all_finish(store):
     assert len(store.list_runs()) == 10
 
 
+@pytest.mark.slow
 def test_a_store_copied_while_written_keeps_finished_runs(store, tmp_path):
     done = jobs.submit(TINY, store=store)
     assert finished(store, done)["status"] == "done"
@@ -223,23 +229,22 @@ def test_a_store_copied_while_written_keeps_finished_runs(store, tmp_path):
 
 
 def test_out_of_memory_is_one_sentence_and_the_worker_goes_on(store, monkeypatch):
-    import engine
-
     def exhausted(*args: Any, **kwargs: Any) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     first = store.create_run(TINY)
-    monkeypatch.setattr(engine, "run", exhausted)
-    assert jobs.run_worker(first, store.url) == 2
+    monkeypatch.setattr(worker, "run_recipe", exhausted)
+    assert worker.run_worker(first, store.url) == 2
     error = store.get_run(first)["error"]
     assert error.startswith("out of GPU memory at batch size 64; lower the batch size")
     monkeypatch.undo()
     monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(run_dir(first).parent))
     second = store.create_run(TINY)  # the same process runs the next one
-    assert jobs.run_worker(second, store.url) == 0
+    assert worker.run_worker(second, store.url) == 0
     assert store.get_run(second)["status"] == "done"
 
 
+@pytest.mark.slow
 def test_no_string_becomes_a_command_or_a_path(store, tmp_path):
     marker = tmp_path / "pwned"
     hostile = f"$(touch {marker}); `touch {marker}` | touch {marker}"

@@ -10,13 +10,14 @@ from engine.data import load_data
 from engine.errors import UserError
 from engine.models import build_model
 from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.train import train, uses_bf16
 
 CPU = torch.device("cpu")
 
 
 def _recipe(**train) -> Recipe:
-    return Recipe.from_dict({"data": {"source": "builtin:iris"},
+    return resolve({"data": {"source": "builtin:iris"},
                              "model": {"source": "builtin:mlp", "hidden": [8]},
                              "train": {"epochs": 3, "early_stopping": None, "batch_size": 32,
                                        **train}})
@@ -29,9 +30,9 @@ def _fit(recipe: Recipe):
 
 
 def test_old_recipes_stay_valid_and_round_trip() -> None:
-    recipe = Recipe.from_dict({"train": {"amp": False}})
+    recipe = resolve({"train": {"amp": False}})
     assert recipe.train.precision == "auto" and recipe.train.compile is False
-    again = Recipe.from_dict(recipe.to_dict())
+    again = resolve(recipe.to_dict())
     assert again == recipe and again.to_dict()["train"]["precision"] == "auto"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from engine import jobs
+from engine import jobs, local_backend, worker
 from engine.errors import UserError
 from engine.store import ACTIVE, Store, run_dir
 
@@ -40,7 +40,7 @@ def workers(tmp_path_factory):
                 for key, recipe in (("cancel", LONG), ("kill", LONG), ("tiny", TINY),
                                     ("diverges", DIVERGES))}
         yield store, runs
-        for proc in list(jobs._PROCS.values()):  # a failed test may leave a worker behind
+        for proc in list(local_backend._PROCS.values()):  # a failed test may leave a worker behind
             proc.kill()
             proc.wait(10)
 
@@ -77,6 +77,7 @@ def epochs_done(store: Store, run_id: str, at_least: int) -> int:
     return len(store.history(run_id)["epoch"])
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_run_and_keeps_its_epochs(workers):
     store, runs = workers
     run_id = runs["cancel"]
@@ -85,7 +86,7 @@ def test_cancel_stops_a_run_and_keeps_its_epochs(workers):
     jobs.cancel(run_id, store=store)
     assert time.monotonic() - start < 5  # stopped by its own check, not killed at grace_s
     run = store.get_run(run_id)
-    assert run["status"] == "cancelled" and run["error"] == jobs.CANCELLED_MESSAGE
+    assert run["status"] == "cancelled" and run["error"] == worker.CANCELLED_MESSAGE
     assert 3 <= len(store.history(run_id)["epoch"]) < 2000
     jobs.cancel(run_id, store=store)  # a finished run stays as it is
     assert store.get_run(run_id)["status"] == "cancelled"
@@ -102,7 +103,7 @@ def test_a_killed_worker_is_reaped_as_failed_with_its_history(workers):
 
     fresh = Store(store.url)  # what the app sees after a restart
     run = fresh.get_run(run_id)
-    assert run["status"] == "failed" and run["error"] == jobs.DIED_MESSAGE
+    assert run["status"] == "failed" and run["error"] == worker.DIED_MESSAGE
     assert len(kept) >= 3 and fresh.history(run_id)["epoch"] == kept
     assert fresh.result(run_id)["variants"][0]["history"]["epoch"] == kept
     assert jobs.reap(fresh) == []  # marked once
@@ -161,8 +162,8 @@ def test_reaper_marks_runs_without_a_worker(workers):
                      {"id": waiting, "t": time.time()})
 
     assert sorted(jobs.reap(store)) == sorted([gone, never])
-    assert store.get_run(gone)["error"] == jobs.DIED_MESSAGE
-    assert store.get_run(never)["error"] == jobs.NEVER_STARTED_MESSAGE
+    assert store.get_run(gone)["error"] == worker.DIED_MESSAGE
+    assert store.get_run(never)["error"] == worker.NEVER_STARTED_MESSAGE
     assert store.get_run(elsewhere)["status"] == "running"  # another host's reaper decides
     assert store.get_run(waiting)["status"] == "queued"
     jobs.cancel(waiting, store=store)  # queued with no worker: cancelled at once
@@ -185,10 +186,10 @@ def test_reaper_kills_a_hung_worker(workers):
 
 
 def test_is_alive():
-    assert jobs.is_alive(os.getpid())
-    assert not jobs.is_alive(2**31 - 1) and not jobs.is_alive(0)
+    assert local_backend.is_alive(os.getpid())
+    assert not local_backend.is_alive(2**31 - 1) and not local_backend.is_alive(0)
     child = subprocess.Popen(["true"])
-    wait_for(lambda: not jobs.is_alive(child.pid), "the child to end")  # a zombie is dead
+    wait_for(lambda: not local_backend.is_alive(child.pid), "the child to end")  # a zombie is dead
     child.wait()
 
 

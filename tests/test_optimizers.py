@@ -14,6 +14,7 @@ from engine.models import build_model
 from engine.optimizers import OPTIMIZERS
 from engine.recipe import Recipe
 from engine.regularization import penalty
+from engine.runner import resolve
 from engine.train import train
 
 FULL_BATCH = {"lbfgs", "newton", "bfgs"}
@@ -24,7 +25,7 @@ def logreg_recipe(optimizer: str, **train_cfg) -> Recipe:
     full = optimizer in FULL_BATCH
     cfg = {"optimizer": optimizer, "epochs": 20 if full else 30,
            "batch_size": "full" if full else 32, "early_stopping": None, **train_cfg}
-    return Recipe.from_dict({"data": {"source": "builtin:breast_cancer"},
+    return resolve({"data": {"source": "builtin:breast_cancer"},
                              "model": {"source": "builtin:logreg"}, "train": cfg})
 
 
@@ -74,7 +75,7 @@ def test_second_order_methods_reach_sklearn_loss(name):
 
 
 def test_newton_refuses_large_models_and_suggests_lbfgs():
-    recipe = Recipe.from_dict({"data": {"source": "builtin:digits"},
+    recipe = resolve({"data": {"source": "builtin:digits"},
                                "model": {"source": "builtin:mlp", "hidden": [64]},
                                "train": {"optimizer": "newton", "batch_size": "full",
                                          "epochs": 1}})
@@ -83,7 +84,7 @@ def test_newton_refuses_large_models_and_suggests_lbfgs():
 
 
 def test_newton_refuses_dropout():
-    recipe = Recipe.from_dict({"data": {"source": "builtin:iris"},
+    recipe = resolve({"data": {"source": "builtin:iris"},
                                "model": {"source": "builtin:logreg", "dropout": 0.2},
                                "train": {"optimizer": "bfgs", "batch_size": "full"}})
     with pytest.raises(UserError, match="dropout"):
@@ -91,15 +92,15 @@ def test_newton_refuses_dropout():
 
 
 def test_optimizer_defaults_fill_the_learning_rate():
-    assert Recipe.from_dict({"train": {"optimizer": "newton"}}).train.lr == 1.0
-    assert Recipe.from_dict({"train": {"optimizer": "sgd"}}).train.lr == 0.01
-    assert Recipe.from_dict({"train": {"optimizer": "sgd", "lr": 0.3}}).train.lr == 0.3
+    assert resolve({"train": {"optimizer": "newton"}}).train.lr == 1.0
+    assert resolve({"train": {"optimizer": "sgd"}}).train.lr == 0.01
+    assert resolve({"train": {"optimizer": "sgd", "lr": 0.3}}).train.lr == 0.3
 
 
 def test_optimizer_options_are_checked():
     with pytest.raises(UserError, match="beta1"):
-        Recipe.from_dict({"train": {"optimizer": "adam", "optimizer_options": {"beta": 0.8}}})
-    recipe = Recipe.from_dict({"train": {"optimizer": "adam",
+        resolve({"train": {"optimizer": "adam", "optimizer_options": {"beta": 0.8}}})
+    recipe = resolve({"train": {"optimizer": "adam",
                                          "optimizer_options": {"beta1": 0.8}}})
     assert recipe.train.optimizer_options == {"beta1": 0.8, "beta2": 0.999, "eps": 1e-8,
                                               "amsgrad": False}

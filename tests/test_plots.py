@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from engine import plots
+from engine import plots, search_plots
 
 
 def test_curve_records_skip_missing_values_and_keep_order():
@@ -98,6 +98,96 @@ def test_pareto_colours_families_alike_and_hover_says_what_a_technique_does():
 def test_every_diagnostic_and_search_figure_titles_its_axes():
     bv = plots.bias_variance({"loss": "0-1", "rounds": 3, "expected_loss": 0.2, "bias": 0.1,
                               "variance": 0.1})
-    imp = plots.importances({"lr": 0.7, "wd": 0.3})
-    for fig in (bv, imp):
+    study = small_study()
+    for fig in (bv, search_plots.optimization_history(study),
+                search_plots.param_importances(study)):
         assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+
+
+# --- the search figures: Optuna's, drawn from a study and restyled ----------------------------
+
+def small_study(directions: tuple[str, ...] = ("minimize",), n_trials: int = 5):
+    """An in-memory study over x and y in [0, 1], seeded: the objective is x + y/10 (and,
+    for a second objective, 1 - x)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=list(directions),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        x, y = trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
+        return (x + y / 10, 1 - x)[:len(directions)] if len(directions) > 1 else x + y / 10
+
+    study.optimize(objective, n_trials=n_trials)
+    return study
+
+
+def test_optimization_history_shows_each_complete_trial_and_the_best_so_far():
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    study = small_study()
+    study.add_trial(optuna.trial.create_trial(  # pruned trials have no value to draw
+        state=optuna.trial.TrialState.PRUNED, params={"x": 0.5, "y": 0.5},
+        distributions={"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}))
+    fig = search_plots.optimization_history(study, ["val_loss"])
+    trial, best = fig.data
+    values = [t.value for t in study.trials if t.value is not None]
+    assert (trial.name, best.name) == ("trial", "best so far")
+    assert list(trial.x) == [0, 1, 2, 3, 4] and list(trial.y) == values
+    running = [min(values[:i + 1]) for i in range(len(values))]  # minimized
+    assert list(best.x) == [0, 1, 2, 3, 4, 5]  # the best so far carries on over trial 5
+    assert list(best.y) == [*running, running[-1]]
+    assert trial.marker.color == plots.PALETTE[0] and best.line.color == plots.PALETTE[1]
+    assert fig.layout.title.text == "optimization history"
+    assert fig.layout.yaxis.title.text == search_plots.objective_label("val_loss")
+    assert "trial" in fig.layout.xaxis.title.text
+
+
+def test_parallel_coordinates_draw_one_line_per_trial_coloured_by_its_objective():
+    from plotly.colors import sample_colorscale
+
+    study = small_study(n_trials=6)
+    fig = search_plots.parallel_coordinates(study)
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) == 6
+    assert list(fig.layout.xaxis.ticktext) == [search_plots.objective_label("val_score"), "x", "y"]
+    best = max(lines, key=lambda t: t.y[0])  # the highest objective, at the top of its axis
+    assert best.line.color == sample_colorscale(search_plots.SEARCH_COLOURS, [1.0])[0]
+    colour_bar = next(t for t in fig.data if t.mode == "markers")
+    assert colour_bar.marker.colorbar.title.text == search_plots.objective_label("val_score")
+    assert fig.layout.title.text == "parameters of every trial"
+    assert fig.layout.plot_bgcolor is None  # the theme's background, as our other figures
+
+
+def test_param_importances_are_shares_per_objective():
+    fig = search_plots.param_importances(small_study(n_trials=12))
+    [bars] = fig.data
+    assert set(bars.y) == {"x", "y"} and abs(sum(bars.x) - 1) < 1e-6
+    importance = dict(zip(bars.y, bars.x, strict=True))
+    assert importance["x"] > importance["y"]  # the objective is x + y/10
+    assert bars.marker.color == plots.PALETTE[2]
+    assert "variance" in fig.layout.xaxis.title.text
+    two = search_plots.param_importances(small_study(("maximize", "minimize"), n_trials=12),
+                                  ["val_score", "params"])
+    assert [t.name for t in two.data] == [search_plots.objective_label("val_score"),
+                                          search_plots.objective_label("params")]
+
+
+def test_multi_objective_studies_draw_their_first_objective():
+    study = small_study(("maximize", "minimize"))
+    fig = search_plots.optimization_history(study, ["val_score", "params"])
+    assert [t.name for t in fig.data] == ["trial"]  # no "best so far" on a Pareto search
+    assert list(fig.data[0].y) == [t.values[0] for t in study.trials]
+    assert len([t for t in search_plots.parallel_coordinates(study).data if t.mode == "lines"]) == 5
+
+
+def test_search_figures_of_a_study_without_complete_trials_are_empty():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study()
+    for draw in (search_plots.optimization_history, search_plots.parallel_coordinates,
+                 search_plots.param_importances):
+        assert len(draw(study).data) == 0

@@ -4,15 +4,19 @@ beside the runs. The server and the per-test schema come from conftest.py's `pos
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.store import Store
 from engine.tune import search, validate_tune
 
+pytestmark = pytest.mark.slow  # real servers, processes or a browser: the full tier
+
 
 def tiny(tune: dict) -> Recipe:
-    recipe = Recipe.from_dict({"data": {"source": "builtin:iris"},
+    recipe = resolve({"data": {"source": "builtin:iris"},
                                "model": {"source": "builtin:logreg"},
                                "train": {"epochs": 2, "early_stopping": None}})
     return recipe.replace(tune=validate_tune(tune))

@@ -12,6 +12,8 @@ from engine import jobs, ray_backend
 from engine.store import Store
 from tests.test_jobs import epochs_done, finished
 
+pytestmark = pytest.mark.slow  # real servers, processes or a browser: the full tier
+
 ray = pytest.importorskip("ray", reason="the Ray backend tests need `ray` (requirements.txt)")
 
 BASE = {"data": {"source": "builtin:iris"},

@@ -9,23 +9,24 @@ import pytest
 
 from engine.errors import UserError
 from engine.recipe import Recipe, load_recipe
+from engine.runner import resolve
 
 ASSETS = Path(__file__).parent.parent / "assets" / "recipes"
 
 
 def test_defaults_are_filled_and_the_dump_replays():
-    recipe = Recipe.from_dict({})
+    recipe = resolve({})
     d = recipe.to_dict()
     assert d["data"]["source"] == "builtin:digits"
     assert d["train"]["lr"] == 0.001  # adam's own default
     assert d["train"]["schedule"] == {"name": "constant", "warmup_epochs": 0,
                                       "warmup_start": 0.1}
     assert d["data"]["params"] == {}
-    assert Recipe.from_dict(json.loads(json.dumps(d))) == recipe
+    assert resolve(json.loads(json.dumps(d))) == recipe
 
 
 def test_design_example_is_accepted_in_full():
-    recipe = Recipe.from_dict({
+    recipe = resolve({
         "seed": 0, "device": "auto",
         "data": {"source": "builtin:digits", "target": None, "task": "auto",
                  "val_fraction": 0.2, "test_fraction": 0.2, "standardize": True},
@@ -39,16 +40,16 @@ def test_design_example_is_accepted_in_full():
 
 
 def test_schedule_settings_are_flat_and_checked():
-    recipe = Recipe.from_dict({"train": {"schedule": {"name": "step", "gamma": 0.5}}})
+    recipe = resolve({"train": {"schedule": {"name": "step", "gamma": 0.5}}})
     assert recipe.train.schedule.options == {"step_size": 10, "gamma": 0.5}
     assert recipe.to_dict()["train"]["schedule"]["gamma"] == 0.5
     with pytest.raises(UserError, match="gamma"):
-        Recipe.from_dict({"train": {"schedule": {"name": "step", "gama": 0.5}}})
-    assert Recipe.from_dict({"train": {"schedule": None}}).train.schedule is None
+        resolve({"train": {"schedule": {"name": "step", "gama": 0.5}}})
+    assert resolve({"train": {"schedule": None}}).train.schedule is None
 
 
 def test_dataset_params_are_filled_from_the_registry():
-    recipe = Recipe.from_dict({"data": {"source": "builtin:moons", "params": {"noise": 0.3}}})
+    recipe = resolve({"data": {"source": "builtin:moons", "params": {"noise": 0.3}}})
     assert recipe.data.params["noise"] == 0.3
     assert recipe.data.params["n_samples"] > 0
 
@@ -76,7 +77,7 @@ def test_dataset_params_are_filled_from_the_registry():
 ])
 def test_bad_recipes_get_one_clear_sentence(raw, words):
     with pytest.raises(UserError) as info:
-        Recipe.from_dict(raw)
+        resolve(raw)
     message = str(info.value)
     assert words in message
     assert "\n" not in message and message.endswith(".")

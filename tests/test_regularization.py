@@ -11,15 +11,14 @@ import engine
 from engine.data import load_data
 from engine.errors import UserError
 from engine.models import build_model
-from engine.recipe import Recipe
-from engine.runner import TrainingDivergedError
+from engine.runner import TrainingDivergedError, resolve
 from engine.train import train
 
 CPU = torch.device("cpu")
 
 
 def fit(recipe_dict: dict) -> tuple[torch.nn.Module, object]:
-    recipe = Recipe.from_dict(recipe_dict)
+    recipe = resolve(recipe_dict)
     data = load_data(recipe.data, seed=recipe.seed)
     n_out = data.n_classes or 1
     model = build_model(recipe.model, data.input_shape, n_out, seed=recipe.seed)
@@ -62,7 +61,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     assert result.best_epoch == history["epoch"][best]
     assert len(history["epoch"]) == result.best_epoch + 5
     # the model holds the best epoch's weights: its validation loss is the best one
-    recipe = Recipe.from_dict({"data": {"source": "builtin:breast_cancer"}})
+    recipe = resolve({"data": {"source": "builtin:breast_cancer"}})
     data = load_data(recipe.data, seed=0)
     with torch.no_grad():
         val = torch.nn.functional.cross_entropy(model(torch.tensor(data.X_val)),
@@ -81,7 +80,7 @@ def test_gradient_clipping_limits_the_first_step():
         recipe = wine_logreg(optimizer="sgd", lr=1.0, epochs=1, batch_size="full",
                              grad_clip=clip)
         model, _ = fit(recipe)
-        fresh = build_model(Recipe.from_dict(recipe).model, (13,), 3, seed=0)
+        fresh = build_model(resolve(recipe).model, (13,), 3, seed=0)
         with torch.no_grad():  # every parameter, biases too: clipping uses the global norm
             moved[clip] = float(torch.cat([(a - b).flatten() for a, b in zip(
                 model.parameters(), fresh.parameters(), strict=True)]).norm())
@@ -95,7 +94,7 @@ def test_freeze_keeps_named_layers_fixed():
               "model": {"source": "builtin:mlp", "hidden": [8]},
               "train": {"epochs": 5, "freeze": ["fc1"], "early_stopping": None}}
     model, _ = fit(recipe)
-    fresh = build_model(Recipe.from_dict(recipe).model, (4,), 3, seed=0)
+    fresh = build_model(resolve(recipe).model, (4,), 3, seed=0)
     assert torch.equal(model.fc1.weight, fresh.fc1.weight)
     assert not torch.equal(model.out.weight, fresh.out.weight)
     with pytest.raises(UserError, match="fc1"):

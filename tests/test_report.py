@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from engine import jobs, report
+from engine import report, worker
 from engine.errors import UserError
 from engine.store import Store
 
@@ -37,7 +37,7 @@ def stored(tmp_path_factory):
                 {"technique": "lowrank", "rank_fraction": 0.5, "finetune_epochs": 1}]}),
                 ("iris sgd", SGD)):
             ids[name] = store.create_run(recipe, name=name)
-            code = jobs.run_worker(ids[name], store.url)
+            code = worker.run_worker(ids[name], store.url)
             assert code == 0, store.get_run(ids[name])["error"]
         yield store, ids
 
@@ -109,6 +109,7 @@ def test_an_empty_or_unknown_selection_is_one_sentence(stored):
         report.build(store, ["nope"])
 
 
+@pytest.mark.slow
 def test_png_export_of_the_main_figures(stored, tmp_path):
     import shutil
     from pathlib import Path

@@ -7,10 +7,12 @@ import time
 
 import pytest
 
-from engine import jobs, showcase
-from engine.recipe import Recipe
-from engine.runner import step_name
+from engine import jobs, local_backend, showcase
+from engine.compress import step_name
+from engine.runner import resolve
 from engine.store import ACTIVE, Store, run_dir
+
+pytestmark = pytest.mark.slow  # real servers, processes or a browser: the full tier
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WORKBENCH_ARTIFACTS", str(root / "art"))
         yield Store(f"sqlite:///{root}/s.db")
-        for proc in list(jobs._PROCS.values()):  # a failed test may leave a worker behind
+        for proc in list(local_backend._PROCS.values()):  # a failed test may leave a worker behind
             proc.kill()
             proc.wait(10)
 
@@ -44,7 +46,7 @@ def test_keys_are_stable_and_distinct():
     entries = showcase.recipes(quick=True)
     assert len({e.key for e in entries}) == len(entries)
     first = entries[0]
-    spelled_out = Recipe.from_dict(first.recipe).to_dict()  # every default written
+    spelled_out = resolve(first.recipe).to_dict()  # every default written
     assert showcase.recipe_key(spelled_out) == first.key
     assert showcase.recipe_key({**first.recipe, "name": "renamed"}) == first.key
     assert showcase.key_of(first.name) == first.key

@@ -17,7 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy import text
 
 from engine.errors import UserError
-from engine.store import Store, artifacts_root, default_url, run_dir
+from engine.settings import artifacts_root
+from engine.settings import store_url as default_url
+from engine.store import Store, run_dir
 
 RECIPE = {"data": {"source": "builtin:iris"}, "model": {"source": "builtin:mlp", "hidden": [8]},
           "train": {"epochs": 3}}
@@ -227,6 +229,7 @@ def _write_epochs(url: str, run_id: str, variant: str, count: int, barrier) -> N
         store.record_event(run_id, epoch_event(epoch, variant=variant))
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_store_at_once(store):
     run_id = store.create_run(RECIPE)
     ctx = multiprocessing.get_context("spawn")

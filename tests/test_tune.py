@@ -10,11 +10,12 @@ import pytest
 
 from engine.errors import UserError
 from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.tune import apply_params, best_recipe, fold_indices, search, validate_tune
 
 
 def make(tune: dict, *, source: str = "builtin:iris", epochs: int = 5) -> Recipe:
-    recipe = Recipe.from_dict({"data": {"source": source}, "model": {"hidden": [8]},
+    recipe = resolve({"data": {"source": source}, "model": {"hidden": [8]},
                                "train": {"epochs": epochs, "early_stopping": None}})
     return recipe.replace(tune=validate_tune(tune))
 
@@ -66,7 +67,7 @@ def test_kfold_validates_every_row_exactly_once():
 
 
 def test_kfold_search_scores_the_mean_over_folds(tmp_path, monkeypatch):
-    import engine.tune as tune_mod
+    import engine.tune.objective as tune_mod
 
     used = []
     real = tune_mod.fold_indices
@@ -216,16 +217,16 @@ def test_bad_values_are_refused_before_any_trial(tmp_path):
 
 
 def test_apply_params_sets_paths_without_touching_the_input():
-    raw = Recipe.from_dict({"compress": [{"technique": "prune", "amount": 0.5}]}).to_dict()
+    raw = resolve({"compress": [{"technique": "prune", "amount": 0.5}]}).to_dict()
     out = apply_params(raw, {"train.lr": 0.3, "model.hidden": [4], "compress.0.amount": 0.9})
     assert out["train"]["lr"] == 0.3 and out["model"]["hidden"] == [4]
     assert out["compress"][0]["amount"] == 0.9
     assert raw["compress"][0]["amount"] == 0.5 and raw["train"]["lr"] != 0.3
-    assert Recipe.from_dict(out).compress[0]["amount"] == 0.9
+    assert resolve(out).compress[0]["amount"] == 0.9
 
 
 def test_compression_settings_are_tuned(tmp_path):
-    recipe = Recipe.from_dict({"data": {"source": "builtin:iris"}, "model": {"hidden": [8]},
+    recipe = resolve({"data": {"source": "builtin:iris"}, "model": {"hidden": [8]},
                                "train": {"epochs": 5, "early_stopping": None},
                                "compress": [{"technique": "prune", "amount": 0.5,
                                              "finetune_epochs": 0}]})
@@ -237,6 +238,7 @@ def test_compression_settings_are_tuned(tmp_path):
     assert best_recipe(recipe, result).compress[0]["amount"] in (0.2, 0.9)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_study(tmp_path):
     recipe = make({"sampler": "random", "n_trials": 4, "workers": 2, "study": "shared",
                    "space": {"train.lr": {"low": 1e-3, "high": 0.1, "log": True}}})
@@ -250,13 +252,13 @@ def test_two_worker_processes_share_one_study(tmp_path):
 @pytest.mark.parametrize("batch_size", ["full", 16])
 def test_kfold_folds_train_as_one_batched_ensemble_like_one_after_another(
         tmp_path, monkeypatch, batch_size):
-    import engine.ensemble as ensemble
+    import engine.tune.objective as objective
 
     tune = {"sampler": "random", "n_trials": 2, "seed": 3, "validation": "kfold", "folds": 4,
             "space": {"train.lr": {"low": 0.01, "high": 0.1, "log": True}}}
 
     def fold_scores(study: str) -> list[list[float]]:
-        recipe = Recipe.from_dict({
+        recipe = resolve({
             "data": {"source": "builtin:iris"}, "model": {"hidden": [8]},
             "train": {"epochs": 15, "early_stopping": None, "optimizer": "sgd",
                       "batch_size": batch_size}}).replace(
@@ -269,7 +271,7 @@ def test_kfold_folds_train_as_one_batched_ensemble_like_one_after_another(
     paths: set[str] = set()
     batched = fold_scores("batched")
     assert paths == {"batched"}
-    monkeypatch.setattr(ensemble, "blocker", lambda recipe: "switched off for the test")
+    monkeypatch.setattr(objective, "blocker", lambda recipe: "switched off for the test")
     paths.clear()
     sequential = fold_scores("sequential")
     assert paths == {"one after another"}

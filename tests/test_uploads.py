@@ -425,9 +425,9 @@ def test_images_that_are_not_images_are_refused_by_name(tmp_path, entry, data):
 
 
 def test_a_huge_image_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
-    from engine import data
+    from engine.data import loaders
 
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(loaders, "MAX_IMAGE_PIXELS", 100)
     (tmp_path / "imgs.zip").write_bytes(zip_with("dogs/big.png", png(32)))
     with pytest.raises(UserError, match=r"'dogs/big\.png' in 'imgs\.zip' is 32x32 pixels, "
                                         r"more than the 100 allowed"):

@@ -1,106 +1,90 @@
 """Compression techniques: one module per family, one registry of stable names.
 
-A technique is `fn(model, step, ctx) -> StepResult`: `model` is the chain's current model
-(never mutated: every technique copies first), `step` the recipe step with its settings
-resolved from the registry, `ctx` what the technique may need (data on the device, the
-training settings for fine-tuning, the seed, progress). A recipe's `compress` list is a
-chain: each step starts from the previous step's model and yields a variant that the
-runner evaluates, measures and stores.
-
-Families register themselves when their module is imported; `COMPRESSORS` imports them
-all on first use so `import engine` stays light.
+A recipe's `compress` list is a chain: each step starts from the previous step's model and
+yields a variant that the runner evaluates, measures and stores. `resolve_chain` checks the
+steps against the registry and fills their defaults; `run_chain` runs them, the one loop
+that the runner and a search share. Families register themselves in `COMPRESSORS` when
+their module is imported, which this package does.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
+# the families register in this order, the order of every menu
+# isort: off
+from engine.compress import prune, quantize, distill, lowrank, share, presets  # noqa: F401
+# isort: on
+from engine.compress.base import (
+    COMPRESSORS,
+    CompressContext,
+    StepResult,
+    clone,
+    prunable,
+)
+from engine.errors import UserError
 from engine.registry import Registry
 
-COMPRESSORS = Registry("compression", "compression technique",
-                       "Compression techniques; a recipe's compress list chains them.")
-_FAMILIES = ("prune", "quantize", "distill", "lowrank", "share", "presets")
+__all__ = ["COMPRESSORS", "CompressContext", "StepResult", "clone", "describe_step",
+           "load_all", "prunable", "resolve_chain", "run_chain", "step_name"]
 
 
 def load_all() -> Registry:
-    """Import every family so that each has registered itself."""
-    import importlib
-
-    for family in _FAMILIES:
-        importlib.import_module(f"engine.compress.{family}")
+    """The registry with every family in it (all are imported with this package)."""
     return COMPRESSORS
 
 
-@dataclass
-class StepResult:
-    """What one step yields: a runnable model and what the runner cannot see by itself."""
-
-    model: nn.Module | None  # the compressed PyTorch model (None for ONNX Runtime variants)
-    runtime: str = "torch"  # "torch", or "onnxruntime" when the variant only runs there
-    onnx_bytes: bytes | None = None  # the shipped .onnx file of an onnxruntime variant
-    metrics: dict[str, Any] = field(default_factory=dict)  # figures the runner cannot measure
-    #   itself (an onnxruntime variant's test accuracy, loss and latency)
-    history: dict[str, list[float]] | None = None  # fine-tuning history, if it fine-tuned
-    notes: list[str] = field(default_factory=list)  # plain sentences shown with the variant
-    huffman: bool = False  # the shipped file may Huffman-code this variant's weights
-
-
-@dataclass
-class CompressContext:
-    """Everything a technique may use besides the model."""
-
-    tensors: dict[str, torch.Tensor]  # X_train, y_train, X_val, y_val, X_test, y_test
-    task: str  # "classification" or "regression"
-    input_shape: tuple[int, ...]
-    n_out: int
-    train_cfg: Any  # engine.recipe.TrainConfig of the run: optimizer, lr, batch size
-    model_cfg: Any  # engine.recipe.ModelConfig of the run (a student at a width multiplier)
-    data: Any  # engine.data.DataBundle (for is_image, class names)
-    device: torch.device
-    seed: int
-    on_progress: Callable[[dict[str, Any]], None] = lambda event: None
-    baseline_model: nn.Module | None = None  # the trained model, the latency reference
-    export_onnx: bool = False  # export every variant for deployment (recipe export.onnx)
-
-    def finetune(self, model: nn.Module, epochs: int, *, variant: str,
-                 lr: float | None = None,
-                 after_step: Callable[[nn.Module], None] | None = None,
-                 loss_fn: Callable[..., torch.Tensor] | None = None) -> dict[str, list[float]]:
-        """Train `model` in place for `epochs` with the run's optimizer (no early stopping,
-        constant rate unless given); `after_step(model)` runs after every optimizer step
-        (re-applying a pruning mask, say); `loss_fn(out, xb, yb)` replaces the task loss
-        (distillation: `out` is the model's output on the batch `xb`). Returns the
-        history. Zero epochs return an empty history."""
-        from engine.train import train
-
-        if epochs <= 0:
-            return {}
-        cfg = dataclasses.replace(self.train_cfg, epochs=epochs, early_stopping=None,
-                                  schedule=None, lr=lr or self.train_cfg.lr, freeze=())
-        result = train(model, self.data, cfg, device=self.device, seed=self.seed,
-                       tensors=self.tensors, after_step=after_step, loss_override=loss_fn,
-                       on_progress=lambda e: self.on_progress({**e, "variant": variant}))
-        return result.history
-
-    def evaluate(self, model: nn.Module, part: str = "test") -> dict[str, float]:
-        from engine.train import evaluate
-
-        return evaluate(model, self.tensors[f"X_{part}"], self.tensors[f"y_{part}"], self.task)
+def resolve_chain(steps: Sequence[Any]) -> tuple[dict[str, Any], ...]:
+    """Each step's settings checked and its defaults filled in; a step whose method yields
+    an ONNX Runtime model must come last."""
+    out = []
+    for i, step in enumerate(steps):
+        where = f"compress[{i}]"
+        if not isinstance(step, dict) or "technique" not in step:
+            raise UserError(f"{where} must be an object with a 'technique' key, such as "
+                            f'{{"technique": "prune", "amount": 0.8}}.')
+        entry = COMPRESSORS.get(step["technique"])
+        params = entry.resolve({k: v for k, v in step.items() if k != "technique"}, where)
+        last = i == len(steps) - 1
+        if params.get("method") in entry.extra.get("terminal_methods", ()) and not last:
+            raise UserError(f"{where}: {step['technique']} {params['method']} yields an ONNX "
+                            f"Runtime model that later steps cannot change; put it last in "
+                            f"the chain.")
+        out.append({"technique": step["technique"], **params})
+    return tuple(out)
 
 
-def clone(model: nn.Module) -> nn.Module:
-    """A deep copy: techniques never mutate the model they are given."""
-    return copy.deepcopy(model)
+def run_chain(model: nn.Module, steps: Sequence[dict[str, Any]], ctx: CompressContext
+              ) -> Iterator[tuple[int, dict[str, Any], StepResult]]:
+    """Run the chain: yield (index, step, result) as each step finishes. Each step starts
+    from the previous step's model (a step yielding an ONNX Runtime model ends the chain's
+    PyTorch line, which `resolve_chain` puts last)."""
+    current = model
+    for i, step in enumerate(steps):
+        entry = COMPRESSORS.get(step["technique"])
+        outcome = entry.fn(current, {k: v for k, v in step.items() if k != "technique"}, ctx)
+        yield i, step, outcome
+        if outcome.model is not None:
+            current = outcome.model
 
 
-def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) for every Linear and Conv layer: the layers compression acts on."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+def step_name(step: dict[str, Any], used: set[str]) -> str:
+    """A variant is named after its step: `prune-magnitude`, `share`, `prune-magnitude-2`."""
+    base = step["technique"] + (f"-{step['method']}" if step.get("method") else "")
+    name, k = base, 2
+    while name in used:
+        name, k = f"{base}-{k}", k + 1
+    used.add(name)
+    return name
+
+
+def describe_step(step: dict[str, Any]) -> str:
+    """One line for hover texts and tables: `prune magnitude amount=0.9`."""
+    shown = [step["technique"], str(step.get("method", ""))]
+    for key in ("amount", "bits", "rank_fraction", "temperature", "width_multiplier"):
+        if key in step:
+            shown.append(f"{key}={step[key]}")
+    return " ".join(s for s in shown if s)

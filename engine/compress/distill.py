@@ -16,20 +16,20 @@ import torch
 from torch import nn
 from torch.nn.functional import cross_entropy, kl_div, log_softmax, mse_loss
 
-from engine.compress import COMPRESSORS, CompressContext, StepResult, clone
+from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone
 from engine.errors import UserError
-from engine.recipe import ModelConfig
+from engine.models import build_model, set_training
+from engine.recipe import ModelConfig, Recipe
 from engine.registry import Param
+from engine.sections import resolve_model
 
 
 def student_config(student: dict, width_multiplier: float, teacher: ModelConfig) -> ModelConfig:
     """The student's model section: the one given, or the teacher's built-in architecture
     with every hidden width and channel count scaled by `width_multiplier` (at least 1)."""
-    from engine.recipe import Recipe
-
     if student:
         try:
-            return Recipe.from_dict({"model": student}).model
+            return resolve_model(Recipe.from_dict({"model": student}).model)
         except UserError as exc:
             raise UserError(f"the distillation student is not a valid model section: {exc}") \
                 from None
@@ -136,8 +136,6 @@ def _describe(cfg: ModelConfig) -> str:
     ))
 def distill(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     """Train a new student on `model`'s outputs; `model` is left as it is."""
-    from engine.models import build_model, set_training
-
     teacher = clone(model)
     set_training(teacher, False)
     cfg = student_config(step["student"], step["width_multiplier"], ctx.model_cfg)

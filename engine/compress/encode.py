@@ -27,11 +27,14 @@ import json
 import math
 import struct
 import zlib
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from engine.compress.quantizers import ActivationFakeQuant
 
 MAGIC = b"WBZ1"
 _LAYERS = {"Linear": ("in_features", "out_features"),
@@ -270,15 +273,11 @@ def architecture(model: nn.Module) -> list[dict[str, Any]] | None:
 
 
 def _build(layers: list[dict[str, Any]]) -> nn.Sequential:
-    from collections import OrderedDict
-
     built: OrderedDict[str, nn.Module] = OrderedDict()
     for layer in layers:
         if layer["type"] == "Sequential":
             built[layer["name"]] = _build(layer["layers"])
         elif layer["type"] == "ActivationFakeQuant":
-            from engine.compress.quantize import ActivationFakeQuant
-
             built[layer["name"]] = quant = ActivationFakeQuant(**layer["args"])
             quant.frozen = True
         else:

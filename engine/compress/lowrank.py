@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
+from sklearn.cluster import KMeans
 from torch import nn
 
-from engine.compress import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.errors import UserError
 from engine.registry import Param
 
@@ -64,8 +65,6 @@ def semi_nmf(W: torch.Tensor, rank: int, *, iterations: int = 200,
              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(F, G) with W ≈ F Gᵀ and G ≥ 0, by Ding et al.'s multiplicative updates; G starts
     from a k-means clustering of W's columns plus 0.2, as in the paper."""
-    from sklearn.cluster import KMeans
-
     n = W.shape[1]
     k = min(rank, n)
     labels = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(W.T.cpu().numpy())

@@ -13,7 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from engine.compress import COMPRESSORS, CompressContext, StepResult
+from engine.compress import prune as _prune  # noqa: F401 - registers "prune"
+from engine.compress import share as _share  # noqa: F401 - registers "share"
+from engine.compress.base import COMPRESSORS, CompressContext, StepResult
 from engine.registry import Param
 
 
@@ -56,9 +58,6 @@ def _one_progress(ctx: CompressContext, variant: str, offsets: dict[str, int],
     ))
 def deep_compression(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     """Prune a copy of `model`, then share its weights; `model` is unchanged."""
-    import engine.compress.prune
-    import engine.compress.share  # noqa: F401 - both register themselves
-
     prune, share = COMPRESSORS.get("prune"), COMPRESSORS.get("share")
     inner = _one_progress(ctx, "deep_compression", {"prune": 0, "share": step["prune_epochs"]},
                           step["prune_epochs"] + step["share_epochs"])

@@ -19,9 +19,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
-from engine.compress import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.errors import UserError
+from engine.metrics import loss_fn
+from engine.models import set_training
 from engine.registry import Param
 
 CURVATURE_EXAMPLES = 1024  # training examples the curvature is estimated on (cost, not accuracy)
@@ -83,11 +86,6 @@ def _masks(scores: list[torch.Tensor], amount: float, scope: str) -> list[torch.
 def _curvature(model: nn.Module, named: list[tuple[str, nn.Parameter]], kind: str,
                ctx: CompressContext) -> list[torch.Tensor]:
     """Diagonal curvature of the training loss for each weight tensor in `named`."""
-    from torch.func import functional_call, grad, vmap
-
-    from engine.models import set_training
-    from engine.train import loss_fn
-
     X, y = ctx.tensors["X_train"], ctx.tensors["y_train"]
     gen = torch.Generator().manual_seed(ctx.seed)
     pick = torch.randperm(len(X), generator=gen)[:CURVATURE_EXAMPLES].to(X.device)

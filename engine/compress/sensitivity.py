@@ -17,16 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.compress import CompressContext, prunable
-from engine.train import metric_name
+from engine.compress.base import CompressContext, prunable
+from engine.compress.lowrank import svd_factor
+from engine.compress.prune import magnitude_mask
+from engine.compress.quantizers import quantize_tensor
+from engine.metrics import metric_name
 
 
 def sensitivity(model: nn.Module, ctx: CompressContext, cfg: Any) -> dict[str, Any]:
     """{"metric", "part", "baseline", "records": [{layer, technique, setting, score}]}."""
-    from engine.compress.lowrank import svd_factor
-    from engine.compress.prune import magnitude_mask
-    from engine.compress.quantize import quantize_tensor
-
     metric = metric_name(ctx.task)
     score = lambda m: ctx.evaluate(m, cfg.part)[metric]  # noqa: E731 - one-line scorer
     records = []

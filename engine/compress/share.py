@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.compress import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.registry import Param
 
 

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.data import DataBundle
+from engine.ensemble import Member, fit_members
 from engine.errors import UserError
+from engine.metrics import predict, r2
 from engine.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -101,11 +103,8 @@ def _ensemble_fitter(recipe: Recipe, data: DataBundle, samples: list[np.ndarray]
                      ) -> tuple[FitFn, dict[str, Any]]:
     """Train round r's fresh model (seed + r, rows samples[r]) for every round at once
     (a batched ensemble where the architecture allows) and serve them as `fit`."""
-    from engine.diagnostics import fit_many, predict
-    from engine.ensemble import Member
-
     members = [Member(idx=idx, seed=seed + r) for r, idx in enumerate(samples)]
-    trained = fit_many(recipe, data, members, device=device, on_member=on_round)
+    trained = fit_members(recipe, data, members, device=device, on_member=on_round)
 
     def fit(idx: np.ndarray, r: int) -> PredictFn:
         model = trained.models[r]
@@ -117,14 +116,13 @@ def _ensemble_fitter(recipe: Recipe, data: DataBundle, samples: list[np.ndarray]
 def squared_decomposition(all_pred: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Squared-loss decomposition of predictions (rounds, n) against targets (n,)."""
     main = all_pred.mean(0)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = [1 - float(((y - p) ** 2).sum()) / ss_tot if ss_tot > 0 else 0.0 for p in all_pred]
+    r2s = [r2(y, p) for p in all_pred]
     return {"loss": "squared", "metric": "r2", "rounds": len(all_pred),
             "expected_loss": float(((all_pred - y) ** 2).mean()),
             "bias": float(((main - y) ** 2).mean()),  # the squared bias
             "variance": float(((all_pred - main) ** 2).mean()),
             "target_variance": float(y.var()),  # the loss of predicting the mean: a scale
-            "per_round_test_score": r2}
+            "per_round_test_score": r2s}
 
 
 def zero_one_decomposition(all_pred: np.ndarray, y: np.ndarray) -> dict[str, Any]:

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from engine.data import DataBundle
-from engine.diagnostics import fit_fresh, fit_many, score
-from engine.ensemble import Member
+from engine.ensemble import Member, fit_members
 from engine.errors import UserError
+from engine.metrics import metric_name, score
+from engine.models import MODELS, complexity
 from engine.recipe import Recipe
-from engine.train import metric_name
+from engine.train import fit_fresh
 
 StepFn = Callable[[int, int], None]  # on_step(done, total), after every fresh model
 
@@ -92,7 +93,7 @@ def learning_curve(recipe: Recipe, data: DataBundle, *,
                                 rng=np.random.default_rng((seed, i, r)))
                 for r in range(repeats)] for i, frac in enumerate(fractions)]
     # every model at once: one batched ensemble per subset size where the recipe allows
-    trained = fit_many(recipe, data, [Member(idx=idx, seed=seed + r) for row in subsets
+    trained = fit_members(recipe, data, [Member(idx=idx, seed=seed + r) for row in subsets
                                       for r, idx in enumerate(row)],
                        device=device, on_member=on_step)
     models = iter(trained.models)
@@ -119,8 +120,6 @@ def _check_knob(recipe: Recipe, param: str) -> None:
     setting = KNOBS[param]
     if setting is None:
         return
-    from engine.models import MODELS
-
     source = recipe.model.source
     arch = source.removeprefix("builtin:") if source.startswith("builtin:") else \
         recipe.model.architecture
@@ -157,7 +156,7 @@ def validation_curve(recipe: Recipe, data: DataBundle, *, param: str, values: Se
         members += [Member(seed=seed + r, **overrides) for r in range(repeats)]
     # training knobs (l2, weight decay, epochs) vary per member inside one batched stack;
     # model knobs (widths, dropout) give one stack per value
-    trained = fit_many(recipe, data, members, device=device, on_member=on_step)
+    trained = fit_members(recipe, data, members, device=device, on_member=on_step)
     models = iter(trained.models)
     for _value in values:
         train_scores, val_scores = [], []
@@ -203,8 +202,8 @@ def rademacher(recipe: Recipe, data: DataBundle, *, rounds: int = 3, seed: int =
         # no validation or test rows: nothing is scored on them, and no true label leaks in
         noise = dataclasses.replace(data, X_train=X, y_train=labels, X_val=X[:0],
                                     y_val=labels[:0], X_test=X[:0], y_test=labels[:0])
-        model = fit_fresh(recipe, noise, seed=seed + r, device=device,
-                          train={"early_stopping": None})
+        model, _ = fit_fresh(recipe, noise, seed=seed + r, device=device,
+                             train={"early_stopping": None})
         raw = score(model, X, labels, data.task)
         if classify:
             chance = 1.0 / data.n_classes
@@ -224,6 +223,4 @@ def complexity_report(model: nn.Module, data: DataBundle) -> dict[str, int]:
     """Parameters (all, trainable, non-zero), FLOPs per sample and size of a trained model.
 
     The Rademacher-style figure is `rademacher`, apart, because it trains models."""
-    from engine.models import complexity
-
     return complexity(model, data.input_shape)

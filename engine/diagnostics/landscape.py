@@ -19,7 +19,8 @@ from torch import nn
 
 from engine.data import DataBundle
 from engine.errors import UserError
-from engine.train import loss_fn
+from engine.metrics import loss_fn
+from engine.models import set_training
 
 PARTS = ("train", "val", "test")
 
@@ -49,8 +50,6 @@ def loss_landscape(model: nn.Module, data: DataBundle, *, points: int = 21, span
     the points are evaluated on a deep copy in evaluation mode. `sharpness` is the mean
     loss at ±span/2 along each direction minus the loss at the center. The 2-D `loss[i][j]`
     is at alphas[i], betas[j]."""
-    from engine.models import set_training
-
     if part not in PARTS:
         raise UserError(f"loss_landscape part must be one of {', '.join(PARTS)}, got {part!r}.")
     if points < 3 or not span > 0 or max_rows < 1:

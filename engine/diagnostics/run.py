@@ -10,17 +10,19 @@ import torch
 from torch import nn
 
 from engine.data import DataBundle
-from engine.diagnostics import score
+from engine.diagnostics.bias_variance import bias_variance
+from engine.diagnostics.curves import learning_curve, rademacher, validation_curve
+from engine.diagnostics.landscape import loss_landscape
+from engine.diagnostics.verdict import diagnose
+from engine.metrics import metric_name, score
+from engine.models import complexity
 from engine.recipe import Recipe
-from engine.train import metric_name
 
 
 def run_diagnostics(recipe: Recipe, data: DataBundle, model: nn.Module, *,
                     device: torch.device,
                     emit: Callable[[dict[str, Any]], None] = lambda e: None) -> dict[str, Any]:
     """result["diagnostics"]: scores, curves, decomposition, complexity, verdict."""
-    from engine.diagnostics.verdict import diagnose
-
     cfg = recipe.diagnose
     metric = metric_name(data.task)
 
@@ -35,35 +37,24 @@ def run_diagnostics(recipe: Recipe, data: DataBundle, model: nn.Module, *,
         "train": score(model, data.X_train, data.y_train, data.task),
         "val": score(model, data.X_val, data.y_val, data.task) if len(data.y_val) else None}}
     if cfg.learning_curve is not None:
-        from engine.diagnostics.curves import learning_curve
-
         lc = cfg.learning_curve
         out["learning_curve"] = learning_curve(
             recipe, data, fractions=lc.fractions, repeats=lc.repeats, seed=recipe.seed,
             on_step=stage("learning curve"))
     if cfg.validation_curve is not None:
-        from engine.diagnostics.curves import validation_curve
-
         vc = cfg.validation_curve
         out["validation_curve"] = validation_curve(
             recipe, data, param=vc.param, values=list(vc.values), repeats=vc.repeats,
             seed=recipe.seed, on_step=stage("validation curve"))
     if cfg.bias_variance is not None:
-        from engine.diagnostics.bias_variance import bias_variance
-
         out["bias_variance"] = bias_variance(recipe, data, rounds=cfg.bias_variance.rounds,
                                              seed=recipe.seed,
                                              on_round=stage("bias-variance rounds"))
     if cfg.complexity:
-        from engine.diagnostics.curves import rademacher
-        from engine.models import complexity
-
         stage("complexity")
         out["complexity"] = {**complexity(model, data.input_shape),
                              "rademacher": rademacher(recipe, data, seed=recipe.seed)}
     if cfg.landscape is not None:
-        from engine.diagnostics.landscape import loss_landscape
-
         stage("loss landscape")
         ls = cfg.landscape
         out["landscape"] = loss_landscape(model, data, points=ls.points, span=ls.span,

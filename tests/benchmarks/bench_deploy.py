@@ -18,12 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine import deploy
-from engine.compress.quantize import quantize_onnx
+from engine.compress.onnx_int8 import quantize_onnx
 from engine.data import load_data
 from engine.export import compact, onnx_bytes
 from engine.latency import machine
 from engine.models import build_model
-from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.train import to_tensors, train
 
 
@@ -32,7 +32,7 @@ def measure(archs: tuple[str, ...] = ("mlp", "cnn"), epochs: int = 15) -> list[d
     torch.set_num_threads(1)  # one thread for every runtime, so the figures compare
     out = []
     for arch in archs:
-        recipe = Recipe.from_dict({"data": {"source": "builtin:digits"},
+        recipe = resolve({"data": {"source": "builtin:digits"},
                                    "model": {"source": f"builtin:{arch}"},
                                    "train": {"epochs": epochs, "early_stopping": None}})
         data = load_data(recipe.data, seed=0)

@@ -28,11 +28,12 @@ from engine.data import load_data
 from engine.latency import machine
 from engine.models import build_model
 from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.train import train
 
 
 def recipe_for(batch: int, epochs: int) -> Recipe:
-    return Recipe.from_dict({"data": {"source": "builtin:digits"},
+    return resolve({"data": {"source": "builtin:digits"},
                              "model": {"source": "builtin:mlp", "hidden": [128, 64]},
                              "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": batch,
                                        "epochs": epochs, "early_stopping": None}})

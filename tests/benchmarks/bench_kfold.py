@@ -23,7 +23,7 @@ import torch
 
 import engine.ensemble as ensemble
 from engine.latency import machine
-from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.tune import search, validate_tune
 
 BATCHABLE = ensemble.blocker
@@ -31,7 +31,7 @@ BATCHABLE = ensemble.blocker
 
 def timed(study: str, batched: bool, url: str) -> tuple[float, float]:
     ensemble.blocker = BATCHABLE if batched else (lambda recipe: "switched off")
-    recipe = Recipe.from_dict({
+    recipe = resolve({
         "data": {"source": "builtin:digits"}, "model": {"hidden": [64]},
         "train": {"optimizer": "adam", "epochs": 15, "early_stopping": None}}).replace(
         tune=validate_tune({"sampler": "random", "n_trials": 6, "seed": 0, "study": study,

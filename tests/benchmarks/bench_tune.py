@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.latency import machine
 from engine.recipe import Recipe
+from engine.runner import resolve
 from engine.tune import search, validate_tune
 
 SPACE = {"train.lr": {"low": 1e-4, "high": 1e-1, "log": True},
@@ -33,7 +34,7 @@ SPACE = {"train.lr": {"low": 1e-4, "high": 1e-1, "log": True},
 
 
 def recipe_for(tune: dict) -> Recipe:
-    recipe = Recipe.from_dict({"data": {"source": "builtin:digits"},
+    recipe = resolve({"data": {"source": "builtin:digits"},
                                "model": {"source": "builtin:mlp", "hidden": [64]},
                                "train": {"optimizer": "adam", "epochs": 15,
                                          "early_stopping": None}})

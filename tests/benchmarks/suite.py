@@ -86,9 +86,9 @@ def ensemble_section(epochs: int, repeats: int, device: torch.device) -> str:
     from engine.data import load_data
     from engine.diagnostics.bias_variance import bootstrap_samples
     from engine.ensemble import Member, fit_members
-    from engine.recipe import Recipe
+    from engine.runner import resolve
 
-    recipe = Recipe.from_dict({"data": {"source": "builtin:digits"},
+    recipe = resolve({"data": {"source": "builtin:digits"},
                                "model": {"source": "builtin:mlp", "hidden": [128, 64]},
                                "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 64,
                                          "epochs": epochs, "early_stopping": None}})
@@ -126,9 +126,9 @@ def step_section(device: torch.device, K: int = 20, batch: int = 64, steps: int 
     """One forward and backward pass of K stacked MLPs: baddbmm against vmap."""
     from torch.func import functional_call, stack_module_state, vmap
 
-    from engine.ensemble import Stack
     from engine.models import build_model
     from engine.recipe import ModelConfig
+    from engine.stack import Stack
 
     cfg = ModelConfig(hidden=(128, 64))
     nets = [build_model(cfg, (1, 8, 8), 10, seed=k).to(device) for k in range(K)]

@@ -1,0 +1,91 @@
+"""What every compression technique shares: the registry, its context and its result.
+
+A technique is `fn(model, step, ctx) -> StepResult`: `model` is the chain's current model
+(never mutated: every technique copies first), `step` the recipe step with its settings
+resolved from the registry, `ctx` what the technique may need (data on the device, the
+training settings for fine-tuning, the seed, progress).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.data import DataBundle
+from engine.metrics import evaluate
+from engine.recipe import ModelConfig, TrainConfig
+from engine.registry import Registry
+from engine.train import train
+
+COMPRESSORS = Registry("compression", "compression technique",
+                       "Compression techniques; a recipe's compress list chains them.")
+
+
+@dataclass
+class StepResult:
+    """What one step yields: a runnable model and what the runner cannot see by itself."""
+
+    model: nn.Module | None  # the compressed PyTorch model (None for ONNX Runtime variants)
+    runtime: str = "torch"  # "torch", or "onnxruntime" when the variant only runs there
+    onnx_bytes: bytes | None = None  # the shipped .onnx file of an onnxruntime variant
+    metrics: dict[str, Any] = field(default_factory=dict)  # figures the runner cannot measure
+    #   itself (an onnxruntime variant's test accuracy, loss and latency)
+    history: dict[str, list[float]] | None = None  # fine-tuning history, if it fine-tuned
+    notes: list[str] = field(default_factory=list)  # plain sentences shown with the variant
+    huffman: bool = False  # the shipped file may Huffman-code this variant's weights
+
+
+@dataclass
+class CompressContext:
+    """Everything a technique may use besides the model."""
+
+    tensors: dict[str, torch.Tensor]  # X_train, y_train, X_val, y_val, X_test, y_test
+    task: str  # "classification" or "regression"
+    input_shape: tuple[int, ...]
+    n_out: int
+    train_cfg: TrainConfig  # the run's: optimizer, lr, batch size
+    model_cfg: ModelConfig  # the run's (a student at a width multiplier)
+    data: DataBundle  # for is_image, class names, the fine-tuning rows
+    device: torch.device
+    seed: int
+    on_progress: Callable[[dict[str, Any]], None] = lambda event: None
+    baseline_model: nn.Module | None = None  # the trained model, the latency reference
+    export_onnx: bool = False  # export every variant for deployment (recipe export.onnx)
+
+    def finetune(self, model: nn.Module, epochs: int, *, variant: str,
+                 lr: float | None = None,
+                 after_step: Callable[[nn.Module], None] | None = None,
+                 loss_fn: Callable[..., torch.Tensor] | None = None) -> dict[str, list[float]]:
+        """Train `model` in place for `epochs` with the run's optimizer (no early stopping,
+        constant rate unless given); `after_step(model)` runs after every optimizer step
+        (re-applying a pruning mask, say); `loss_fn(out, xb, yb)` replaces the task loss
+        (distillation: `out` is the model's output on the batch `xb`). Returns the
+        history. Zero epochs return an empty history."""
+        if epochs <= 0:
+            return {}
+        cfg = dataclasses.replace(self.train_cfg, epochs=epochs, early_stopping=None,
+                                  schedule=None, lr=lr or self.train_cfg.lr, freeze=())
+        result = train(model, self.data, cfg, device=self.device, seed=self.seed,
+                       tensors=self.tensors, after_step=after_step, loss_override=loss_fn,
+                       on_progress=lambda e: self.on_progress({**e, "variant": variant}))
+        return result.history
+
+    def evaluate(self, model: nn.Module, part: str = "test") -> dict[str, float]:
+        return evaluate(model, self.tensors[f"X_{part}"], self.tensors[f"y_{part}"], self.task)
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """A deep copy: techniques never mutate the model they are given."""
+    return copy.deepcopy(model)
+
+
+def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) for every Linear and Conv layer: the layers compression acts on."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]

@@ -1,0 +1,115 @@
+"""The data bundle: a dataset loaded, split and preprocessed, ready for a device."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from engine.data.loaders import load_arrays, read_table
+from engine.data.preprocess import Preprocess, fit_preprocess
+from engine.data.splits import holdout_split, resolve_task
+from engine.errors import UserError
+from engine.recipe import DataConfig
+
+
+@dataclass
+class DataBundle:
+    """The three parts of a dataset, preprocessed, with what a model and a page need to know."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    task: str  # "classification" or "regression"
+    n_classes: int  # 0 for regression
+    input_shape: tuple[int, ...]  # one sample after preprocessing: (1, 8, 8), (30,)
+    is_image: bool
+    feature_names: list[str] | None  # after feature selection
+    class_names: list[str] | None
+    preprocess: Preprocess
+    source: str
+    n_raw_features: int  # before feature selection
+    X_test_raw: np.ndarray | None = None  # the test part as a user has it: what an exported
+    #                                       model with its preprocessing inside takes
+
+    @property
+    def n_features(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    @property
+    def n_outputs(self) -> int:
+        """The model's output width: one logit per class, or one value for regression."""
+        return self.n_classes if self.task == "classification" else 1
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "source": self.source, "task": self.task,
+            "rows": {"train": len(self.y_train), "val": len(self.y_val),
+                     "test": len(self.y_test)},
+            "input_shape": list(self.input_shape), "n_features": self.n_features,
+            "n_raw_features": self.n_raw_features, "is_image": self.is_image}
+        if self.task == "classification":
+            counts = np.bincount(self.y_train, minlength=self.n_classes)
+            names = self.class_names or [str(i) for i in range(self.n_classes)]
+            out["classes"] = {name: int(c) for name, c in zip(names, counts, strict=True)}
+        return out
+
+
+def load_data(cfg: DataConfig, *, seed: int) -> DataBundle:
+    """Load, split (stratified for classes) and preprocess; the same cfg and seed give the same
+    bundle."""
+    X, y, meta = load_arrays(cfg)
+    task, y, class_names = resolve_task(y, cfg.task, meta)
+    is_image = bool(meta.get("is_image"))
+    if cfg.augment is not None and not is_image:
+        raise UserError("data.augment applies to images only; set it to null for this data.")
+    train, val, test = holdout_split(y, cfg.val_fraction, cfg.test_fraction,
+                                     stratify=task == "classification", seed=seed)
+    prep = fit_preprocess(X[train], y[train], cfg, task=task, is_image=is_image, seed=seed)
+    names = meta.get("feature_names")
+    if names is not None and prep.keep is not None:
+        names = [names[i] for i in prep.keep]
+    X_train = prep.apply(X[train])
+    return DataBundle(
+        X_train, y[train], prep.apply(X[val]), y[val], prep.apply(X[test]), y[test],
+        task=task, n_classes=len(class_names) if class_names else 0,
+        input_shape=tuple(X_train.shape[1:]), is_image=is_image,
+        feature_names=list(names) if names is not None else None, class_names=class_names,
+        preprocess=prep, source=cfg.source, n_raw_features=int(np.prod(X.shape[1:])),
+        X_test_raw=X[test].astype(np.float32))
+
+
+
+def preview(cfg: DataConfig, *, seed: int, rows: int = 10, images: int = 16) -> dict[str, Any]:
+    """What the Data page shows: the summary, the first raw rows or sample images."""
+    bundle = load_data(cfg, seed=seed)
+    out = bundle.summary()
+    if bundle.is_image:  # raw pixels: per-pixel scaling would make the digits unreadable
+        X, y, meta = load_arrays(cfg)
+        _, labels, names = resolve_task(y[:images], bundle.task, meta)
+        out["images"] = list(X[:images])
+        out["image_labels"] = [names[int(v)] if names else f"{float(v):.3g}" for v in labels]
+        return out
+    path = Path(cfg.source)
+    if path.suffix.lower() in (".csv", ".parquet"):
+        head = read_table(path).head(rows)
+    else:
+        X, y, meta = load_arrays(cfg)
+        flat = X[:rows].reshape(min(rows, len(X)), -1)
+        names = meta.get("feature_names") or [f"x{i}" for i in range(flat.shape[1])]
+        head = pd.DataFrame(flat, columns=names)
+        head["target"] = y[:rows]
+    out["head"] = head.to_dict(orient="list")
+    return out
+
+
+def subset(data: DataBundle, idx: np.ndarray) -> DataBundle:
+    """The bundle with its training part cut to the rows `idx` (validation and test kept)."""
+    return dataclasses.replace(data, X_train=data.X_train[idx], y_train=data.y_train[idx])
