@@ -77,6 +77,9 @@ def lr_schedule(rates: Sequence[float], *, title: str = "learning rate per epoch
                                line={"color": PALETTE[0]}, name="learning rate"))
     fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="learning rate",
                       margin={"l": 10, "r": 10, "t": 40, "b": 10}, height=260)
+    top = max(rates, default=0.0)
+    if top > 0:  # from zero, with the rate's own digits: a flat 0.001 must not read as 0
+        fig.update_yaxes(range=[0, top * 1.1], tickformat="~g", rangemode="tozero")
     return fig
 
 

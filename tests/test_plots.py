@@ -45,6 +45,11 @@ def test_lr_schedule_and_class_balance():
     assert plots.class_balance({"a": 3, "b": 1}).data[0].text == ("75%", "25%")
 
 
+def test_a_constant_rate_is_drawn_from_zero_with_its_own_digits():
+    fig = plots.lr_schedule([0.001] * 8)  # plotly's own range would centre 0.001 on 0
+    assert fig.layout.yaxis.range == (0, 0.0011) and fig.layout.yaxis.tickformat == "~g"
+
+
 def test_image_grid_has_one_image_per_sample():
     images = np.random.default_rng(0).random((10, 1, 8, 8)).astype(np.float32)
     fig = plots.image_grid(images, [str(i) for i in range(10)], columns=5)
