@@ -65,8 +65,18 @@ def curves(histories: Mapping[str, Mapping[str, Sequence[Any]]], metric: str, *,
     if metric == "loss" and records and min(r["value"] for r in records) > 0:
         spread = max(r["value"] for r in records) / min(r["value"] for r in records)
         if spread > 50:  # losses spanning decades read better on a log axis
-            fig.update_yaxes(type="log")
+            fig.update_yaxes(**log_axis([r["value"] for r in records]))
     return fig
+
+
+def log_axis(values: Sequence[float]) -> dict[str, Any]:
+    """A log axis whose ticks read 1, 2, 5, 10, 20, 50, ... over the values' range (plotly's
+    own labels the minor ticks "2 5" without their decade)."""
+    positive = [v for v in values if v and v > 0]
+    lo, hi = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
+    ticks = [m * 10.0 ** e for e in range(lo, hi + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if min(positive) / 2.5 <= t <= max(positive) * 2.5]
+    return {"type": "log", "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
 
 
 def lr_schedule(rates: Sequence[float], *, title: str = "learning rate per epoch"
@@ -201,7 +211,7 @@ def pareto(points: Sequence[Mapping[str, Any]], x: str, y: str, *,
                       legend={"title": {"text": "technique"}})
     xs = [r[x] for r in records if r[x] and r[x] > 0]
     if xs and max(xs) / min(xs) > 10:  # a log axis only where the points span decades
-        fig.update_xaxes(type="log")
+        fig.update_xaxes(**log_axis(xs))
     else:
         fig.update_layout(xaxis_title=fig.layout.xaxis.title.text.replace(", log scale", ""))
     return fig

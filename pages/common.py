@@ -134,6 +134,18 @@ def show_error(exc: Exception) -> None:
                  f"Your settings are kept; try again or report it.")
 
 
+def json_list(text: str, box: str, example: str) -> list[Any]:
+    """The JSON list typed into the box labelled `box`, or a UserError naming that box."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not value:
+        raise UserError(f"The box {box!r} needs a JSON list such as {example}; "
+                        f"{text.strip()[:40]!r} is not one yet.")
+    return value
+
+
 def registry_choice(registry: Any, label: str, key: str, current: str,
                     options: dict[str, Any], *, names: list[str] | None = None
                     ) -> tuple[str, dict[str, Any]]:

@@ -47,8 +47,10 @@ def row(run: dict) -> dict:
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created"]))}
 
 
+# a new key after a deletion clears the selection, so the next run is never opened by itself
+table_key = f"runs_table_{st.session_state.get('runs_deleted', 0)}"
 picked = st.dataframe(pd.DataFrame([row(r) for r in runs]), hide_index=True,
-                      on_select="rerun", selection_mode="multi-row", key="runs_table")
+                      on_select="rerun", selection_mode="multi-row", key=table_key)
 chosen = [runs[i] for i in picked.selection.rows]
 if not chosen:
     st.caption("Select one run to open it, or several to overlay their curves.")
@@ -86,9 +88,22 @@ if run["status"] in ("queued", "running"):
     if st.button("Cancel run", key="runs_cancel"):
         jobs.cancel(run["id"], store=store, grace_s=3.0)
         st.rerun()
-elif st.button("Delete run", key="runs_delete", help="Removes the run and its files."):
-    try:
-        store.delete_run(run["id"])
+elif st.session_state.get("runs_confirm") != run["id"]:
+    if st.button("Delete run", key="runs_delete", help="Removes the run and its files."):
+        st.session_state["runs_confirm"] = run["id"]
         st.rerun()
-    except Exception as exc:
-        show_error(exc)
+else:  # asked once more: a deletion cannot be undone
+    st.warning(f"Delete **{run['name']}** ({run['id'][:6]}), its {len(variants)} "
+               f"variant(s), history and files? This cannot be undone.")
+    yes, no = st.columns([1, 6])
+    if yes.button("Delete", type="primary", key="runs_delete_yes"):
+        try:
+            store.delete_run(run["id"])
+            st.session_state["runs_deleted"] = st.session_state.get("runs_deleted", 0) + 1
+            st.session_state.pop("runs_confirm", None)
+            st.rerun()
+        except Exception as exc:
+            show_error(exc)
+    if no.button("Keep it", key="runs_delete_no"):
+        st.session_state.pop("runs_confirm", None)
+        st.rerun()

@@ -1,12 +1,12 @@
 """Tune: a search space built by clicking, a sampler, a budget; trials fill in live."""
 
-import json
 import math
 from typing import Any
 
 import streamlit as st
 
 from engine import plots, search_plots
+from engine.errors import UserError
 from engine.optimizers import OPTIMIZERS
 from engine.runner import resolve
 from engine.showcase import RACE
@@ -18,8 +18,10 @@ from engine.tune import (
     PRUNERS,
     SAMPLERS,
     VALIDATIONS,
+    ranked_trials,
+    winner,
 )
-from pages.common import describe, selection, show_error, submit, train_settings
+from pages.common import describe, json_list, selection, show_error, submit, train_settings
 from pages.live import watch
 
 # display labels only: the names and their order are the engine's (a name without a label
@@ -70,9 +72,15 @@ with right:
         space["train.optimizer"] = st.multiselect("Optimizers", names,
                                                   [n for n in RACE if n in names],
                                                   key="tu_opts")
+    typo = None  # a half-typed width list: shown with the other problems below
     if st.checkbox("Hidden layer widths", True, key="tu_hidden"):
-        text = st.text_input("Width choices (JSON)", "[[16], [64], [64, 32]]", key="tu_widths")
-        space["model.hidden"] = json.loads(text) if text.strip().startswith("[") else []
+        widths = st.text_input("Width choices (JSON)", "[[16], [64], [64, 32]]",
+                               key="tu_widths")
+        try:
+            space["model.hidden"] = json_list(widths, "Width choices (JSON)",
+                                              "[[16], [64, 32]]")
+        except UserError as exc:
+            space["model.hidden"], typo = [], exc
     if st.checkbox("Weight decay", False, key="tu_wd"):
         space["train.weight_decay"] = [0.0, 1e-4, 1e-2] if grid else {
             "low": 1e-6, "high": 0.1, "log": True}
@@ -96,13 +104,21 @@ tune = {"sampler": sampler, "timeout_s": timeout or None, "workers": workers,
         "objectives": objectives}
 if trials is not None:
     tune["n_trials"] = trials
+recipe = None
 try:
+    if typo is not None:
+        raise typo
     recipe = resolve({"data": sel["data"], "model": sel["model"], "train": train_cfg,
                       "tune": tune})
-    if st.button("Search", type="primary", key="tu_run", icon=":material/search:"):
-        st.session_state["tu_watch"] = submit(recipe, name=f"search {sampler}")
 except Exception as exc:
     show_error(exc)
+if st.button("Search", type="primary", key="tu_run", icon=":material/search:",
+             disabled=recipe is None, help="Fix the setting named above first."
+             if recipe is None else None):
+    try:
+        st.session_state["tu_watch"] = submit(recipe, name=f"search {sampler}")
+    except Exception as exc:
+        show_error(exc)
 
 run_id = st.session_state.get("tu_watch")
 if run_id:
@@ -137,12 +153,16 @@ if run_id:
     if tuning:
         if tuning.get("best_params"):
             best = tuning.get("best_value", (tuning.get("best_values") or [None])[0])
-            st.success(f"Best {tuning['objectives'][0]}: {best:.4f} with "
-                       f"{tuning['best_params']}; the run trained this winner as its baseline.")
-        if tuning.get("importances"):  # the engine found parameters that varied enough
+            st.success(f"Best {search_plots.objective_label(tuning['objectives'][0])}: "
+                       f"{best:.4f} with {winner(tuning)}. The run trained this winner as "
+                       f"its baseline.")
+        st.dataframe(ranked_trials(tuning), hide_index=True)
+        if tuning.get("importances"):  # the engine found enough trials and parameters
             st.plotly_chart(search_plots.param_importances(load_study(tuning["study"]),
-                                                    tuning["objectives"]),
+                                                           tuning["objectives"]),
                             key="tu_importances")
+        elif tuning.get("importances_note"):
+            st.caption(tuning["importances_note"])
         if tuning.get("pareto"):
             st.dataframe([{"trial": t["number"], **t["params"], **dict(zip(
                 tuning["objectives"], t["values"], strict=False))} for t in tuning["pareto"]],

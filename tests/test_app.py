@@ -388,6 +388,18 @@ def test_tune_page_starts_from_the_engines_defaults():
     assert any("9 combination" in c.value for c in at.caption)  # 3 rates x 3 widths
 
 
+def test_a_half_typed_width_list_is_one_sentence_and_search_waits_for_it():
+    at = open_app("pages/tune.py")
+    at.text_input(key="tu_widths").set_value("[[16], [64").run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["The box 'Width choices (JSON)' needs a JSON list "
+                                           "such as [[16], [64, 32]]; '[[16], [64' is not "
+                                           "one yet."]
+    assert at.button(key="tu_run").disabled
+    at.text_input(key="tu_widths").set_value("[[16], [64]]").run()
+    assert not at.exception and not at.error and not at.button(key="tu_run").disabled
+
+
 def test_tune_page_waits_with_a_caption_until_a_trial_completes():
     from engine import jobs
 
@@ -418,8 +430,15 @@ def test_tune_page_runs_a_small_search_to_completion():
     history = at.get("plotly_chart")[titles.index("optimization history")]
     [trials, _] = json.loads(history.proto.spec)["data"]  # drawn from the stored study
     assert trials["y"] == [t["values"][0] for t in tuning["trials"]]
-    if tuning["importances"]:
-        assert "parameter importance (fANOVA)" in titles
+    assert not tuning["importances"]  # 3 trials: too few for importances, and it says so
+    assert "at least 10 complete trials" in tuning["importances_note"]
+    assert any(tuning["importances_note"] == c.value for c in at.caption)
+    table = next(d.value for d in at.dataframe if "trial" in d.value)  # best first, readable
+    assert list(table["val_score"]) == sorted(table["val_score"], reverse=True)
+    from engine.tune import winner
+
+    shown = next(s.value for s in at.success if "Best" in s.value)
+    assert winner(tuning) in shown and "model.hidden = [" in shown
 
 
 @pytest.mark.slow

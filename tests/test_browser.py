@@ -148,6 +148,12 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         expect(page.get_by_role("button", name="Model: baseline.pt2")).to_be_visible()
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "runs.png", full_page=True)
+        # Delete asks first; keeping it leaves the run where it was
+        page.get_by_role("button", name="Delete run", exact=True).click()
+        expect(page.get_by_text("This cannot be undone.")).to_be_visible()
+        page.get_by_role("button", name="Keep it", exact=True).click()
+        expect(page.get_by_text("This cannot be undone.")).to_have_count(0)
+        expect(page.get_by_role("heading", name="mlp · adam · done")).to_be_visible()
 
         # Diagnose: curves, decomposition and the verdict for the same model and data
         page.get_by_role("link", name="Diagnose", exact=True).click()

@@ -34,6 +34,9 @@ def test_curves_overlay_runs_with_one_colour_each():
 def test_loss_spanning_decades_uses_a_log_axis():
     fig = plots.curves({"a": {"epoch": [1, 2, 3], "train_loss": [10.0, 1.0, 0.01]}}, "loss")
     assert fig.layout.yaxis.type == "log"
+    # every tick names its value (plotly's own minor labels read "2 5" with no decade)
+    assert list(fig.layout.yaxis.ticktext) == ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5",
+                                               "1", "2", "5", "10", "20"]
 
 
 def test_lr_schedule_and_class_balance():

@@ -280,3 +280,19 @@ def test_kfold_folds_train_as_one_batched_ensemble_like_one_after_another(
             assert b == pytest.approx(s, abs=1e-6)
         else:  # unequal folds draw their batches differently: equal in distribution
             assert np.mean(b) == pytest.approx(np.mean(s), abs=0.08)
+
+
+def test_trials_rank_best_first_and_the_winner_reads_as_settings():
+    from engine.tune import ranked_trials, winner
+
+    tuning = {"objectives": ["val_loss"], "directions": ["minimize"],
+              "best_params": {"train.lr": 0.012345678, "model.hidden": [64, 32]},
+              "trials": [{"number": 0, "state": "COMPLETE", "values": [0.5],
+                          "params": {"train.lr": 0.1, "model.hidden": [8]}},
+                         {"number": 1, "state": "PRUNED", "values": None, "params": {}},
+                         {"number": 2, "state": "COMPLETE", "values": [0.2], "std": 0.01,
+                          "params": {"train.lr": 0.01, "model.hidden": [64, 32]}}]}
+    rows = ranked_trials(tuning)
+    assert [r["trial"] for r in rows] == [2, 0]  # lowest loss first; the pruned one left out
+    assert rows[0]["model.hidden"] == "[64, 32]" and rows[0]["std over folds"] == 0.01
+    assert winner(tuning) == "train.lr = 0.01235 · model.hidden = [64, 32]"

@@ -12,7 +12,7 @@ stays fast.
 from __future__ import annotations
 
 from engine.tune.objective import fold_indices, trial_recipe
-from engine.tune.results import best_recipe
+from engine.tune.results import best_recipe, ranked_trials, winner
 from engine.tune.space import (
     DEFAULTS,
     MULTI_OBJECTIVE_SAMPLERS,
@@ -26,5 +26,5 @@ from engine.tune.space import (
 from engine.tune.study import run_trials, search
 
 __all__ = ["DEFAULTS", "MULTI_OBJECTIVE_SAMPLERS", "OBJECTIVES", "PRUNERS", "SAMPLERS",
-           "VALIDATIONS", "apply_params", "best_recipe", "fold_indices", "run_trials",
-           "search", "trial_recipe", "validate_tune"]
+           "VALIDATIONS", "apply_params", "best_recipe", "fold_indices", "ranked_trials",
+           "run_trials", "search", "trial_recipe", "validate_tune", "winner"]

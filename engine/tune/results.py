@@ -13,6 +13,10 @@ from engine.tune.space import OBJECTIVES, decode
 if TYPE_CHECKING:
     import optuna
 
+# fANOVA's forest needs trials to split on: below this many complete trials the shares are
+# noise (8 trials gave exactly 0.5/0.5), so none are computed and the result says why
+MIN_TRIALS_FOR_IMPORTANCE = 10
+
 
 def trial_dict(t: optuna.trial.FrozenTrial, space: dict[str, Any]) -> dict[str, Any]:
     """A finished trial as the result and `on_trial` report it."""
@@ -55,6 +59,8 @@ def result(study: optuna.Study, tune: dict[str, Any], name: str) -> dict[str, An
         out["best_number"] = pick.number
     out["trials"] = trials
     out["importances"] = _importances(study, complete) if len(objectives) == 1 else {}
+    if not out["importances"]:
+        out["importances_note"] = importances_note(len(complete), len(objectives))
     history, best_so_far = [], None
     for t in complete:
         value = t["values"][0]
@@ -68,7 +74,7 @@ def result(study: optuna.Study, tune: dict[str, Any], name: str) -> dict[str, An
 def _importances(study: optuna.Study, complete: list[dict[str, Any]]) -> dict[str, float]:
     import optuna
 
-    if len(complete) < 2:
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
         return {}
     varying = [p for p in complete[0]["params"]
                if len({json.dumps(t["params"].get(p), sort_keys=True) for t in complete}) > 1]
@@ -81,6 +87,47 @@ def _importances(study: optuna.Study, complete: list[dict[str, Any]]) -> dict[st
     except Exception:  # importance is a nicety; a degenerate study must not fail the search
         return {}
     return {k: float(v) for k, v in found.items()}
+
+
+def importances_note(n_complete: int, n_objectives: int) -> str:
+    """Why a search has no parameter importances, in one sentence."""
+    if n_objectives > 1:
+        return ("Parameter importances are computed for one objective; this search has "
+                f"{n_objectives}.")
+    if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
+        return (f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} complete "
+                f"trials to mean something; this search has {n_complete}.")
+    return "Parameter importances need at least two parameters that varied between trials."
+
+
+def ranked_trials(tuning: dict[str, Any]) -> list[dict[str, Any]]:
+    """The complete trials as table rows, best first on the first objective: the trial's
+    number, each objective's value, then each setting as a readable value."""
+    sign = 1.0 if tuning["directions"][0] == "maximize" else -1.0
+    done = [t for t in tuning["trials"] if t["state"] == "COMPLETE" and t["values"]]
+    rows = []
+    for t in sorted(done, key=lambda t: -sign * t["values"][0]):
+        row: dict[str, Any] = {"trial": t["number"]}
+        row.update(zip(tuning["objectives"], t["values"], strict=False))
+        if t.get("std") is not None:
+            row["std over folds"] = t["std"]
+        row.update({path: readable(value) for path, value in t["params"].items()})
+        rows.append(row)
+    return rows
+
+
+def readable(value: Any) -> str:
+    """A setting as a person writes it: 0.0123, [64, 32], adam."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return json.dumps(value)
+    return str(value)
+
+
+def winner(tuning: dict[str, Any]) -> str:
+    """The best settings as one line: `train.lr = 0.0123 · model.hidden = [64, 32]`."""
+    return " · ".join(f"{path} = {readable(v)}" for path, v in tuning["best_params"].items())
 
 
 def best_recipe(recipe: Recipe, tuning: dict[str, Any]) -> Recipe:
