@@ -119,7 +119,9 @@ def compact(model_bytes: bytes) -> bytes:
         del node.metadata_props[:]
     has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                         for node in graph.node for a in node.attribute)
-    if not has_subgraphs and not graph.sparse_initializer:  # renaming stays within one graph
+    # renaming stays within one graph; before IR 4 an initializer must also be a graph
+    # input of the same name, so old files keep their names
+    if not has_subgraphs and not graph.sparse_initializer and proto.ir_version >= 4:
         keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
         short: dict[str, str] = {}
 

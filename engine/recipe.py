@@ -61,7 +61,8 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "builtin:digits"  # "builtin:NAME" or a path: .csv, .parquet, .npz, .zip
-    target: str | None = None  # label column of a table; None takes the last column
+    target: str | None = None  # label column of a table; None: the first named like a label
+    #                            (target, label, class, species, y, ...), else the last
     task: str = "auto"  # "classification", "regression" or "auto" (from the labels)
     val_fraction: float = 0.2  # of all rows, for early stopping and model selection
     test_fraction: float = 0.2  # of all rows, touched only for the final figures

@@ -196,10 +196,17 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
     fits = _onnx_input_fits(session, data)
     tensors = to_tensors(data, device)
     ctx = _context(recipe, data, tensors, device, n_out, emit)
+    candidates = [("baseline", file, ["the uploaded ONNX model, as it is"])]
+    try:
+        candidates.append(("quantize-dynamic_int8",
+                           *quantize_onnx(file, method="dynamic_int8", per_channel=True)))
+    except Exception as exc:  # an exotic graph: the model as uploaded is still measured
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
+        candidates[0][2].append(f"ONNX Runtime could not quantize this graph to int8 "
+                                f"({type(exc).__name__}: {reason}), so only the model as "
+                                f"uploaded is measured.")
     variants = []
-    for name, blob, notes in [("baseline", file, ["the uploaded ONNX model, as it is"]),
-                              ("quantize-dynamic_int8", *quantize_onnx(
-                                  file, method="dynamic_int8", per_channel=True))]:
+    for name, blob, notes in candidates:
         metrics: dict[str, Any] = {**onnx_complexity(source), "size_bytes": len(blob),
                                    "runtime": "onnxruntime", "chain": name, "notes": notes}
         if fits:
@@ -220,10 +227,11 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
                    "model_file": f"{name}.onnx" if out_dir is not None else None}
         variants.append(variant)
         _announce(variant, emit, keep_file=out_dir is not None)
-    base, q = variants[0]["metrics"], variants[1]["metrics"]
-    q["size_ratio"] = base["size_bytes"] / q["size_bytes"]
-    if fits:
-        q["speedup"] = base["latency_ms"] / q["latency_ms"]
+    base = variants[0]["metrics"]
+    for q in (v["metrics"] for v in variants[1:]):
+        q["size_ratio"] = base["size_bytes"] / q["size_bytes"]
+        if fits:
+            q["speedup"] = base["latency_ms"] / q["latency_ms"]
     result = {"recipe": recipe.to_dict(), "device": "onnxruntime-cpu", "machine": machine(),
               "data": data.summary(), "variants": variants, "tuning": None,
               "diagnostics": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

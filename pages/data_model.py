@@ -5,7 +5,7 @@ from typing import Any
 
 import streamlit as st
 
-from engine.data import DATASETS, read_table
+from engine.data import DATASETS, default_target, read_table
 from engine.errors import UserError
 from engine.models import MODELS
 from engine.recipe import ACTIVATIONS, MISSING, SCALINGS, TASKS
@@ -74,7 +74,8 @@ with left:
         elif data["source"].lower().endswith((".csv", ".parquet")):
             try:
                 columns = list(read_table(data["source"]).columns)
-                target = data["target"] if data["target"] in columns else columns[-1]
+                target = data["target"] if data["target"] in columns else \
+                    default_target(columns)
                 data["target"] = st.selectbox("Target column", columns,
                                               index=columns.index(target), key="dm_target")
             except Exception as exc:

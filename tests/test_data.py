@@ -352,3 +352,15 @@ def test_preview_shows_raw_images_or_rows():
     assert sum(images["classes"].values()) == images["rows"]["train"]
     rows = preview(DataConfig(source="builtin:wine"), seed=0)
     assert len(rows["head"]["target"]) == 10 and "alcohol" in rows["head"]
+
+
+def test_the_default_target_is_a_column_named_like_a_label(tmp_path):
+    from engine.data import default_target
+
+    assert default_target(["bill_length", "species", "island", "year"]) == "species"
+    assert default_target(["a", "Label ", "b"]) == "Label "
+    assert default_target(["a", "b", "c"]) == "c"  # else the last column
+    rows = "\n".join(f"{i},{i % 2},{2000 + i}" for i in range(40))
+    (tmp_path / "t.csv").write_text(f"x,class,year\n{rows}\n")
+    _, y, _ = load_arrays(DataConfig(source=str(tmp_path / "t.csv")))
+    assert sorted(set(y.tolist())) == [0, 1]  # `class`, not the last column `year`

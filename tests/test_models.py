@@ -142,3 +142,30 @@ def test_describe_gives_figures_and_layers_for_the_model_page():
     assert [r["layer"] for r in info["layers"]][:3] == ["conv1", "cact1", "pool1"]
     assert info["layers"][0]["output"] == "16x8x8"
     assert sum(r["params"] for r in info["layers"]) == info["params"]
+
+
+def test_an_old_ir_onnx_graph_with_weights_computed_in_the_graph_runs(tmp_path):
+    """Model-zoo files from before ONNX IR 4 list every initializer as a graph input and
+    compute weights with nodes; the checker used to end the run in a traceback."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.random((4, 3), dtype=np.float32), "W"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "B"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+              *(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims))
+                for t in inits)]
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["W", "two"], ["W2"]),
+         helper.make_node("Gemm", ["x", "W2", "B"], ["y"])], "zoo", inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.save(model, tmp_path / "zoo.onnx")
+    result = engine.run({"data": {"source": "builtin:iris"},
+                         "model": {"source": str(tmp_path / "zoo.onnx")}})
+    assert [v["name"] for v in result["variants"]] == ["baseline", "quantize-dynamic_int8"]
+    assert all(v["metrics"]["test_accuracy"] >= 0 for v in result["variants"])

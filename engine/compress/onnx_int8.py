@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -44,6 +45,21 @@ def onnx_int8(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
                       metrics=metrics, notes=notes)
 
 
+def modernize(model_bytes: bytes) -> bytes:
+    """A file from before ONNX IR 4 (model-zoo graphs) as IR 4: there, every initializer
+    had to be a graph input too, which the quantizer treats as a value fed at run time (so
+    it quantizes nothing) and its output breaks (new initializers are not inputs)."""
+    proto = onnx.load_from_string(model_bytes)
+    if proto.ir_version >= 4:
+        return model_bytes
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    proto.ir_version = 4
+    return proto.SerializeToString()
+
+
 def quantize_onnx(float_bytes: bytes, *, method: str, per_channel: bool,
                   calibration: torch.Tensor | None = None) -> tuple[bytes, list[str]]:
     """(int8 .onnx bytes, notes) from a float .onnx file: `dynamic_int8`, or `static_int8`
@@ -52,6 +68,7 @@ def quantize_onnx(float_bytes: bytes, *, method: str, per_channel: bool,
 
     granularity = "per output channel" if per_channel else "per tensor"
     notes: list[str] = []
+    float_bytes = modernize(float_bytes)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "float.onnx").write_bytes(float_bytes)

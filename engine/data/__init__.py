@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from engine.data.bundle import DataBundle, load_data, preview, subset
 from engine.data.datasets import DATASETS, Arrays
-from engine.data.loaders import load_arrays, read_table
+from engine.data.loaders import default_target, load_arrays, read_table
 from engine.data.preprocess import Preprocess, augment, fit_preprocess
 from engine.data.splits import (
     MAX_CLASSES,
@@ -23,5 +23,6 @@ from engine.data.splits import (
 )
 
 __all__ = ["DATASETS", "MAX_CLASSES", "MAX_CLASSES_AUTO", "Arrays", "DataBundle",
-           "Preprocess", "augment", "fit_preprocess", "holdout_split", "kfold", "load_arrays",
-           "load_data", "preview", "read_table", "resolve_task", "stratified_kfold", "subset"]
+           "Preprocess", "augment", "default_target", "fit_preprocess", "holdout_split",
+           "kfold", "load_arrays", "load_data", "preview", "read_table", "resolve_task",
+           "stratified_kfold", "subset"]

@@ -28,6 +28,9 @@ MAX_CATEGORIES = 1000  # a text column with more distinct values is an identifie
 MAX_IMAGE_PIXELS = 40_000_000  # one image larger than this is refused before it is decoded
 MIXED_SHARE = 0.5  # a text column with more than this share of numbers is numbers with typos
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+# names a label column goes by, in the order they are looked for
+LABEL_NAMES = ("target", "label", "labels", "class", "species", "y", "outcome", "diagnosis",
+               "category", "survived", "churn")
 
 
 def load_arrays(cfg: DataConfig) -> Arrays:
@@ -76,11 +79,21 @@ def _read_frame(path: Path) -> pd.DataFrame:
                         f"is a valid {kind} table.") from None
 
 
+def default_target(columns: list[str]) -> str | None:
+    """The column a table's label most likely sits in: the first named like one (`target`,
+    `label`, `class`, `species`, `y`, ...), else the last column."""
+    for name in LABEL_NAMES:
+        for column in columns:
+            if column.strip().lower() == name:
+                return column
+    return columns[-1] if columns else None
+
+
 def _load_table(path: Path, cfg: DataConfig) -> Arrays:
     df = _read_frame(path)
     columns = [str(c) for c in df.columns]
     df.columns = columns
-    target = cfg.target if cfg.target is not None else (columns[-1] if columns else None)
+    target = cfg.target if cfg.target is not None else default_target(columns)
     if target not in columns:
         raise UserError(f"target column {target!r} is not in {path.name!r}; set data.target to "
                         f"one of: {', '.join(columns)}.")
