@@ -68,8 +68,8 @@ def compare(recipe: Recipe | dict[str, Any], chains: list[list[dict[str, Any]]],
     runs = [resolve({**base, "compress": chain}) for chain in chains]  # all checked first
     group = uuid.uuid4().hex[:8]
     return [submit(r, store=store, backend=backend, owner=owner, group=group,
-                   name=" -> ".join(step["technique"] for step in r.to_dict()["compress"])
-                   or "baseline")
+                   name=f"{' -> '.join(s['technique'] for s in r.compress) or 'baseline'}"
+                        f" · {r.title()}")
             for r in runs]
 
 

@@ -309,6 +309,16 @@ class Recipe:
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
 
+    def title(self) -> str:
+        """What a run of this recipe trains on what, for its name: `mlp on digits`."""
+        return f"{_short(self.model.source)} on {_short(self.data.source)}"
+
+
+def _short(source: str) -> str:
+    """A source as a person names it: the built-in's name, or the file's."""
+    return source.removeprefix("builtin:") if source.startswith("builtin:") else Path(
+        source).name
+
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe file (.json, .yaml or .yml) and check it."""

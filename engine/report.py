@@ -14,8 +14,6 @@ plot keeps its toolbar, whose camera button saves that plot as a PNG, offline to
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import html
 import json
 import shutil
@@ -25,10 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from engine import plots
-from engine.compress import COMPRESSORS
+from engine.comparison import (
+    figures,
+    headline,
+    run_label,
+    table_records,
+    training_histories,
+    variant_points,
+    variant_recipe,
+)
 from engine.errors import UserError
 from engine.latency import machine
-from engine.showcase import display_name
 from engine.store import ACTIVE, Store
 
 try:  # PNG export only; the HTML report needs nothing of it
@@ -39,115 +44,6 @@ except ImportError:  # pragma: no cover - it is in requirements.txt
 PLOT_CONFIG = {"displaylogo": False, "responsive": True,
                "toImageButtonOptions": {"format": "png", "scale": 2}}
 TEMPLATE = "plotly_white"  # a document to send: light, as printed
-TRAINING_ONLY = ("compress", "sensitivity", "name", "diagnose", "export")
-METRIC_KEYS = ("size_bytes", "latency_ms", "test_accuracy", "test_r2", "size_ratio", "speedup",
-               "smaller_not_faster", "nonzero_params", "params", "runtime")
-
-
-def _training_key(recipe: dict[str, Any]) -> str:
-    """What decides a run's baseline: the recipe without its compression and reporting."""
-    kept = {k: v for k, v in (recipe or {}).items() if k not in TRAINING_ONLY}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def run_label(run: dict[str, Any]) -> str:
-    """The name a run goes by in plots and tables (a showcase run's key left out)."""
-    return display_name(run.get("name")) or run["id"][:6]
-
-
-def variant_points(store: Store, run_ids: Sequence[str], *, one_baseline: bool = True
-                   ) -> list[dict[str, Any]]:
-    """One record per stored variant of the runs, finished or still running: run, run_id,
-    name, technique, chain and the metrics the plots and tables use. With `one_baseline`,
-    a baseline trained by the same training recipe as one already listed is left out (runs
-    that compress the same seeded model each train it again)."""
-    points, seen = [], set()
-    for run_id in run_ids:
-        run = store.get_run(run_id)
-        if run is None:
-            continue
-        trained = _training_key(run["recipe"])
-        for v in store.variants(run_id):
-            if v["name"] == "baseline" and one_baseline:
-                if trained in seen:
-                    continue
-                seen.add(trained)
-            m = v["metrics"]
-            points.append({"run": run_label(run), "run_id": run_id, "name": v["name"],
-                           "technique": v["technique"], "position": v["position"],
-                           "chain": f"{m.get('chain', '')} [{m.get('runtime', 'torch')}]",
-                           **{k: m.get(k) for k in METRIC_KEYS}})
-    return points
-
-
-def score_metric(points: Sequence[dict[str, Any]]) -> str:
-    """`test_accuracy` when any variant has it (classification), else `test_r2`."""
-    return "test_accuracy" if any(p.get("test_accuracy") is not None for p in points) \
-        else "test_r2"
-
-
-def table_records(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The accuracy/size/latency table, one row per variant, units in the column names."""
-    metric = score_metric(points)
-    front = {(r["run_id"], r["name"]) for r in plots.pareto_records(points, "size_bytes", metric)
-             if r["pareto"]}
-    return [{"run": p["run"], "variant": p["name"], "chain": p["chain"],
-             metric.replace("_", " "): _round(p.get(metric), 4),
-             "size (KiB)": _round(p["size_bytes"] / 1024, 2) if p.get("size_bytes") else None,
-             "smaller by (x)": _round(p.get("size_ratio"), 2),
-             "latency p50 (ms, batch 1)": _round(p.get("latency_ms"), 4),
-             "speedup (x)": _round(p.get("speedup"), 2),
-             "smaller but not faster": bool(p.get("smaller_not_faster")),
-             "Pareto-optimal (size)": (p["run_id"], p["name"]) in front} for p in points]
-
-
-def training_histories(store: Store, run_ids: Sequence[str]) -> dict[str, dict[str, list]]:
-    """Each distinct baseline's per-epoch history, keyed by run label (an optimizer race
-    overlays here)."""
-    out, seen = {}, set()
-    for run_id in run_ids:
-        run = store.get_run(run_id)
-        key = _training_key(run["recipe"]) if run else None
-        if run is None or key in seen:
-            continue
-        seen.add(key)
-        history = store.history(run_id)
-        if history.get("epoch"):
-            out[run_label(run)] = history
-    return out
-
-
-def variant_recipe(recipe: dict[str, Any], position: int) -> dict[str, Any]:
-    """The recipe that makes variant number `position` (0 = the baseline): the chain cut
-    after that step."""
-    out = copy.deepcopy(recipe)
-    out["compress"] = list(out.get("compress") or [])[:position]
-    return out
-
-
-def figures(store: Store, run_ids: Sequence[str]) -> dict[str, Any]:
-    """The main figures by name: pareto_size, pareto_latency, training_loss (those with
-    data); what the report draws first and `export_png` saves."""
-    points = variant_points(store, run_ids)
-    metric = score_metric(points)
-    descriptions = technique_descriptions()
-    out = {}
-    if points:
-        out["pareto_size"] = plots.pareto(points, "size_bytes", metric,
-                                          descriptions=descriptions)
-        out["pareto_latency"] = plots.pareto(points, "latency_ms", metric,
-                                             descriptions=descriptions)
-    histories = training_histories(store, run_ids)
-    if histories:
-        out["training_loss"] = plots.curves(histories, "loss", title="training: loss per epoch")
-    return out
-
-
-def technique_descriptions() -> dict[str, str]:
-    """Each compression technique's one-sentence description, from its registry."""
-    return {e.name: e.description for e in COMPRESSORS}
-
-
 def build(store: Store, run_ids: Sequence[str], *, title: str = "Model optimization report"
           ) -> str:
     """The report of `run_ids` as one self-contained HTML page (see the module's doc)."""
@@ -164,6 +60,11 @@ def build(store: Store, run_ids: Sequence[str], *, title: str = "Model optimizat
     parts.append(f"<h1>{_e(title)}</h1><p class=muted>{len(runs)} run(s), written "
                  f"{_e(time.strftime('%Y-%m-%d %H:%M'))}. Every plot is interactive: hover for "
                  f"details, drag to zoom, and its camera button saves it as a PNG.</p>")
+    lines = headline(store, run_ids)
+    if lines:
+        parts.append("<h2>In one line each</h2><p class=muted>Each compressed variant against "
+                     "its own run's baseline: size of the shipped file, score, speed at batch "
+                     "1.</p><ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>")
     parts.append(_machines(runs, results))
     points = variant_points(store, run_ids)
     if points:
@@ -373,7 +274,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else ""
     return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _round(value: Any, digits: int) -> Any:
-    return None if value is None else round(float(value), digits)

@@ -87,7 +87,7 @@ class Entry:
 
     @property
     def name(self) -> str:
-        return f"{PREFIX}{self.label} [{self.key}]"
+        return f"{PREFIX}{self.label} · {Recipe.from_dict(self.recipe).title()} [{self.key}]"
 
 
 @dataclasses.dataclass(frozen=True)

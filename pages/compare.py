@@ -7,7 +7,7 @@ Runs still going are drawn too: the plots poll the store and fill in as variants
 import pandas as pd
 import streamlit as st
 
-from engine import jobs, plots, report
+from engine import comparison, jobs, plots, report
 from engine.store import ACTIVE, Store
 
 st.title("Compare")
@@ -24,12 +24,10 @@ landed = st.session_state.pop("showcase_runs", None)  # from the Home page's Sho
 if landed:
     st.session_state["cmp_runs"] = [i for i in landed if i in runs]
 if "cmp_runs" not in st.session_state:
-    chains = [i for i, r in runs.items() if r["status"] == "done" and len(store.variants(i)) > 1]
-    st.session_state["cmp_runs"] = chains[:3] or [i for i in runs if runs[i]["status"] ==
-                                                  "done"][:3]
+    st.session_state["cmp_runs"] = comparison.default_selection(list(runs.values()), store)
 st.session_state["cmp_runs"] = [i for i in st.session_state["cmp_runs"] if i in runs]
 picked = st.multiselect("Runs", list(runs), key="cmp_runs",
-                        format_func=lambda i: f"{report.run_label(runs[i])} ({i[:6]}) · "
+                        format_func=lambda i: f"{comparison.run_label(runs[i])} ({i[:6]}) · "
                                               f"{runs[i]['status']}")
 one_baseline = st.toggle("One baseline per training recipe", True, key="cmp_one_base",
                          help="Runs that compress the same seeded model each train it again; "
@@ -38,7 +36,7 @@ one_baseline = st.toggle("One baseline per training recipe", True, key="cmp_one_
 
 @st.cache_data(show_spinner=False)
 def descriptions() -> dict[str, str]:
-    return report.technique_descriptions()
+    return comparison.technique_descriptions()
 
 
 def draw(run_ids: list[str]) -> None:
@@ -49,31 +47,44 @@ def draw(run_ids: list[str]) -> None:
     if active:
         st.progress(1 - active / len(states), text=f"{len(states) - active} of {len(states)} "
                     f"runs finished; the plots fill in as variants are measured")
-    points = report.variant_points(fresh, run_ids, one_baseline=one_baseline)
-    if not points:
-        st.caption("No variant measured yet.")
-    else:
-        metric = report.score_metric(points)
-        left, right = st.columns(2)
-        left.plotly_chart(plots.pareto(points, "size_bytes", metric,
-                                       descriptions=descriptions()), key="cmp_size")
-        right.plotly_chart(plots.pareto(points, "latency_ms", metric,
-                                        descriptions=descriptions()), key="cmp_latency")
-        st.caption("Sizes are the files that ship (.wbz weights, or .onnx for ONNX Runtime "
-                   "variants); ratios and speedups are against the baseline measured the same "
-                   "way. Latency is measured in the runtime shown in brackets. Hover a point "
-                   "for what its technique does.")
-        st.dataframe(pd.DataFrame(report.table_records(points)), hide_index=True,
-                     column_config={"chain": st.column_config.TextColumn(
-                         help="the compression steps that made this variant [its runtime]")})
-    histories = report.training_histories(fresh, run_ids)
-    if len(histories) > 1:  # an optimizer race, or runs trained differently
-        st.plotly_chart(plots.curves(histories, "loss", title="training: loss per epoch"),
-                        key="cmp_curves")
+    groups = comparison.data_groups(fresh, run_ids)
+    if len(groups) > 1:
+        st.info(f"These runs were scored on {len(groups)} different datasets, so each has its "
+                f"own front: a score on one dataset says nothing about another.")
+    for i, (label, ids) in enumerate(groups.items()):
+        if len(groups) > 1:
+            st.subheader(f"Data: {label}")
+        draw_group(fresh, ids, f"{i}")
     if st.session_state.get("cmp_was_active") and not active:
         st.session_state["cmp_was_active"] = False
         st.rerun()  # everything finished: redraw the page once, without polling
     st.session_state["cmp_was_active"] = bool(active)
+
+
+def draw_group(fresh: Store, run_ids: list[str], suffix: str) -> None:
+    """The fronts, the table and the training curves of runs scored on one dataset."""
+    points = comparison.variant_points(fresh, run_ids, one_baseline=one_baseline)
+    if not points:
+        st.caption("No variant measured yet.")
+    else:
+        metric = comparison.score_metric(points)
+        left, right = st.columns(2)
+        left.plotly_chart(plots.pareto(points, "size_bytes", metric,
+                                       descriptions=descriptions()), key=f"cmp_size{suffix}")
+        right.plotly_chart(plots.pareto(points, "latency_ms", metric,
+                                        descriptions=descriptions()),
+                           key=f"cmp_latency{suffix}")
+        st.caption("Sizes are the files that ship (.wbz weights, or .onnx for ONNX Runtime "
+                   "variants); ratios and speedups are against the baseline measured the same "
+                   "way. Latency is measured in the runtime shown in brackets. Hover a point "
+                   "for what its technique does.")
+        st.dataframe(pd.DataFrame(comparison.table_records(points)), hide_index=True,
+                     column_config={"chain": st.column_config.TextColumn(
+                         help="the compression steps that made this variant [its runtime]")})
+    histories = comparison.training_histories(fresh, run_ids)
+    if len(histories) > 1:  # an optimizer race, or runs trained differently
+        st.plotly_chart(plots.curves(histories, "loss", title="training: loss per epoch"),
+                        key=f"cmp_curves{suffix}")
 
 
 if picked:

@@ -76,7 +76,7 @@ try:
         recipe_download(recipe.to_dict(), key="cmp_download")
     if go.button("Run chain", type="primary", key="cmp_run_btn", disabled=not chain):
         st.session_state["cmp_watch"] = [submit(
-            recipe, name=" -> ".join(s["technique"] for s in chain))]
+            recipe, name=f"{' -> '.join(s['technique'] for s in chain)} · {recipe.title()}")]
     if each.button("Compare the steps side by side", key="cmp_each_btn",
                    disabled=len(chain) < 2, help="One run per step, each from its own "
                    "baseline, run in parallel (as Ray tasks when Ray is configured)."):

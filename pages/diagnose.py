@@ -69,8 +69,7 @@ try:
     recipe = resolve({"data": sel["data"], "model": sel["model"], "train": train_cfg,
                       "diagnose": diagnose})
     if st.button("Diagnose", type="primary", key="dg_run", icon=":material/troubleshoot:"):
-        st.session_state["dg_watch"] = submit(recipe, name=f"diagnose "
-                                                   f"{describe(sel['model'])}")
+        st.session_state["dg_watch"] = submit(recipe, name=f"diagnose · {recipe.title()}")
 except Exception as exc:
     show_error(exc)
 

@@ -134,10 +134,10 @@ if recipe is not None:
                         else dict(cfg, optimizer=choice, lr=None, optimizer_options={},
                                   batch_size="full" if OPTIMIZERS.get(choice).extra.get(
                                       "closure") else cfg["batch_size"])
-                    ids.append(submit({**raw, "train": train}, name=choice, group=group,
-                                      threads=1))
+                    ids.append(submit({**raw, "train": train}, group=group, threads=1,
+                                      name=f"{recipe.title()} · {choice}"))
             else:
-                ids = [submit(recipe, name=f"{describe(sel['model'])} · {name}")]
+                ids = [submit(recipe, name=f"{recipe.title()} · {name}")]
             st.session_state["watch"] = ids
         except Exception as exc:
             show_error(exc)

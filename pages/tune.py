@@ -116,7 +116,8 @@ if st.button("Search", type="primary", key="tu_run", icon=":material/search:",
              disabled=recipe is None, help="Fix the setting named above first."
              if recipe is None else None):
     try:
-        st.session_state["tu_watch"] = submit(recipe, name=f"search {sampler}")
+        st.session_state["tu_watch"] = submit(recipe,
+                                              name=f"search {sampler} · {recipe.title()}")
     except Exception as exc:
         show_error(exc)
 

@@ -489,7 +489,8 @@ def test_two_sessions_each_see_their_own_runs_and_compare_fans_out():
     assert store.get_run(ids_a[0])["group_id"] == store.get_run(ids_a[1])["group_id"]
     for run_id in [*ids_a, id_b]:
         assert wait_finished(run_id)["status"] == "done"
-    for at, names in ((a, ["quantize", "prune"]), (b, ["prune"])):
+    for at, names in ((a, ["quantize · mlp on iris", "prune · mlp on iris"]),
+                      (b, ["prune · mlp on iris"])):  # names say the data and the model
         at.switch_page("pages/runs.py").run()
         assert len(at.dataframe[0].value) == 3  # everyone's runs by default
         at.toggle(key="runs_mine").set_value(True).run()

@@ -139,12 +139,12 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
         # the table is drawn on a canvas; its cells live on in an accessible grid
         cells = page.locator("[data-testid=stDataFrame] td[role=gridcell]")
-        expect(cells.filter(has_text="mlp · adam").first).to_be_attached()
+        expect(cells.filter(has_text="mlp on digits · adam").first).to_be_attached()
         expect(cells.filter(has_text="done").first).to_be_attached()
         # open it: tick the row's selection box, drawn at the left edge of the first row
         box = page.locator("[data-testid=stDataFrame]").first.bounding_box()
         page.mouse.click(box["x"] + 14, box["y"] + 35 + 18)
-        expect(page.get_by_role("heading", name="mlp · adam · done")).to_be_visible()
+        expect(page.get_by_role("heading", name="mlp on digits · adam · done")).to_be_visible()
         expect(page.get_by_role("button", name="Model: baseline.pt2")).to_be_visible()
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "runs.png", full_page=True)
@@ -153,7 +153,7 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         expect(page.get_by_text("This cannot be undone.")).to_be_visible()
         page.get_by_role("button", name="Keep it", exact=True).click()
         expect(page.get_by_text("This cannot be undone.")).to_have_count(0)
-        expect(page.get_by_role("heading", name="mlp · adam · done")).to_be_visible()
+        expect(page.get_by_role("heading", name="mlp on digits · adam · done")).to_be_visible()
 
         # Diagnose: curves, decomposition and the verdict for the same model and data
         page.get_by_role("link", name="Diagnose", exact=True).click()

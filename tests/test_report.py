@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from engine import report, worker
+from engine import comparison, report, worker
 from engine.errors import UserError
 from engine.store import Store
 
@@ -77,26 +77,26 @@ def test_report_is_standalone_and_names_every_variant_and_the_machine(stored, tm
 
 def test_variant_recipes_cut_the_chain_after_their_step():
     recipe = {"compress": [{"technique": "prune"}, {"technique": "quantize"}]}
-    assert report.variant_recipe(recipe, 0)["compress"] == []
-    assert report.variant_recipe(recipe, 1)["compress"] == [{"technique": "prune"}]
+    assert comparison.variant_recipe(recipe, 0)["compress"] == []
+    assert comparison.variant_recipe(recipe, 1)["compress"] == [{"technique": "prune"}]
     assert len(recipe["compress"]) == 2  # the run's recipe is left as it was
 
 
 def test_points_show_a_shared_baseline_once_and_the_table_has_units(stored):
     store, ids = stored
     run_ids = list(ids.values())
-    points = report.variant_points(store, run_ids)
+    points = comparison.variant_points(store, run_ids)
     assert [(p["run"], p["name"]) for p in points] == [
         ("iris chain", "baseline"), ("iris chain", "prune-magnitude"),
         ("iris chain", "quantize-fp16"), ("iris again", "lowrank-svd"),
         ("iris sgd", "baseline")]
-    every = report.variant_points(store, run_ids, one_baseline=False)
+    every = comparison.variant_points(store, run_ids, one_baseline=False)
     assert len(every) == len(points) + 1
-    rows = report.table_records(points)
+    rows = comparison.table_records(points)
     assert {"size (KiB)", "latency p50 (ms, batch 1)", "test accuracy"} <= set(rows[0])
     assert any(r["Pareto-optimal (size)"] for r in rows)
-    assert set(report.training_histories(store, run_ids)) == {"iris chain", "iris sgd"}
-    figs = report.figures(store, run_ids)
+    assert set(comparison.training_histories(store, run_ids)) == {"iris chain", "iris sgd"}
+    figs = comparison.figures(store, run_ids)
     assert set(figs) == {"pareto_size", "pareto_latency", "training_loss"}
     assert "KiB" in figs["pareto_size"].layout.xaxis.title.text
 
@@ -122,3 +122,21 @@ def test_png_export_of_the_main_figures(stored, tmp_path):
                                              "training_loss.png"]
     for f in files:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 10_000
+
+
+def test_runs_on_different_data_never_share_a_front_and_the_headline_reads(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/s.db", artifacts=tmp_path / "art")
+    chain = [{"technique": "prune", "amount": 0.5, "finetune_epochs": 0}]
+    ids = {}
+    for name, source in (("iris chain", "builtin:iris"), ("moons chain", "builtin:moons")):
+        ids[name] = store.create_run({"data": {"source": source}, "train": {"epochs": 2},
+                                      "compress": chain}, name=name)
+        assert worker.run_worker(ids[name], store.url, artifacts=store.artifacts) == 0
+    groups = comparison.data_groups(store, list(ids.values()))
+    assert groups == {"iris": [ids["iris chain"]], "moons": [ids["moons chain"]]}
+    lines = comparison.headline(store, [ids["moons chain"]])
+    assert len(lines) == 1 and lines[0].startswith("prune-magnitude (moons chain): ")
+    assert "x smaller" in lines[0] and "points" in lines[0]
+    assert "In one line each" in report.build(store, [ids["moons chain"]])
+    runs = store.list_runs()  # newest first: the moons chain, in no group
+    assert comparison.default_selection(runs, store) == [ids["moons chain"]]

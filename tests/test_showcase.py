@@ -50,7 +50,7 @@ def test_keys_are_stable_and_distinct():
     assert showcase.recipe_key(spelled_out) == first.key
     assert showcase.recipe_key({**first.recipe, "name": "renamed"}) == first.key
     assert showcase.key_of(first.name) == first.key
-    assert showcase.display_name(first.name) == "baseline (adam)"
+    assert showcase.display_name(first.name) == "baseline (adam) · mlp on iris"
     assert showcase.display_name("my run") == "my run"
     kinds = [e.kind for e in showcase.recipes()]
     assert kinds.count("baseline") == 1 and kinds.count("race") == len(showcase.RACE) - 1
