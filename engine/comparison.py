@@ -18,8 +18,16 @@ from engine.showcase import display_name
 from engine.store import Store
 
 TRAINING_ONLY = ("compress", "sensitivity", "name", "diagnose", "export")
+# where every figure of the table comes from, said once for the page and the report
+SOURCES = ("Sizes are the files that ship: the .wbz of a PyTorch variant, the .onnx of an "
+           "ONNX Runtime one; \"smaller by\" is against the baseline's .wbz, or for an ONNX "
+           "Runtime variant against the same model as a float32 .onnx. Latency is the median "
+           "at batch 1 in the runtime in brackets, every variant of a run timed once, in the "
+           "same rounds, at the thread count shown; \"speedup vs baseline\" divides the "
+           "baseline's latency by the variant's, both as shown.")
 METRIC_KEYS = ("size_bytes", "latency_ms", "test_accuracy", "test_r2", "size_ratio", "speedup",
-               "smaller_not_faster", "nonzero_params", "params", "runtime")
+               "smaller_not_faster", "nonzero_params", "params", "runtime", "latency_threads",
+               "speedup_vs_onnx_fp32")
 
 
 def _training_key(recipe: dict[str, Any]) -> str:
@@ -74,7 +82,9 @@ def table_records(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
              "size (KiB)": _round(p["size_bytes"] / 1024, 2) if p.get("size_bytes") else None,
              "smaller by (x)": _round(p.get("size_ratio"), 2),
              "latency p50 (ms, batch 1)": _round(p.get("latency_ms"), 4),
-             "speedup (x)": _round(p.get("speedup"), 2),
+             "threads": p.get("latency_threads"),
+             "speedup (x, vs baseline)": _round(p.get("speedup"), 2),
+             "speedup (x, vs ONNX fp32)": _round(p.get("speedup_vs_onnx_fp32"), 2),
              "smaller but not faster": bool(p.get("smaller_not_faster")),
              "Pareto-optimal (size)": (p["run_id"], p["name"]) in front} for p in points]
 

@@ -12,15 +12,16 @@ import hashlib
 import tempfile
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from engine.latency import time_calls
+from engine.latency import THREADS
 from engine.models import set_training
 
 if TYPE_CHECKING:
@@ -150,8 +151,9 @@ class SessionModule(nn.Module):
         return torch.from_numpy(ort_predict(self.session, x.detach().cpu().numpy())).to(x.device)
 
 
-def onnx_latency_ms(model_bytes: bytes, input_shape: tuple[int, ...]) -> float:
-    """Median milliseconds per batch-1 call, ONNX Runtime on one thread."""
-    session = ort_session(model_bytes, threads=1)
+def ort_call(model_bytes: bytes, input_shape: tuple[int, ...], *,
+             threads: int = THREADS) -> Callable[[], Any]:
+    """One batch-1 ONNX Runtime call on a zero input, at `threads`, for `round_robin`."""
+    session = ort_session(model_bytes, threads=threads)
     feed = {session.get_inputs()[0].name: np.zeros((1, *input_shape), np.float32)}
-    return time_calls(lambda: session.run(None, feed))["median_ms"]
+    return lambda: session.run(None, feed)

@@ -7,13 +7,18 @@ figure without its thread count cannot be compared.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+THREADS = 1  # every reported latency is taken at this many threads, in every runtime
+ROUNDS = 7  # rounds of `round_robin`: each figure is a median over them
+REPEATS = 100  # timed calls per round
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int = 10, repeats: int = 100,
@@ -36,19 +41,11 @@ def time_calls(fn: Callable[[], Any], *, warmup: int = 10, repeats: int = 100,
 
 
 def torch_latency(model: torch.nn.Module, input_shape: tuple[int, ...], *, batch: int = 1,
-                  repeats: int = 100) -> dict[str, float]:
-    """Eager PyTorch inference time of one batch on the model's device."""
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    x = torch.zeros((batch, *input_shape), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-
-    def call() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    return {**time_calls(call, repeats=repeats, sync=sync), "batch": batch,
-            "threads": torch.get_num_threads()}
+                  repeats: int = 100, n_threads: int = THREADS) -> dict[str, float]:
+    """Eager PyTorch inference time of one batch on the model's device, at `n_threads`."""
+    with threads(n_threads):
+        figure = time_calls(torch_call(model, input_shape, batch=batch), repeats=repeats)
+    return {**figure, "batch": batch, "threads": n_threads}
 
 
 def machine() -> dict[str, Any]:
@@ -61,14 +58,48 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def paired_latency(model: torch.nn.Module, reference: torch.nn.Module,
-                   input_shape: tuple[int, ...], *, rounds: int = 7,
-                   repeats: int = 100) -> tuple[float, float]:
-    """Median batch-1 latency (ms) of `model` and of `reference`, measured in alternating
-    rounds so that frequency changes and background load hit both alike: a speedup from
-    two figures taken minutes apart would be mostly noise at these sub-millisecond scales."""
-    ours, theirs = [], []
-    for _ in range(rounds):
-        theirs.append(torch_latency(reference, input_shape, repeats=repeats)["median_ms"])
-        ours.append(torch_latency(model, input_shape, repeats=repeats)["median_ms"])
-    return statistics.median(ours), statistics.median(theirs)
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torch_call(model: torch.nn.Module, input_shape: tuple[int, ...], *, batch: int = 1
+               ) -> Callable[[], Any]:
+    """One eager inference call of `model` on a zero batch, ready for `round_robin`."""
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    x = torch.zeros((batch, *input_shape), device=device)
+
+    def call() -> None:
+        with torch.inference_mode():
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return call
+
+
+def round_robin(calls: dict[str, Callable[[], Any]], *, rounds: int = ROUNDS,
+                repeats: int = REPEATS, n_threads: int = THREADS) -> dict[str, dict[str, Any]]:
+    """Every call timed in the same rounds, one after another within each round, so that
+    frequency changes and background load hit them alike: each figure is the median over
+    rounds of that round's median (ms), with its p95, call count and thread count. A ratio
+    of two of these figures compares like with like; two figures taken minutes apart, or at
+    different thread counts, would not."""
+    per_round: dict[str, list[float]] = {name: [] for name in calls}
+    p95: dict[str, list[float]] = {name: [] for name in calls}
+    with threads(n_threads):
+        for _ in range(rounds):
+            for name, call in calls.items():
+                figure = time_calls(call, repeats=repeats)
+                per_round[name].append(figure["median_ms"])
+                p95[name].append(figure["p95_ms"])
+    return {name: {"median_ms": statistics.median(per_round[name]),
+                   "p95_ms": statistics.median(p95[name]), "calls": rounds * repeats,
+                   "threads": n_threads} for name in calls}

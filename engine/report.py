@@ -24,6 +24,7 @@ from typing import Any
 
 from engine import plots
 from engine.comparison import (
+    SOURCES,
     figures,
     headline,
     run_label,
@@ -70,10 +71,7 @@ def build(store: Store, run_ids: Sequence[str], *, title: str = "Model optimizat
     if points:
         parts.append("<h2>Accuracy, size and latency</h2>")
         parts.append(_table(table_records(points)))
-        parts.append("<p class=muted>Sizes are the files that ship (.wbz weights, or .onnx for "
-                     "ONNX Runtime variants); ratios and speedups are against the baseline "
-                     "measured the same way. Latency is the median at batch 1 in the runtime "
-                     "in brackets.</p>")
+        parts.append(f"<p class=muted>{_e(SOURCES)}</p>")
     main = figures(store, run_ids)
     if "pareto_size" in main:
         parts.append("<h2>Pareto fronts</h2><div class=row>" + add_figure(main["pareto_size"])

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from engine import deploy
 from engine.compress import (
     COMPRESSORS,
     CompressContext,
@@ -32,16 +31,16 @@ from engine.compress import (
     run_chain,
     step_name,
 )
-from engine.compress.encode import encode
 from engine.compress.onnx_int8 import quantize_onnx
 from engine.compress.sensitivity import sensitivity
 from engine.data import DATASETS, load_data
 from engine.diagnostics.run import run_diagnostics
 from engine.errors import UserError
 from engine.executor import Executor
-from engine.export import SessionModule, onnx_latency_ms, ort_session
-from engine.latency import machine, paired_latency, torch_latency
-from engine.models import MODELS, complexity, onnx_complexity, read_onnx, save_model
+from engine.export import SessionModule, ort_call, ort_session
+from engine.latency import THREADS, machine, round_robin
+from engine.measure import Measured, measure, time_variants
+from engine.models import MODELS, onnx_complexity, read_onnx
 from engine.optimizers import OPTIMIZERS
 from engine.recipe import Recipe, as_recipe
 from engine.registry import Registry
@@ -111,8 +110,9 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         ctx = _context(recipe, data, tensors, device, n_out, emit)
         ctx.baseline_model = model
         ctx.export_onnx = recipe.export.onnx
-        baseline = _measure("baseline", StepResult(model, history=fit.history), ctx, folder,
-                            chain=[], reference=None, huffman=False)
+        measured = [measure("baseline", StepResult(model, history=fit.history), ctx, folder,
+                            chain=[], reference=None, huffman=False)]
+        baseline = measured[0].variant
         baseline["metrics"].update(epochs_run=len(fit.history["epoch"]),
                                    best_epoch=fit.best_epoch, train_time_s=fit.seconds)
         baseline["stopped"] = fit.stopped
@@ -132,8 +132,14 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
             if out_dir is not None:
                 write_result(result, out_dir)
             raise TrainingDivergedError(fit.message, result)
-        _announce(baseline, emit, keep_file=out_dir is not None)
-        _compress_chain(recipe, model, ctx, folder, result, emit, keep=out_dir is not None)
+        keep = out_dir is not None
+        _announce(baseline, emit, keep_file=keep)
+        measured += _compress_chain(recipe, model, ctx, folder, result, emit, keep=keep)
+        emit({"event": "stage", "stage": "latency", "message": f"timing {len(measured)} "
+              f"variant(s) in the same rounds"})
+        time_variants(measured)  # one latency per variant, every ratio from those figures
+        for m in measured:  # the variants again, now with their latency
+            _announce(m.variant, emit, keep_file=keep)
         if tuning is not None:
             result["trained_recipe"] = recipe.to_dict()
         if recipe.diagnose is not None:
@@ -158,7 +164,8 @@ def _context(recipe: Recipe, data: Any, tensors: dict[str, torch.Tensor],
 
 
 def _compress_chain(recipe: Recipe, model: torch.nn.Module, ctx: Any, folder: Path,
-                    result: dict[str, Any], emit: ProgressFn, *, keep: bool) -> None:
+                    result: dict[str, Any], emit: ProgressFn, *, keep: bool
+                    ) -> list[Measured]:
     """Each step starts from the previous step's model and yields one measured variant."""
     steps = recipe.compress
     baseline = result["variants"][0]
@@ -172,15 +179,18 @@ def _compress_chain(recipe: Recipe, model: torch.nn.Module, ctx: Any, folder: Pa
 
     if steps:
         announce(0)
+    measured = []
     for i, step, outcome in run_chain(model, steps, ctx):
         huffman = huffman or outcome.huffman
         chain.append(describe_step(step))
-        variant = _measure(names[i], outcome, ctx, folder, chain=list(chain),
-                           reference=baseline, huffman=huffman, technique=step["technique"])
-        result["variants"].append(variant)
-        _announce(variant, emit, keep_file=keep)
+        measured.append(measure(names[i], outcome, ctx, folder, chain=list(chain),
+                                reference=baseline, huffman=huffman,
+                                technique=step["technique"]))
+        result["variants"].append(measured[-1].variant)
+        _announce(measured[-1].variant, emit, keep_file=keep)
         if i + 1 < len(steps):
             announce(i + 1)
+    return measured
 
 
 def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
@@ -213,11 +223,10 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
             module = SessionModule(ort_session(blob))
             for part in ("train", "val", "test"):
                 metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(module, part).items()})
-            metrics["latency_ms"] = onnx_latency_ms(blob, data.input_shape)
         else:
             metrics["notes"] = [*notes, f"its input {_onnx_input_shape(session)} does not fit "
-                                f"this dataset's samples {list(data.input_shape)}, so it is "
-                                f"timed and measured but not scored."]
+                                f"this dataset's samples {list(data.input_shape)}, so its "
+                                f"size is measured but it is neither scored nor timed."]
         metrics["size_bytes"] = len(blob)
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -226,12 +235,22 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
                    "metrics": metrics, "history": {},
                    "model_file": f"{name}.onnx" if out_dir is not None else None}
         variants.append(variant)
-        _announce(variant, emit, keep_file=out_dir is not None)
     base = variants[0]["metrics"]
-    for q in (v["metrics"] for v in variants[1:]):
-        q["size_ratio"] = base["size_bytes"] / q["size_bytes"]
+    figures = round_robin({name: ort_call(blob, data.input_shape)
+                           for name, blob, _ in candidates}) if fits else {}
+    for v in variants:  # one latency each, all from the same rounds
+        q = v["metrics"]
         if fits:
-            q["speedup"] = base["latency_ms"] / q["latency_ms"]
+            figure = figures[v["name"]]
+            q.update(latency_ms=figure["median_ms"], latency_p95_ms=figure["p95_ms"],
+                     latency_threads=figure["threads"], latency_calls=figure["calls"])
+        if v is not variants[0]:
+            q["size_ratio"] = base["size_bytes"] / q["size_bytes"]
+            q["size_reference"] = "the uploaded .onnx file"
+            if fits:
+                q["speedup"] = base["latency_ms"] / q["latency_ms"]
+                q["speedup_reference"] = f"the uploaded model, ONNX Runtime, {THREADS} thread"
+        _announce(v, emit, keep_file=out_dir is not None)
     result = {"recipe": recipe.to_dict(), "device": "onnxruntime-cpu", "machine": machine(),
               "data": data.summary(), "variants": variants, "tuning": None,
               "diagnostics": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -251,68 +270,6 @@ def _onnx_input_fits(session: Any, data: Any) -> bool:
     return len(declared) == len(data.input_shape) and all(
         not isinstance(d, int) or d == s for d, s in zip(declared, data.input_shape,
                                                          strict=True))
-
-
-def _measure(name: str, outcome: Any, ctx: Any, folder: Path, *, chain: list[str],
-             reference: dict[str, Any] | None, huffman: bool,
-             technique: str | None = None) -> dict[str, Any]:
-    """Evaluate a variant and measure what ships: the same harness for every variant."""
-    metrics: dict[str, Any] = {}
-    if outcome.runtime == "torch":
-        model = outcome.model
-        for part in ("train", "val", "test"):
-            metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(model, part).items()})
-        metrics.update(complexity(model, ctx.input_shape))
-        blob = encode(model, huffman=huffman)
-        (folder / f"{name}.wbz").write_bytes(blob)
-        metrics["size_bytes"] = len(blob)
-        metrics["pt2_bytes"] = save_model(model, ctx.input_shape, folder / f"{name}.pt2")
-        model_file = f"{name}.pt2"
-        ref_size = reference["metrics"]["size_bytes"] if reference else None
-        if reference is None:
-            metrics["latency_ms"] = torch_latency(model, ctx.input_shape,
-                                                  repeats=500)["median_ms"]
-            ref_latency = None
-        else:  # timed in alternation with the baseline, so the speedup is not noise
-            metrics["latency_ms"], ref_latency = paired_latency(
-                model, ctx.baseline_model, ctx.input_shape)
-    else:
-        (folder / f"{name}.onnx").write_bytes(outcome.onnx_bytes)
-        metrics["size_bytes"] = len(outcome.onnx_bytes)
-        model_file = f"{name}.onnx"
-        ref_size = outcome.metrics.get("reference_size_bytes")
-        ref_latency = outcome.metrics.get("reference_latency_ms")
-        if reference:
-            for key in ("params", "nonzero_params", "flops"):
-                metrics[key] = reference["metrics"].get(key)
-    metrics.update(outcome.metrics)
-    notes = list(outcome.notes)
-    if ref_size and ref_latency:
-        metrics["size_ratio"] = ref_size / metrics["size_bytes"]
-        metrics["speedup"] = ref_latency / metrics["latency_ms"]
-        if metrics["size_ratio"] >= 1.2 and metrics["speedup"] < 1.05:
-            metrics["smaller_not_faster"] = True
-            notes.append(f"{name} is {metrics['size_ratio']:.1f}x smaller but not faster "
-                         f"({metrics['speedup']:.2f}x the reference's speed on "
-                         f"{outcome.runtime}): the arithmetic it runs did not shrink.")
-    metrics.update(runtime=outcome.runtime, chain=" -> ".join(chain) or "trained model",
-                   notes=notes)
-    if ctx.export_onnx:
-        metrics["deploy"] = _deploy(name, outcome, ctx, folder)
-    return {"name": name, "technique": technique, "metrics": metrics,
-            "history": outcome.history or {}, "model_file": model_file}
-
-
-def _deploy(name: str, outcome: Any, ctx: Any, folder: Path) -> dict[str, Any]:
-    """The deployable .onnx (preprocessing inside) and ONNX Runtime's view of it."""
-    if outcome.runtime == "torch":
-        file = deploy.export_model(outcome.model, ctx.data, name=name)
-        info = deploy.report(file, ctx.data, model=outcome.model)
-    else:
-        file = deploy.with_preprocessing(outcome.onnx_bytes, ctx.data)
-        info = deploy.report(file, ctx.data)
-    (folder / f"{name}.deploy.onnx").write_bytes(file)
-    return {**info, "file": f"{name}.deploy.onnx"}
 
 
 def _announce(variant: dict[str, Any], emit: ProgressFn, *, keep_file: bool) -> None:

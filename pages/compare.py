@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import comparison, jobs, plots, report
+from engine.comparison import SOURCES
 from engine.store import ACTIVE, Store
 
 st.title("Compare")
@@ -74,10 +75,7 @@ def draw_group(fresh: Store, run_ids: list[str], suffix: str) -> None:
         right.plotly_chart(plots.pareto(points, "latency_ms", metric,
                                         descriptions=descriptions()),
                            key=f"cmp_latency{suffix}")
-        st.caption("Sizes are the files that ship (.wbz weights, or .onnx for ONNX Runtime "
-                   "variants); ratios and speedups are against the baseline measured the same "
-                   "way. Latency is measured in the runtime shown in brackets. Hover a point "
-                   "for what its technique does.")
+        st.caption(SOURCES + " Hover a point for what its technique does.")
         st.dataframe(pd.DataFrame(comparison.table_records(points)), hide_index=True,
                      column_config={"chain": st.column_config.TextColumn(
                          help="the compression steps that made this variant [its runtime]")})

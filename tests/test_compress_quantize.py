@@ -161,16 +161,16 @@ def test_int8_onnx_is_valid_accurate_and_small(digits, results, method):
     result = results[1][method]
     onnx.checker.check_model(onnx.load_from_string(result.onnx_bytes), full_check=True)
     m = result.metrics
-    for key in ("test_loss", "test_accuracy", "latency_ms", "reference_latency_ms",
-                "reference_size_bytes"):
+    for key in ("test_loss", "test_accuracy", "reference_size_bytes"):
         assert key in m and np.isfinite(m[key]), key
+    assert "latency_ms" not in m  # the runner's harness times every variant, once
+    assert len(result.reference_onnx) == m["reference_size_bytes"]  # timed beside it
     float_acc = ctx.evaluate(model)["accuracy"]
     size = len(result.onnx_bytes)
     print(f"\n{method}: accuracy {float_acc:.4f} -> {m['test_accuracy']:.4f}; "
           f"{size:,} bytes vs {m['reference_size_bytes']:,} float32 ONNX "
           f"({m['reference_size_bytes'] / size:.2f}x) and {FLOAT32_WEIGHT_BYTES:,} raw float32 "
-          f"weights ({FLOAT32_WEIGHT_BYTES / size:.2f}x); latency {m['latency_ms']:.4f} ms vs "
-          f"{m['reference_latency_ms']:.4f} ms float32")
+          f"weights ({FLOAT32_WEIGHT_BYTES / size:.2f}x)")
     assert abs(m["test_accuracy"] - float_acc) <= 0.01
     assert size * 3 < m["reference_size_bytes"]
     session = ort_session(result.onnx_bytes)

@@ -75,3 +75,29 @@ def test_onnx_runtime_steps_must_come_last():
     with pytest.raises(engine.UserError, match="last in the chain"):
         resolve({"compress": [{"technique": "quantize", "method": "static_int8"},
                                        {"technique": "prune"}]})
+
+
+def test_every_latency_is_one_measurement_and_every_speedup_divides_two_shown_figures():
+    events = []
+    result = engine.run({"data": {"source": "builtin:iris"},
+                         "model": {"source": "builtin:mlp", "hidden": [16]},
+                         "train": {"epochs": 5},
+                         "compress": [{"technique": "prune", "amount": 0.5,
+                                       "finetune_epochs": 0},
+                                      {"technique": "quantize", "method": "static_int8"}]},
+                        on_progress=events.append)
+    variants = result["variants"]
+    base = variants[0]["metrics"]["latency_ms"]
+    for v in variants:
+        m = v["metrics"]
+        assert m["latency_threads"] == 1 and m["latency_calls"] >= 700
+        if v["name"] != "baseline":
+            assert m["speedup"] == pytest.approx(base / m["latency_ms"], rel=1e-12)
+            assert m["speedup_reference"] == "the baseline, PyTorch eager, 1 thread"
+    assert variants[2]["metrics"]["speedup_vs_onnx_fp32"] > 0  # int8 beside its float32 file
+    final = {}  # the last event of each variant is what the store keeps: with its latency
+    for e in events:
+        if e["event"] == "variant":
+            final[e["name"]] = e["metrics"]
+    assert {n: m["latency_ms"] for n, m in final.items()} == {
+        v["name"]: v["metrics"]["latency_ms"] for v in variants}

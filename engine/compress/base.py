@@ -39,6 +39,8 @@ class StepResult:
     history: dict[str, list[float]] | None = None  # fine-tuning history, if it fine-tuned
     notes: list[str] = field(default_factory=list)  # plain sentences shown with the variant
     huffman: bool = False  # the shipped file may Huffman-code this variant's weights
+    reference_onnx: bytes | None = None  # an onnxruntime variant's float32 .onnx, which the
+    #   runner times beside it (the reference of its "vs ONNX Runtime fp32" ratio)
 
 
 @dataclass

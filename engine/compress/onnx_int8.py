@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from engine.compress.base import CompressContext, StepResult, clone
-from engine.export import SessionModule, compact, onnx_bytes, onnx_latency_ms, ort_session
+from engine.export import SessionModule, compact, onnx_bytes, ort_session
 
 CALIBRATION_BATCH = 256  # rows per calibration batch (static_int8 and qat)
 
 
 def onnx_int8(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
-    """Export, quantize with onnxruntime.quantization, evaluate and time in ONNX Runtime.
+    """Export, quantize with onnxruntime.quantization and evaluate in ONNX Runtime (the
+    runner times it, beside the float32 file it came from).
 
     The file is in the QOperator format (QGemm, QLinearConv: integer kernels stored as
     such) rather than QDQ (float operators wrapped in QuantizeLinear/DequantizeLinear
@@ -35,14 +36,11 @@ def onnx_int8(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     int8_bytes, notes = quantize_onnx(float_bytes, method=method, per_channel=per_channel,
                                       calibration=ctx.tensors["X_train"][
                                           :step["calibration_rows"]])
-    metrics = {**onnx_metrics(int8_bytes, ctx),
-               "latency_ms": onnx_latency_ms(int8_bytes, ctx.input_shape),
-               "reference_latency_ms": onnx_latency_ms(float_bytes, ctx.input_shape),
-               "reference_size_bytes": len(float_bytes)}
+    metrics = {**onnx_metrics(int8_bytes, ctx), "reference_size_bytes": len(float_bytes)}
     notes.append(f"{len(int8_bytes):,} bytes against {len(float_bytes):,} for the float32 "
                  f"ONNX file ({len(float_bytes) / len(int8_bytes):.2f}x smaller).")
     return StepResult(model=None, runtime="onnxruntime", onnx_bytes=int8_bytes,
-                      metrics=metrics, notes=notes)
+                      metrics=metrics, notes=notes, reference_onnx=float_bytes)
 
 
 def modernize(model_bytes: bytes) -> bytes:

@@ -1,0 +1,126 @@
+"""The harness every variant goes through: evaluated, sized and timed the same way.
+
+`measure` evaluates a variant on every split and writes what ships (the `.wbz` of a
+PyTorch variant, whose size is `size_bytes`, and its runnable `.pt2`; the `.onnx` of an
+ONNX Runtime variant). `time_variants` then times every variant of a run once, in the
+runtime it ships in, all in the same alternating rounds at one thread
+(`latency.round_robin`), so each latency is one measurement that every page, the report
+and `result.json` show, and each speedup is the ratio of two figures shown, with its
+reference named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import deploy
+from engine.compress import CompressContext, StepResult
+from engine.compress.encode import encode
+from engine.export import ort_call
+from engine.latency import THREADS, round_robin, torch_call
+from engine.models import complexity, save_model
+
+BASELINE_REFERENCE = f"the baseline, PyTorch eager, {THREADS} thread"
+
+
+@dataclass
+class Measured:
+    """A variant's record, and the calls that time it (and its ONNX float32 reference)."""
+
+    variant: dict[str, Any]
+    timer: Callable[[], Any]
+    reference_timer: Callable[[], Any] | None = None
+
+
+def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, *,
+            chain: list[str], reference: dict[str, Any] | None, huffman: bool,
+            technique: str | None = None) -> Measured:
+    """Evaluate a variant and write what ships; `time_variants` times it later."""
+    metrics: dict[str, Any] = {}
+    reference_timer = None
+    if outcome.runtime == "torch":
+        model = outcome.model
+        for part in ("train", "val", "test"):
+            metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(model, part).items()})
+        metrics.update(complexity(model, ctx.input_shape))
+        blob = encode(model, huffman=huffman)
+        (folder / f"{name}.wbz").write_bytes(blob)
+        metrics["size_bytes"] = len(blob)
+        metrics["pt2_bytes"] = save_model(model, ctx.input_shape, folder / f"{name}.pt2")
+        model_file = f"{name}.pt2"
+        if reference is not None:
+            metrics["size_ratio"] = reference["metrics"]["size_bytes"] / len(blob)
+            metrics["size_reference"] = "the baseline's .wbz file"
+        timer = torch_call(model, ctx.input_shape)
+    else:
+        (folder / f"{name}.onnx").write_bytes(outcome.onnx_bytes)
+        metrics["size_bytes"] = len(outcome.onnx_bytes)
+        model_file = f"{name}.onnx"
+        if reference:
+            for key in ("params", "nonzero_params", "flops"):
+                metrics[key] = reference["metrics"].get(key)
+        if outcome.metrics.get("reference_size_bytes"):
+            metrics["size_ratio"] = (outcome.metrics["reference_size_bytes"]
+                                     / metrics["size_bytes"])
+            metrics["size_reference"] = "the same model as a float32 .onnx file"
+        timer = ort_call(outcome.onnx_bytes, ctx.input_shape)
+        if outcome.reference_onnx is not None:
+            reference_timer = ort_call(outcome.reference_onnx, ctx.input_shape)
+    metrics.update(outcome.metrics)
+    metrics.update(runtime=outcome.runtime, chain=" -> ".join(chain) or "trained model",
+                   notes=list(outcome.notes))
+    if ctx.export_onnx:
+        metrics["deploy"] = _deploy(name, outcome, ctx, folder)
+    variant = {"name": name, "technique": technique, "metrics": metrics,
+               "history": outcome.history or {}, "model_file": model_file}
+    return Measured(variant, timer, reference_timer)
+
+
+def time_variants(measured: list[Measured]) -> None:
+    """Time every variant (the first is the baseline) in the same rounds and fill in each
+    one's latency, its speedup over the baseline and, for an ONNX Runtime variant, over the
+    same model in ONNX Runtime float32; flag a variant that is smaller but not faster."""
+    calls = {m.variant["name"]: m.timer for m in measured}
+    calls.update({f"{m.variant['name']} (float32 reference)": m.reference_timer
+                  for m in measured if m.reference_timer is not None})
+    figures = round_robin(calls)
+    base = figures[measured[0].variant["name"]]["median_ms"]
+    for i, m in enumerate(measured):
+        name, metrics = m.variant["name"], m.variant["metrics"]
+        figure = figures[name]
+        metrics.update(latency_ms=figure["median_ms"], latency_p95_ms=figure["p95_ms"],
+                       latency_threads=figure["threads"], latency_calls=figure["calls"])
+        if i == 0:
+            continue
+        metrics["speedup"] = base / figure["median_ms"]
+        metrics["speedup_reference"] = BASELINE_REFERENCE
+        if m.reference_timer is not None:
+            fp32 = figures[f"{name} (float32 reference)"]["median_ms"]
+            metrics["speedup_vs_onnx_fp32"] = fp32 / figure["median_ms"]
+            if metrics["speedup_vs_onnx_fp32"] < 1.05:
+                metrics["notes"].append(
+                    f"{name} runs at {metrics['speedup_vs_onnx_fp32']:.2f}x the speed of the "
+                    f"same model in ONNX Runtime float32: this CPU's int8 kernels do not beat "
+                    f"its float ones at batch 1.")
+        if metrics.get("size_ratio", 0) >= 1.2 and metrics["speedup"] < 1.05:
+            metrics["smaller_not_faster"] = True
+            metrics["notes"].append(
+                f"{name} is {metrics['size_ratio']:.1f}x smaller but not faster "
+                f"({metrics['speedup']:.2f}x the speed of {BASELINE_REFERENCE}): the "
+                f"arithmetic it runs did not shrink.")
+
+
+def _deploy(name: str, outcome: StepResult, ctx: CompressContext,
+            folder: Path) -> dict[str, Any]:
+    """The deployable .onnx (preprocessing inside) and ONNX Runtime's view of it."""
+    if outcome.runtime == "torch":
+        file = deploy.export_model(outcome.model, ctx.data, name=name)
+        info = deploy.report(file, ctx.data, model=outcome.model)
+    else:
+        file = deploy.with_preprocessing(outcome.onnx_bytes, ctx.data)
+        info = deploy.report(file, ctx.data)
+    (folder / f"{name}.deploy.onnx").write_bytes(file)
+    return {**info, "file": f"{name}.deploy.onnx"}
