@@ -8,7 +8,7 @@ import threading
 import streamlit as st
 
 from engine.store import Store
-from pages.common import session_owner
+from pages.common import restore_workspace, save_workspace, session_owner
 
 st.set_page_config(page_title="Model optimization workbench", page_icon=":material/speed:",
                    layout="wide")
@@ -66,6 +66,8 @@ def active_runs() -> None:
 
 
 warm_up()
+restore_workspace()  # a reload (same ?ws=) opens what this workspace had open
+save_workspace()  # what the last interaction changed (pages save at once what must not wait)
 page = st.navigation([
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:"),

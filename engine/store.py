@@ -50,6 +50,7 @@ from engine.store_schema import (
     events,
     runs,
     variants,
+    workspaces,
 )
 
 ACTIVE = ("queued", "running")
@@ -334,6 +335,23 @@ class Store:
             target.close()
             source.close()
         return dest
+
+    # --- workspaces ----------------------------------------------------------------------
+
+    def workspace(self, owner: str) -> dict[str, Any]:
+        """What the app session `owner` last had open (its selections, settings and the runs
+        it watched), so a reload or a second tab opens the same; {} when none."""
+        with self._db.connect() as conn:
+            text = conn.execute(select(workspaces.c.state)
+                                .where(workspaces.c.owner == owner[:64])).scalar()
+        return _loads(text) or {}
+
+    def save_workspace(self, owner: str, state: dict[str, Any]) -> None:
+        values = {"state": _dumps(state), "updated": time.time()}
+        with self._writer.begin() as conn:
+            if not conn.execute(workspaces.update().where(workspaces.c.owner == owner[:64])
+                                .values(**values)).rowcount:
+                conn.execute(workspaces.insert().values(owner=owner[:64], **values))
 
     # --- helpers -------------------------------------------------------------------------
 

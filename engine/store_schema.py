@@ -74,6 +74,12 @@ variants = sa.Table(
     sa.Column("model_file", sa.Text),  # absolute path, or null
     sa.UniqueConstraint("run_id", "name"),
 )
+workspaces = sa.Table(  # what a browser workspace (?ws=...) had open: survives a reload
+    "workspaces", metadata,
+    sa.Column("owner", sa.String(64), primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+)
 events = sa.Table(
     "events", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),

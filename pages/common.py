@@ -17,6 +17,7 @@ import streamlit as st
 import engine
 from engine.errors import UserError
 from engine.registry import Param
+from engine.store import Store
 from engine.uploads import check_upload, safe_name, upload_limit_mb
 
 # the engine's cap (WORKBENCH_UPLOAD_LIMIT_MB) or the server's (server.maxUploadSize in
@@ -31,10 +32,46 @@ def default_sections(raw: dict[str, Any] | None = None) -> dict[str, Any]:
     return engine.resolve(raw or {}).to_dict()
 
 
+# what a workspace keeps across a reload: the selection, the Train settings, the Compress
+# chain and Compare's runs, and the runs each page watches
+WORKSPACE_KEYS = ("selection", "train_cfg", "cmp_chain", "cmp_runs", "watch", "tu_watch",
+                  "dg_watch", "cmp_watch")
+
+
 def session_owner() -> str:
-    """This browser session's tag on the runs it starts, so two people on one instance
-    each follow their own runs (a reload starts a new session)."""
-    return st.session_state.setdefault("owner", uuid.uuid4().hex)
+    """This workspace's tag on the runs it starts, so two people on one instance each follow
+    their own: kept in the URL (?ws=...), so a reload or a second tab of that URL is the same
+    workspace, with the same runs."""
+    if "owner" not in st.session_state:
+        given = st.query_params.get("ws", "")
+        valid = len(given) == 32 and all(c in "0123456789abcdef" for c in given)
+        st.session_state["owner"] = given if valid else uuid.uuid4().hex
+    if st.query_params.get("ws") != st.session_state["owner"]:
+        st.query_params["ws"] = st.session_state["owner"]  # a page switch drops it
+    return st.session_state["owner"]
+
+
+def restore_workspace() -> None:
+    """Once per browser session: what this workspace had open, from the store."""
+    if st.session_state.get("workspace_restored"):
+        return
+    st.session_state["workspace_restored"] = True
+    for key, value in Store().workspace(session_owner()).items():
+        if key in WORKSPACE_KEYS and key not in st.session_state:
+            st.session_state[key] = value
+
+
+def save_workspace() -> None:
+    """Write what this workspace has open to the store (cheap: one small row)."""
+    state = {k: st.session_state[k] for k in WORKSPACE_KEYS if k in st.session_state}
+    Store().save_workspace(session_owner(), state)
+
+
+def remember(key: str, value: Any) -> None:
+    """Set `key` in this session and save the workspace at once (a run just started must
+    survive a reload that comes before the next rerun)."""
+    st.session_state[key] = value
+    save_workspace()
 
 
 def submit(recipe: Any, **kwargs: Any) -> str:

@@ -10,6 +10,7 @@ from pages.common import (
     describe,
     recipe_download,
     registry_choice,
+    remember,
     selection,
     session_owner,
     show_error,
@@ -75,13 +76,13 @@ try:
     with download:
         recipe_download(recipe.to_dict(), key="cmp_download")
     if go.button("Run chain", type="primary", key="cmp_run_btn", disabled=not chain):
-        st.session_state["cmp_watch"] = [submit(
-            recipe, name=f"{' -> '.join(s['technique'] for s in chain)} · {recipe.title()}")]
+        remember("cmp_watch", [submit(
+            recipe, name=f"{' -> '.join(s['technique'] for s in chain)} · {recipe.title()}")])
     if each.button("Compare the steps side by side", key="cmp_each_btn",
                    disabled=len(chain) < 2, help="One run per step, each from its own "
                    "baseline, run in parallel (as Ray tasks when Ray is configured)."):
-        st.session_state["cmp_watch"] = jobs.compare(recipe, [[step] for step in chain],
-                                                     owner=session_owner())
+        remember("cmp_watch", jobs.compare(recipe, [[step] for step in chain],
+                                           owner=session_owner()))
 except Exception as exc:
     show_error(exc)
 

@@ -9,6 +9,7 @@ from engine.store import Store
 from pages.common import (
     default_sections,
     describe,
+    remember,
     selection,
     show_error,
     submit,
@@ -69,7 +70,7 @@ try:
     recipe = resolve({"data": sel["data"], "model": sel["model"], "train": train_cfg,
                       "diagnose": diagnose})
     if st.button("Diagnose", type="primary", key="dg_run", icon=":material/troubleshoot:"):
-        st.session_state["dg_watch"] = submit(recipe, name=f"diagnose · {recipe.title()}")
+        remember("dg_watch", submit(recipe, name=f"diagnose · {recipe.title()}"))
 except Exception as exc:
     show_error(exc)
 

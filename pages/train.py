@@ -18,6 +18,7 @@ from pages.common import (
     param_input,
     recipe_download,
     registry_choice,
+    remember,
     selection,
     show_error,
     submit,
@@ -138,7 +139,7 @@ if recipe is not None:
                                       name=f"{recipe.title()} · {choice}"))
             else:
                 ids = [submit(recipe, name=f"{recipe.title()} · {name}")]
-            st.session_state["watch"] = ids
+            remember("watch", ids)
         except Exception as exc:
             show_error(exc)
 

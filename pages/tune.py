@@ -21,7 +21,15 @@ from engine.tune import (
     ranked_trials,
     winner,
 )
-from pages.common import describe, json_list, selection, show_error, submit, train_settings
+from pages.common import (
+    describe,
+    json_list,
+    remember,
+    selection,
+    show_error,
+    submit,
+    train_settings,
+)
 from pages.live import watch
 
 # display labels only: the names and their order are the engine's (a name without a label
@@ -116,8 +124,7 @@ if st.button("Search", type="primary", key="tu_run", icon=":material/search:",
              disabled=recipe is None, help="Fix the setting named above first."
              if recipe is None else None):
     try:
-        st.session_state["tu_watch"] = submit(recipe,
-                                              name=f"search {sampler} · {recipe.title()}")
+        remember("tu_watch", submit(recipe, name=f"search {sampler} · {recipe.title()}"))
     except Exception as exc:
         show_error(exc)
 

@@ -503,3 +503,28 @@ def test_runs_page_says_a_bad_backend_setting_in_one_sentence(monkeypatch):
     at.switch_page("pages/runs.py").run()
     assert not at.exception
     assert "the backend 'kubernetes' is unknown" in at.error[0].value
+
+
+def test_a_reload_opens_the_same_workspace_from_the_url():
+    """A reload is a new browser session on the same URL: ?ws= names the workspace, whose
+    selection, Train settings and watched run come back from the store."""
+    first = open_on_iris("pages/train.py", hidden=[8], epochs=2, early_stopping=None)
+    first.button(key="tr_run").click().run()
+    assert not first.exception, first.exception
+    ws = first.query_params["ws"]
+    [run_id] = first.session_state["watch"]
+    assert wait_finished(run_id)["status"] == "done"
+
+    again = AppTest.from_file("../app.py", default_timeout=90)  # the reload: nothing in memory
+    again.query_params["ws"] = ws
+    again.run()
+    again.switch_page("pages/train.py").run()
+    assert not again.exception and not again.error, [e.value for e in again.error]
+    assert again.session_state["watch"] == [run_id]  # the live view is back, with its run
+    assert again.session_state["selection"]["data"]["source"] == "builtin:iris"
+    assert again.number_input(key="tr_epochs").value == 2
+    mine = Store().list_runs(owner=ws)  # the run is still this workspace's own
+    assert [r["id"] for r in mine] == [run_id]
+
+    other = open_app("pages/train.py")  # a new URL is a new, empty workspace
+    assert other.query_params["ws"] != ws and "watch" not in other.session_state

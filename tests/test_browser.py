@@ -128,6 +128,12 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         epochs.press("Enter")
         page.wait_for_timeout(1000)
         page.get_by_role("button", name="Run", exact=True).click()
+        expect(page.get_by_text("epoch", exact=False).first).to_be_visible(timeout=60_000)
+        # a reload mid-run (the URL carries ?ws=) keeps the settings, the run and its view
+        assert "ws=" in page.url
+        page.reload()
+        expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()
+        expect(page.get_by_role("spinbutton", name="Epochs", exact=True)).to_have_value("8")
         expect(page.get_by_text("done · epoch 8 of 8")).to_be_visible(timeout=120_000)
         live = page.locator(".js-plotly-plot")
         expect(live.nth(1)).to_be_visible()
