@@ -153,6 +153,7 @@ def save_upload(upload: Any, folder: Path) -> Path:
     path = folder / f"{digest}_{name}"
     if not path.exists():
         path.write_bytes(data)
+    st.session_state.setdefault("upload_names", {})[path.name] = upload.name
     return path
 
 
@@ -162,10 +163,18 @@ def recipe_download(recipe: dict[str, Any], key: str) -> None:
                        help="Replay it headless: python -m engine run recipe.json --out DIR")
 
 
-def show_error(exc: Exception) -> None:
-    """A user's mistake as one sentence on the page; anything else as a short notice."""
+def show_error(exc: Exception, labels: dict[str, str] | None = None) -> None:
+    """A user's mistake as one sentence on the page; anything else as a short notice.
+    `labels` maps recipe keys to the boxes on the page that set them, so the sentence names
+    what the user sees ("Missing values", not data.missing); an upload is named as it was
+    uploaded, not by the name it is stored under."""
     if isinstance(exc, UserError):
-        st.error(str(exc))
+        text = str(exc)
+        for stored, given in st.session_state.get("upload_names", {}).items():
+            text = text.replace(stored, given)
+        for key, label in sorted((labels or {}).items(), key=lambda kv: -len(kv[0])):
+            text = text.replace(key, f"\u201c{label}\u201d")
+        st.error(text)
     else:
         st.error(f"Something went wrong inside the engine ({type(exc).__name__}: {exc}). "
                  f"Your settings are kept; try again or report it.")

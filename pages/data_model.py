@@ -14,6 +14,7 @@ from engine.settings import artifacts_root
 from pages.common import (
     UPLOAD_LIMIT_MB,
     default_sections,
+    describe,
     int_list,
     param_input,
     save_upload,
@@ -38,6 +39,35 @@ def builtin_choice(label: str, source: str, registry: Any, keys: tuple[str, str]
     entry = registry.get(name)
     st.caption(entry.description)
     return entry, builtin and name == current
+
+
+# recipe keys as the boxes on this page that set them, for the messages
+LABELS = {"data.missing": "Missing values", "data.target": "Target column", "data.task": "Task",
+          "data.val_fraction": "Validation fraction", "data.test_fraction": "Test fraction",
+          "data.standardize": "Scaling", "data.params": "Dataset settings",
+          "data.feature_selection": "feature selection", "model.hidden": "Hidden layer widths",
+          "model.channels": "Convolution filters per block", "model.kernel_size": "Kernel size",
+          "model.activation": "Activation", "model.architecture": "Architecture of a state_dict",
+          "model.dropout": "Dropout"}
+
+
+def architecture_inputs(uses: tuple[str, ...]) -> None:
+    """The settings the architecture is built from, into `model` (a built-in's, or those a
+    state_dict upload needs to be rebuilt)."""
+    if "channels" in uses:
+        model["channels"] = int_list(st.text_input(
+            "Convolution filters per block", ", ".join(map(str, model["channels"])),
+            key="dm_channels"), "Convolution filters")
+        model["kernel_size"] = int(st.number_input(
+            "Kernel size", 1, 15, int(model["kernel_size"]), key="dm_kernel"))
+    if "hidden" in uses:
+        model["hidden"] = int_list(st.text_input(
+            "Hidden layer widths", ", ".join(map(str, model["hidden"])),
+            key="dm_hidden"), "Hidden layer widths")
+    if "activation" in uses:
+        model["activation"] = st.selectbox(
+            "Activation", ACTIVATIONS, index=ACTIVATIONS.index(model["activation"]),
+            key="dm_activation")
 
 
 st.title("Data & Model")
@@ -74,12 +104,13 @@ with left:
         elif data["source"].lower().endswith((".csv", ".parquet")):
             try:
                 columns = list(read_table(data["source"]).columns)
+            except UserError:
+                columns = []  # unreadable: the check below says why, once
+            if columns:
                 target = data["target"] if data["target"] in columns else \
                     default_target(columns)
                 data["target"] = st.selectbox("Target column", columns,
                                               index=columns.index(target), key="dm_target")
-            except Exception as exc:
-                show_error(exc)
             data["missing"] = st.selectbox("Missing values", MISSING,
                                            index=MISSING.index(data["missing"]),
                                            key="dm_missing")
@@ -105,22 +136,9 @@ with mleft:
         uses = entry.extra["uses"]
         model["source"] = f"builtin:{entry.name}"
         try:
-            if "channels" in uses:
-                model["channels"] = int_list(st.text_input(
-                    "Convolution filters per block", ", ".join(map(str, model["channels"])),
-                    key="dm_channels"), "Convolution filters")
-                model["kernel_size"] = int(st.number_input(
-                    "Kernel size", 1, 15, int(model["kernel_size"]), key="dm_kernel"))
-            if "hidden" in uses:
-                model["hidden"] = int_list(st.text_input(
-                    "Hidden layer widths", ", ".join(map(str, model["hidden"])),
-                    key="dm_hidden"), "Hidden layer widths")
-            if "activation" in uses:
-                model["activation"] = st.selectbox(
-                    "Activation", ACTIVATIONS, index=ACTIVATIONS.index(model["activation"]),
-                    key="dm_activation")
+            architecture_inputs(uses)
         except Exception as exc:
-            show_error(exc)
+            show_error(exc, LABELS)
     else:
         upload = st.file_uploader(
             f".pt2 (torch.export), .pt state_dict or TorchScript, or .onnx, up to "
@@ -134,16 +152,28 @@ with mleft:
         archs = [None, *MODELS.names()]
         model["architecture"] = st.selectbox(
             "Architecture of a state_dict", archs, index=archs.index(model["architecture"]),
-            format_func=lambda a: a or "(not a state_dict)", key="dm_state_arch")
+            format_func=lambda a: a or "(not a state_dict)", key="dm_state_arch",
+            help="A state_dict holds weights only: pick the architecture they belong to "
+                 "and give its sizes here.")
+        if model["architecture"] is not None:  # what a state_dict needs, asked here
+            try:
+                architecture_inputs(MODELS.get(model["architecture"]).extra["uses"])
+            except Exception as exc:
+                show_error(exc, LABELS)
 
-try:
+try:  # the data and the model are loaded and built before they become the selection
     checked = resolve({"data": data, "model": model})
-    sel["data"], sel["model"] = data, model  # only settings the engine accepts are kept
-    with right:
-        show_data(data_preview(json.dumps(checked.to_dict()["data"]), 0))
-    with mright:
-        show_model(model_preview(json.dumps(checked.to_dict()["model"]),
-                                 json.dumps(checked.to_dict()["data"])))
-    st.page_link("pages/train.py", label="Train this model", icon=":material/play_arrow:")
+    data_summary = data_preview(json.dumps(checked.to_dict()["data"]), 0)
+    model_summary = model_preview(json.dumps(checked.to_dict()["model"]),
+                                  json.dumps(checked.to_dict()["data"]))
 except Exception as exc:
-    show_error(exc)
+    show_error(exc, LABELS)
+    st.caption(f"Nothing changed: the other pages go on with **{describe(sel['data'])}** and "
+               f"**{describe(sel['model'])}** until this is fixed.")
+else:
+    sel["data"], sel["model"] = data, model  # only what loaded and built is kept
+    with right:
+        show_data(data_summary)
+    with mright:
+        show_model(model_summary)
+    st.page_link("pages/train.py", label="Train this model", icon=":material/play_arrow:")

@@ -528,3 +528,51 @@ def test_a_reload_opens_the_same_workspace_from_the_url():
 
     other = open_app("pages/train.py")  # a new URL is a new, empty workspace
     assert other.query_params["ws"] != ws and "watch" not in other.session_state
+
+
+def test_a_refused_table_never_becomes_the_selection_and_its_message_names_the_page():
+    at = open_app()
+    at.radio(key="dm_data_kind").set_value("Upload").run()
+    rows = "\n".join(f"{i},{i % 3},yes" for i in range(30))  # the label never varies
+    at.file_uploader(key="dm_data_file").upload("flat.csv", f"a,b,label\n{rows}\n".encode(),
+                                                "text/csv").run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [  # once
+        "the target has a single class (yes in all 30 rows); a classifier needs at least 2 "
+        "classes, pick another target column."]
+    assert at.session_state["selection"]["data"]["source"] == "builtin:digits"
+    assert any("Nothing changed" in c.value for c in at.caption)
+
+    holes = "a,b,label\n1,,x\n2,3,y\n" + "\n".join(f"{i},{i},{'xy'[i % 2]}" for i in range(30))
+    at.file_uploader(key="dm_data_file").upload("holes.csv", holes.encode(), "text/csv").run()
+    [message] = [e.value for e in at.error]  # once, naming the box and the file as uploaded
+    assert "\u201cMissing values\u201d" in message and "data.missing" not in message
+    assert "'holes.csv'" in message
+    at.selectbox(key="dm_missing").set_value("drop").run()
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["selection"]["data"]["source"].endswith("_holes.csv")
+
+
+def test_a_state_dict_upload_asks_for_its_architecture_and_sizes_on_the_spot():
+    import io
+
+    import torch
+
+    from engine.models import build_model
+    from engine.runner import resolve
+
+    net = build_model(resolve({"model": {"hidden": [8]}}).model, (4,), 3, seed=0)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    at = open_on_iris("pages/data_model.py", hidden=[128, 64])
+    at.radio(key="dm_model_kind").set_value("Upload").run()
+    at.file_uploader(key="dm_model_file").upload("weights.pt", buffer.getvalue(),
+                                                 "application/octet-stream").run()
+    assert "\u201cArchitecture of a state_dict\u201d" in at.error[0].value  # the box, named
+    at.selectbox(key="dm_state_arch").set_value("mlp").run()
+    assert at.text_input(key="dm_hidden").value == "128, 64"  # asked here, with the sizes
+    at.text_input(key="dm_hidden").set_value("8").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    model = at.session_state["selection"]["model"]
+    assert model["architecture"] == "mlp" and model["hidden"] == [8]
+    assert model["source"].endswith("_weights.pt")
