@@ -110,7 +110,8 @@ def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: i
         "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "input": {"name": "input", "shape": ["batch", *X_raw.shape[1:]], "dtype": "float32",
                   "preprocessing": "inside the file: feature selection and scaling fitted "
-                                   "on the training part"},
+                                   "on the training part",
+                  **({"columns": data.encoding} if data.encoding else {})},
         "output": {"name": "output", "shape": ["batch", *out.shape[1:]],
                    "meaning": "class logits" if data.task == "classification"
                    else "prediction"},
@@ -167,18 +168,56 @@ def _torch_timing(model: nn.Module, input_shape: tuple[int, ...], batch: int,
 
 def predict_snippet(file_name: str, info: dict[str, Any], class_names: list[str] | None
                     ) -> str:
-    """A small predict.py a user can run next to the downloaded file."""
-    shape = ", ".join(map(str, info["input"]["shape"][1:]))
+    """A small predict.py a user runs next to the downloaded file on their own data: a
+    table's CSV rows (each input built from its column as the model was trained), or an
+    .npy array of raw samples."""
+    columns = info["input"].get("columns")
     labels = (f"CLASSES = {class_names!r}\n" if class_names else "")
-    decide = ("print([CLASSES[i] for i in scores.argmax(1)])" if class_names
-              else "print(scores.ravel())")
-    return f'''"""Run {file_name} with ONNX Runtime: pip install onnxruntime numpy"""
+    decide = ("for i in scores.argmax(1):\n    print(CLASSES[int(i)])" if class_names
+              else "for v in scores.ravel():\n    print(float(v))")
+    head = f'''"""Run {file_name} with ONNX Runtime: pip install onnxruntime numpy'''
+    if columns:
+        inputs = ",\n".join(f"    ({c['column']!r}, {c.get('equals')!r})" for c in columns)
+        return f'''{head}
+
+    python predict.py rows.csv   # a CSV with the columns the model was trained on
+"""
+import csv
+import sys
+
 import numpy as np
 import onnxruntime as ort
 
-{labels}session = ort.InferenceSession("{file_name}", providers=["CPUExecutionProvider"])
-# raw inputs, as in your data: the scaling fitted on the training part is inside the file
-x = np.zeros((1, {shape}), dtype=np.float32)  # replace with your rows: (n, {shape})
+{labels}# the model's inputs in order: a numeric column as it is, or (column, value) as 1.0 when
+# the row's text equals value, else 0.0; the scaling fitted on the training part is inside
+INPUTS = [
+{inputs},
+]
+
+
+def encode(row):
+    return [float(row[c]) if v is None else float(row[c].strip().lower() == v.lower())
+            for c, v in INPUTS]
+
+
+with open(sys.argv[1], newline="", encoding="utf-8") as f:
+    x = np.array([encode(row) for row in csv.DictReader(f)], dtype=np.float32)
+session = ort.InferenceSession("{file_name}", providers=["CPUExecutionProvider"])
+scores = session.run(None, {{"input": x}})[0]
+{decide}
+'''
+    shape = ", ".join(map(str, info["input"]["shape"][1:]))
+    return f'''{head}
+
+    python predict.py samples.npy   # raw samples, shape (n, {shape}), as in your data
+"""
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+{labels}x = np.load(sys.argv[1]).astype(np.float32)  # the scaling is inside the file
+session = ort.InferenceSession("{file_name}", providers=["CPUExecutionProvider"])
 scores = session.run(None, {{"input": x}})[0]
 {decide}
 '''

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import plots
+from engine.data import describe_encoding
 from engine.runner import resolve
 
 
@@ -38,6 +39,9 @@ def show_data(summary: dict[str, Any]) -> None:
         col.metric(f"{part} rows", summary["rows"][part])
     cols[3].metric("input shape", "x".join(map(str, summary["input_shape"])))
     st.caption(f"Task: {summary['task']}")
+    encoded = describe_encoding(summary.get("encoding"))
+    if encoded:
+        st.caption(encoded)
     if summary.get("images"):
         st.plotly_chart(plots.image_grid(summary["images"], summary["image_labels"]),
                         key="dm_images")

@@ -216,6 +216,8 @@ def test_data_model_page_takes_an_uploaded_table_and_its_target():
     assert at.session_state["selection"]["data"]["source"].endswith("_t.csv")
     shape = at.metric[[m.label for m in at.metric].index("input shape")].value
     assert shape == "4"  # a, b and the one-hot colour
+    assert any("3 columns become 4 inputs" in c.value and "colour into 2 (a, b)" in c.value
+               for c in at.caption)  # the encoding is said where the data is chosen
     at.selectbox(key="dm_target").set_value("a").run()
     assert not at.exception
     assert at.session_state["selection"]["data"]["target"] == "a"

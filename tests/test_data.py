@@ -167,7 +167,7 @@ def test_csv_one_hot_and_string_target(tmp_path):
     df = table()
     df.to_csv(tmp_path / "t.CSV", index=False)
     X, _, meta = load_arrays(DataConfig(source=str(tmp_path / "t.CSV"), target="label"))
-    assert meta["feature_names"] == ["a", "b", "color_blue", "color_green", "color_red"]
+    assert meta["feature_names"] == ["a", "b", "color=blue", "color=green", "color=red"]
     np.testing.assert_allclose(X[:, 0], df["a"], rtol=1e-6)
     assert X[:, 2:].sum(1).tolist() == [1.0] * len(df)
     bundle = load_data(DataConfig(source=str(tmp_path / "t.CSV"), target="label"), seed=0)

@@ -101,8 +101,46 @@ def test_recipe_export_writes_a_deployable_file_per_variant(tmp_path):
         info = variant["metrics"]["deploy"]
         assert (tmp_path / info["file"]).is_file() and info["parity_ok"]
     snippet = deploy.predict_snippet("baseline.deploy.onnx", info, ["a", "b", "c"])
-    assert '"input": x' in snippet and "(1, 4)" in snippet
+    assert '"input": x' in snippet and "csv.DictReader" in snippet  # a table: its CSV rows
+    assert "('sepal length (cm)', None)" in snippet  # each input named, in order
     compile(snippet, "predict.py", "exec")
+
+
+def test_predict_py_reads_real_csv_rows_and_agrees_with_the_engine(tmp_path):
+    """A table with a text column: the exported file takes its one-hot layout, named input
+    by input, and the predict.py the Deploy page offers turns the CSV's own rows into it."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    rows = ["size,colour,weight,label"]
+    for i in range(120):
+        colour = ["red", "green", "blue"][i % 3]
+        size = rng.normal(3 if colour == "red" else 0, 1)
+        rows.append(f"{size:.3f},{colour},{rng.normal():.3f},{'big' if size > 1 else 'small'}")
+    table = tmp_path / "t.csv"
+    table.write_text("\n".join(rows) + "\n")
+    recipe = resolve({"data": {"source": str(table)}, "model": {"hidden": [16]},
+                      "train": {"epochs": 30}})
+    data = load_data(recipe.data, seed=0)
+    assert [c.get("equals") for c in data.encoding] == [None, None, "blue", "green", "red"]
+    model = build_model(recipe.model, data.input_shape, data.n_outputs, seed=0)
+    train(model, data, recipe.train, device=torch.device("cpu"), seed=0)
+    file = deploy.export_model(model, data, name="t")
+    info = deploy.report(file, data, model=model)
+    assert [c["name"] for c in info["input"]["columns"]] == [
+        "size", "weight", "colour=blue", "colour=green", "colour=red"]
+    (tmp_path / "t.deploy.onnx").write_bytes(file)
+    (tmp_path / "predict.py").write_text(deploy.predict_snippet("t.deploy.onnx", info,
+                                                                data.class_names))
+    out = subprocess.run([sys.executable, "predict.py", str(table)], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.split()
+    from engine.data import load_arrays
+
+    X, _, _ = load_arrays(recipe.data)
+    with torch.no_grad():
+        scores = model(torch.as_tensor(data.preprocess.apply(X))).numpy()
+    assert out == [data.class_names[i] for i in scores.argmax(1)]
 
 
 def test_an_uploaded_onnx_model_gets_the_onnx_runtime_path(tmp_path):

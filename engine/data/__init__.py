@@ -9,7 +9,7 @@ k-fold), `preprocess` (selection, scaling, augmentation), `bundle` (the whole).
 
 from __future__ import annotations
 
-from engine.data.bundle import DataBundle, load_data, preview, subset
+from engine.data.bundle import DataBundle, describe_encoding, load_data, preview, subset
 from engine.data.datasets import DATASETS, Arrays
 from engine.data.loaders import default_target, load_arrays, read_table
 from engine.data.preprocess import Preprocess, augment, fit_preprocess
@@ -23,6 +23,6 @@ from engine.data.splits import (
 )
 
 __all__ = ["DATASETS", "MAX_CLASSES", "MAX_CLASSES_AUTO", "Arrays", "DataBundle",
-           "Preprocess", "augment", "default_target", "fit_preprocess", "holdout_split",
-           "kfold", "load_arrays", "load_data", "preview", "read_table", "resolve_task",
-           "stratified_kfold", "subset"]
+           "Preprocess", "augment", "default_target", "describe_encoding", "fit_preprocess",
+           "holdout_split", "kfold", "load_arrays", "load_data", "preview", "read_table",
+           "resolve_task", "stratified_kfold", "subset"]

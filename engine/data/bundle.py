@@ -36,6 +36,9 @@ class DataBundle:
     preprocess: Preprocess
     source: str
     n_raw_features: int  # before feature selection
+    # a table's model inputs, in order, each a numeric column as it is or one category of a
+    # text column as 1/0: {"name", "column"[, "equals"]} (what an exported model takes)
+    encoding: list[dict[str, str]] | None = None
     X_test_raw: np.ndarray | None = None  # the test part as a user has it: what an exported
     #                                       model with its preprocessing inside takes
 
@@ -55,6 +58,8 @@ class DataBundle:
                      "test": len(self.y_test)},
             "input_shape": list(self.input_shape), "n_features": self.n_features,
             "n_raw_features": self.n_raw_features, "is_image": self.is_image}
+        if self.encoding is not None:
+            out["encoding"] = self.encoding
         if self.task == "classification":
             counts = np.bincount(self.y_train, minlength=self.n_classes)
             names = self.class_names or [str(i) for i in range(self.n_classes)]
@@ -83,7 +88,7 @@ def load_data(cfg: DataConfig, *, seed: int) -> DataBundle:
         input_shape=tuple(X_train.shape[1:]), is_image=is_image,
         feature_names=list(names) if names is not None else None, class_names=class_names,
         preprocess=prep, source=cfg.source, n_raw_features=int(np.prod(X.shape[1:])),
-        X_test_raw=X[test].astype(np.float32))
+        X_test_raw=X[test].astype(np.float32), encoding=_encoding(meta, is_image, X))
 
 
 
@@ -108,6 +113,36 @@ def preview(cfg: DataConfig, *, seed: int, rows: int = 10, images: int = 16) -> 
         head["target"] = y[:rows]
     out["head"] = head.to_dict(orient="list")
     return out
+
+
+def describe_encoding(encoding: list[dict[str, str]] | None) -> str | None:
+    """How a table's columns became the model's inputs, in a sentence; None when every
+    column is a number that goes in as it is."""
+    if not encoding:
+        return None
+    text: dict[str, list[str]] = {}
+    for e in encoding:
+        if "equals" in e:
+            text.setdefault(e["column"], []).append(e["equals"])
+    if not text:
+        return None
+    columns = len({e["column"] for e in encoding})
+    parts = [f"{c} into {len(v)} ({', '.join(v[:6])}{', ...' if len(v) > 6 else ''})"
+             for c, v in text.items()]
+    return (f"{columns} columns become {len(encoding)} inputs: text columns are one-hot "
+            f"encoded ({'; '.join(parts)}), one input per value, 1 when the row has it; the "
+            f"other columns go in as numbers. The exported model takes this layout, "
+            f"input by input, and its predict.py builds it from your CSV rows.")
+
+
+def _encoding(meta: dict[str, Any], is_image: bool, X: np.ndarray) -> list[dict[str, str]] | None:
+    """A table's inputs in order: a file's one-hot layout, or a built-in's numeric columns."""
+    if meta.get("encoding") is not None:
+        return meta["encoding"]
+    names = meta.get("feature_names")
+    if is_image or X.ndim != 2 or not names:
+        return None
+    return [{"name": str(n), "column": str(n)} for n in names]
 
 
 def subset(data: DataBundle, idx: np.ndarray) -> DataBundle:

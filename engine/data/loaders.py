@@ -125,11 +125,16 @@ def _load_table(path: Path, cfg: DataConfig) -> Arrays:
             raise UserError(f"column {c!r} of {path.name!r} has {feats[c].nunique()} distinct "
                             f"text values, too many to one-hot encode; remove it or convert it "
                             f"to numbers.")
-    feats = pd.get_dummies(feats, columns=categorical, dtype=np.float32)
+    dummies = {f"{c}={v}": (c, v) for c in categorical
+               for v in pd.Categorical(feats[c]).categories}
+    feats = pd.get_dummies(feats, columns=categorical, dtype=np.float32, prefix_sep="=")
+    encoding = [{"name": str(c), "column": str(dummies[c][0]), "equals": str(dummies[c][1])}
+                if c in dummies else {"name": str(c), "column": str(c)} for c in feats.columns]
     y_arr = (y.to_numpy(dtype=np.float64) if y.name in numeric
              else y.astype(str).to_numpy(dtype=object))
     return (feats.to_numpy(dtype=np.float32), y_arr,
-            {"feature_names": [str(c) for c in feats.columns], "is_image": False})
+            {"feature_names": [str(c) for c in feats.columns], "is_image": False,
+             "encoding": encoding})
 
 
 def _mixed_to_numbers(df: pd.DataFrame, columns: list[str], name: str,
