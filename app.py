@@ -7,6 +7,7 @@ import threading
 
 import streamlit as st
 
+from engine.progress import progress_of
 from engine.store import Store
 from pages.common import restore_workspace, save_workspace, session_owner
 
@@ -59,10 +60,8 @@ def active_runs() -> None:
     if len(runs) > len(mine):
         st.caption(f"{len(runs) - len(mine)} more run(s) active from other sessions")
     for run in mine:
-        progress = run.get("progress") or {}
-        st.progress(min(progress.get("epoch", 0) / max(progress.get("epochs") or 1, 1), 1.0),
-                    text=f"{run['name']}: epoch {progress.get('epoch', 0)} of "
-                         f"{progress.get('epochs', '?')}")
+        done, text = progress_of(run)
+        st.progress(done, text=text)
 
 
 warm_up()

@@ -201,6 +201,8 @@ def _progress_update(event: dict[str, Any]) -> dict[str, Any]:
         return {"message": f"variant {event.get('name')} evaluated"}
     if kind == "done":
         return {"stage": "done", "message": "finished"}
+    if kind == "trial":  # a search's trials so far
+        return {"trials": int(event.get("number", -1)) + 1}
     return {"message": event["message"]} if "message" in event else {}
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import jobs, plots
+from engine.progress import progress_of
 from engine.store import Store
 
 
@@ -27,13 +28,11 @@ def watch(run_ids: list[str], key: str) -> None:
         return
     active = [r for r in runs if r["status"] in ("queued", "running")]
     for run in runs:
+        done, text = progress_of(run)
         progress = run.get("progress") or {}
-        done = progress.get("epoch", 0) / max(progress.get("epochs") or 1, 1)
-        text = (f"{run['name']} · {run['status']} · "
-                f"epoch {progress.get('epoch', 0)} of {progress.get('epochs', '?')}")
-        if run["status"] == "queued" and run.get("claimed") is None:
-            text = f"{run['name']} · queued: waiting for a free worker"
-        st.progress(1.0 if run["status"] == "done" else min(done, 1.0), text=text)
+        if run["status"] == "done" and progress.get("epochs") and not progress.get("steps"):
+            text += f" · epoch {progress['epochs']} of {progress['epochs']}"  # trained only
+        st.progress(done, text=text)
         if run.get("error"):
             st.error(f"{run['name']}: {run['error']}")
     histories = {r["name"]: store.history(r["id"]) for r in runs}
