@@ -268,3 +268,25 @@ def test_registry_refuses_bad_settings():
     with pytest.raises(UserError, match="amount"):
         entry.resolve({"amount": 1.0}, "compress[0]")
     assert entry.resolve({}, "compress[0]")["amount"] == 0.8
+
+
+def test_obd_beats_random_pruning_at_half_and_nine_tenths_with_and_without_fine_tuning():
+    """The control every criterion must beat (issue 18: OBD at 90% with fine-tuning used to
+    end 10 points below random pruning on this MLP)."""
+    from tests.helpers import trained_context
+
+    model, ctx = trained_context({"data": {"source": "builtin:digits"},
+                                  "model": {"source": "builtin:mlp", "hidden": [256, 128]},
+                                  "train": {"epochs": 15, "early_stopping": None}})
+    prune = COMPRESSORS.get("prune")
+
+    def accuracy(method: str, amount: float, epochs: int) -> float:
+        step = prune.resolve({"method": method, "amount": amount,
+                              "finetune_epochs": epochs}, "compress[0]")
+        return ctx.evaluate(prune.fn(model, step, ctx).model)["accuracy"]
+
+    for amount, epochs in ((0.5, 0), (0.9, 0), (0.9, 10)):
+        obd, rand = accuracy("obd", amount, epochs), accuracy("random", amount, epochs)
+        assert obd > rand + 0.02, (amount, epochs, obd, rand)
+    # at half, fine-tuning brings every criterion back to the baseline: a tie
+    assert accuracy("obd", 0.5, 10) >= accuracy("random", 0.5, 10) - 0.01
