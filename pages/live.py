@@ -30,8 +30,10 @@ def watch(run_ids: list[str], key: str) -> None:
     for run in runs:
         done, text = progress_of(run)
         progress = run.get("progress") or {}
-        if run["status"] == "done" and progress.get("epochs") and not progress.get("steps"):
-            text += f" · epoch {progress['epochs']} of {progress['epochs']}"  # trained only
+        if run["status"] == "done" and progress.get("steps"):  # a chain: what it yielded
+            text += f" · {len(store.variants(run['id']))} variant(s)"
+        elif run["status"] == "done" and progress.get("epochs"):  # trained only
+            text += f" · epoch {progress['epochs']} of {progress['epochs']}"
         st.progress(done, text=text)
         if run.get("error"):
             st.error(f"{run['name']}: {run['error']}")
