@@ -38,6 +38,17 @@ WORKSPACE_KEYS = ("selection", "train_cfg", "cmp_chain", "cmp_runs", "watch", "t
                   "dg_watch", "cmp_watch")
 
 
+# page settings kept with the workspace, by widget key prefix (the Tune and Diagnose pages';
+# Train's live in train_cfg); buttons are not settings
+WIDGET_PREFIXES = ("tu_", "dg_")
+
+
+def kept(key: str, default: Any) -> Any:
+    """The value this workspace last had in widget `key` (restored after a reload), else
+    `default`: what a page passes as the widget's starting value."""
+    return st.session_state.get("widgets", {}).get(key, default)
+
+
 def session_owner() -> str:
     """This workspace's tag on the runs it starts, so two people on one instance each follow
     their own: kept in the URL (?ws=...), so a reload or a second tab of that URL is the same
@@ -57,14 +68,20 @@ def restore_workspace() -> None:
         return
     st.session_state["workspace_restored"] = True
     for key, value in Store().workspace(session_owner()).items():
-        if key in WORKSPACE_KEYS and key not in st.session_state:
+        if (key in WORKSPACE_KEYS or key == "widgets") and key not in st.session_state:
             st.session_state[key] = value
 
 
 def save_workspace() -> None:
     """Write what this workspace has open to the store (cheap: one small row)."""
     state = {k: st.session_state[k] for k in WORKSPACE_KEYS if k in st.session_state}
-    Store().save_workspace(session_owner(), state)
+    widgets = dict(st.session_state.get("widgets", {}))
+    widgets.update({k: v for k, v in st.session_state.items()
+                    if isinstance(k, str) and k.startswith(WIDGET_PREFIXES)
+                    and k not in WORKSPACE_KEYS and not k.endswith(("_run", "_btn"))
+                    and isinstance(v, bool | int | float | str | list)})
+    st.session_state["widgets"] = widgets
+    Store().save_workspace(session_owner(), {**state, "widgets": widgets})
 
 
 def remember(key: str, value: Any) -> None:

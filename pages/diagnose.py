@@ -9,7 +9,9 @@ from engine.store import Store
 from pages.common import (
     default_sections,
     describe,
+    kept,
     remember,
+    save_workspace,
     selection,
     show_error,
     submit,
@@ -31,6 +33,7 @@ KNOBS = {"model.dropout": [0.0, 0.2, 0.5], "train.l2": [0.0, 0.001, 0.01, 0.1],
          PART["validation_curve"]["param"]: PART["validation_curve"]["values"]}
 
 st.title("Diagnose")
+save_workspace()  # this page's settings as the last change left them: a reload keeps them
 sel = selection()
 train_cfg = train_settings()
 st.caption(f"Model **{describe(sel['model'])}** on **{describe(sel['data'])}** with "
@@ -38,26 +41,33 @@ st.caption(f"Model **{describe(sel['model'])}** on **{describe(sel['data'])}** w
 
 left, right = st.columns(2)
 with left:
-    use_lc = st.checkbox("Learning curve", RUNS["learning_curve"] is not None, key="dg_lc")
-    fractions = st.multiselect("Training fractions", FRACTIONS,
-                               PART["learning_curve"]["fractions"], key="dg_fractions",
-                               disabled=not use_lc)
-    use_vc = st.checkbox("Validation curve", RUNS["validation_curve"] is not None, key="dg_vc")
+    use_lc = st.checkbox("Learning curve", kept("dg_lc", RUNS["learning_curve"] is not None),
+                         key="dg_lc")
+    fractions = st.multiselect("Training fractions", FRACTIONS, [f for f in kept(
+        "dg_fractions", PART["learning_curve"]["fractions"]) if f in FRACTIONS],
+        key="dg_fractions", disabled=not use_lc)
+    use_vc = st.checkbox("Validation curve", kept("dg_vc", RUNS["validation_curve"] is not None),
+                         key="dg_vc")
+    knob = kept("dg_knob", PART["validation_curve"]["param"])
     knob = st.selectbox("Complexity knob", VALIDATION_PARAMS, key="dg_knob",
-                        index=VALIDATION_PARAMS.index(PART["validation_curve"]["param"]),
+                        index=VALIDATION_PARAMS.index(knob if knob in VALIDATION_PARAMS else
+                                                      PART["validation_curve"]["param"]),
                         disabled=not use_vc)
 with right:
-    use_bv = st.checkbox("Bias-variance decomposition", RUNS["bias_variance"] is not None,
-                         key="dg_bv")
-    rounds = int(st.number_input("Bootstrap rounds", 2, 200, PART["bias_variance"]["rounds"],
+    use_bv = st.checkbox("Bias-variance decomposition",
+                         kept("dg_bv", RUNS["bias_variance"] is not None), key="dg_bv")
+    rounds = int(st.number_input("Bootstrap rounds", 2, 200,
+                                 kept("dg_rounds", PART["bias_variance"]["rounds"]),
                                  key="dg_rounds", disabled=not use_bv))
-    use_cx = st.checkbox("Complexity (parameters, FLOPs, Rademacher)", RUNS["complexity"],
-                         key="dg_cx")
-    use_ls = st.checkbox("Loss landscape", RUNS["landscape"] is not None, key="dg_ls")
-    two_d = st.checkbox("2-D landscape", PART["landscape"]["two_d"], key="dg_ls2",
-                        disabled=not use_ls)
+    use_cx = st.checkbox("Complexity (parameters, FLOPs, Rademacher)",
+                         kept("dg_cx", RUNS["complexity"]), key="dg_cx")
+    use_ls = st.checkbox("Loss landscape", kept("dg_ls", RUNS["landscape"] is not None),
+                         key="dg_ls")
+    two_d = st.checkbox("2-D landscape", kept("dg_ls2", PART["landscape"]["two_d"]),
+                        key="dg_ls2", disabled=not use_ls)
     points = int(st.number_input("Landscape points per direction", 3, 101,
-                                 PART["landscape"]["points"], key="dg_ls_points",
+                                 kept("dg_ls_points", PART["landscape"]["points"]),
+                                 key="dg_ls_points",
                                  disabled=not use_ls,
                                  help="A 2-D landscape evaluates the square of this."))
 

@@ -24,7 +24,9 @@ from engine.tune import (
 from pages.common import (
     describe,
     json_list,
+    kept,
     remember,
+    save_workspace,
     selection,
     show_error,
     submit,
@@ -41,7 +43,9 @@ SAMPLER_LABELS = {"tpe": "Bayesian (TPE)", "gp": "Bayesian (Gaussian process)",
 
 def pick(label: str, names: tuple[str, ...], default: str, key: str, **kwargs: Any) -> str:
     """A selectbox over the engine's names, starting at the engine's default."""
-    return st.selectbox(label, names, index=names.index(default), key=key, **kwargs)
+    value = kept(key, default)
+    return st.selectbox(label, names, index=names.index(value if value in names else default),
+                        key=key, **kwargs)
 
 
 def load_study(name: str) -> Any:
@@ -53,6 +57,7 @@ def load_study(name: str) -> Any:
 
 
 st.title("Tune")
+save_workspace()  # this page's settings as the last change left them: a reload keeps them
 sel = selection()
 train_cfg = train_settings()
 st.caption(f"Searching around **{describe(sel['model'])}** on **{describe(sel['data'])}** "
@@ -62,40 +67,44 @@ with left:
     sampler = pick("Sampler", SAMPLERS, DEFAULTS["sampler"], "tu_sampler",
                    format_func=lambda s: SAMPLER_LABELS.get(s, s))
     trials_slot = st.empty()  # filled below: the grid's size depends on the space
-    timeout = int(st.number_input("Time budget (s, 0 = none)", 0, 36000, 0, key="tu_timeout"))
-    workers = int(st.number_input("Parallel workers", 1, 8, DEFAULTS["workers"],
-                                  key="tu_workers"))
+    timeout = int(st.number_input("Time budget (s, 0 = none)", 0, 36000,
+                                  kept("tu_timeout", 0), key="tu_timeout"))
+    workers = int(st.number_input("Parallel workers", 1, 8,
+                                  kept("tu_workers", DEFAULTS["workers"]), key="tu_workers"))
     validation = pick("Validation", VALIDATIONS, DEFAULTS["validation"], "tu_val")
-    folds = int(st.number_input("Folds", 2, 20, DEFAULTS["folds"], key="tu_folds",
+    folds = int(st.number_input("Folds", 2, 20, kept("tu_folds", DEFAULTS["folds"]),
+                                key="tu_folds",
                                 disabled=validation == "holdout"))
     pruner = pick("Trial pruning", PRUNERS, DEFAULTS["pruner"], "tu_pruner")
 with right:
     space = {}
     grid = sampler == "grid"
-    if st.checkbox("Learning rate", True, key="tu_lr"):
+    if st.checkbox("Learning rate", kept("tu_lr", True), key="tu_lr"):
         space["train.lr"] = [0.001, 0.01, 0.1] if grid else {"low": 1e-4, "high": 0.1,
                                                                 "log": True}
-    if st.checkbox("Optimizer", False, key="tu_opt"):
+    if st.checkbox("Optimizer", kept("tu_opt", False), key="tu_opt"):
         names = OPTIMIZERS.names()
-        space["train.optimizer"] = st.multiselect("Optimizers", names,
-                                                  [n for n in RACE if n in names],
-                                                  key="tu_opts")
+        space["train.optimizer"] = st.multiselect(
+            "Optimizers", names, [n for n in kept("tu_opts", RACE) if n in names],
+            key="tu_opts")
     typo = None  # a half-typed width list: shown with the other problems below
-    if st.checkbox("Hidden layer widths", True, key="tu_hidden"):
-        widths = st.text_input("Width choices (JSON)", "[[16], [64], [64, 32]]",
-                               key="tu_widths")
+    if st.checkbox("Hidden layer widths", kept("tu_hidden", True), key="tu_hidden"):
+        widths = st.text_input("Width choices (JSON)",
+                               kept("tu_widths", "[[16], [64], [64, 32]]"), key="tu_widths")
         try:
             space["model.hidden"] = json_list(widths, "Width choices (JSON)",
                                               "[[16], [64, 32]]")
         except UserError as exc:
             space["model.hidden"], typo = [], exc
-    if st.checkbox("Weight decay", False, key="tu_wd"):
+    if st.checkbox("Weight decay", kept("tu_wd", False), key="tu_wd"):
         space["train.weight_decay"] = [0.0, 1e-4, 1e-2] if grid else {
             "low": 1e-6, "high": 0.1, "log": True}
-    if st.checkbox("Dropout", False, key="tu_dropout"):
+    if st.checkbox("Dropout", kept("tu_dropout", False), key="tu_dropout"):
         space["model.dropout"] = [0.0, 0.2, 0.5] if grid else {"low": 0.0, "high": 0.5}
     objectives = st.multiselect(
-        "Objectives", list(OBJECTIVES), list(DEFAULTS["objectives"]), key="tu_obj",
+        "Objectives", list(OBJECTIVES),
+        [o for o in kept("tu_obj", list(DEFAULTS["objectives"])) if o in OBJECTIVES],
+        key="tu_obj",
         format_func=search_plots.objective_label,
         help=f"More than one: the result is a Pareto front; the samplers "
              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)} search for one.")
@@ -105,7 +114,8 @@ with trials_slot:
         st.caption(f"Trials: the whole grid, {size} combination(s), each tried once.")
         trials = None
     else:
-        trials = int(st.number_input("Trials", 1, 500, DEFAULTS["n_trials"], key="tu_trials"))
+        trials = int(st.number_input("Trials", 1, 500, kept("tu_trials", DEFAULTS["n_trials"]),
+                                     key="tu_trials"))
 
 tune = {"sampler": sampler, "timeout_s": timeout or None, "workers": workers,
         "validation": validation, "folds": folds, "pruner": pruner, "space": space,

@@ -578,3 +578,24 @@ def test_a_state_dict_upload_asks_for_its_architecture_and_sizes_on_the_spot():
     model = at.session_state["selection"]["model"]
     assert model["architecture"] == "mlp" and model["hidden"] == [8]
     assert model["source"].endswith("_weights.pt")
+
+
+def test_the_tune_and_diagnose_settings_come_back_after_a_reload():
+    first = open_app("pages/tune.py")
+    first.number_input(key="tu_trials").set_value(7).run()
+    first.checkbox(key="tu_wd").check().run()
+    first.switch_page("pages/diagnose.py").run()
+    first.number_input(key="dg_rounds").set_value(9).run()
+    first.switch_page("pages/train.py").run()  # any rerun saves the workspace
+    ws = first.query_params["ws"]
+
+    again = AppTest.from_file("../app.py", default_timeout=90)  # the reload
+    again.query_params["ws"] = ws
+    again.run()
+    again.switch_page("pages/tune.py").run()
+    assert not again.exception and not again.error, [e.value for e in again.error]
+    assert again.number_input(key="tu_trials").value == 7
+    assert again.checkbox(key="tu_wd").value
+    again.switch_page("pages/diagnose.py").run()
+    assert again.number_input(key="dg_rounds").value == 9
+    assert not again.warning  # restored as starting values, not forced into widget state
