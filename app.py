@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine.progress import progress_of
 from engine.store import Store
-from pages.common import restore_workspace, save_workspace, session_owner
+from pages.workspace import restore_workspace, save_workspace, session_owner
 
 st.set_page_config(page_title="Model optimization workbench", page_icon=":material/speed:",
                    layout="wide")

@@ -14,3 +14,14 @@ class UserError(ValueError):
 
 class Cancelled(Exception):  # noqa: N818 - a request, not an error
     """Raised from a progress callback to stop a run that the user cancelled."""
+
+
+def reword(message: str, labels: dict[str, str], names: dict[str, str]) -> str:
+    """A message in the words of the page that shows it: recipe keys as the boxes that set
+    them (`labels`: "data.missing" -> "Missing values"), stored file names as the names the
+    files were uploaded under (`names`)."""
+    for stored, given in names.items():
+        message = message.replace(stored, given)
+    for key, label in sorted(labels.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(key, f"\u201c{label}\u201d")
+    return message

@@ -126,3 +126,27 @@ def choice(path: str, value: Any, allowed: tuple[Any, ...]) -> None:
 def at_least(path: str, value: Any, low: float) -> None:
     if value < low:
         raise UserError(f"{path} must be at least {low}, got {value!r}.")
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """'128, 64' -> [128, 64]; a bad list is a UserError naming the field."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{what} must be whole numbers separated by commas, such as "
+                        f"'128, 64'.") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{what} needs at least one positive width, such as '128, 64'.")
+    return values
+
+
+def json_list(text: str, box: str, example: str) -> list[Any]:
+    """The JSON list typed into the box labelled `box`, or a UserError naming that box."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not value:
+        raise UserError(f"The box {box!r} needs a JSON list such as {example}; "
+                        f"{text.strip()[:40]!r} is not one yet.")
+    return value

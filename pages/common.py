@@ -6,19 +6,17 @@ goes to the engine, results come from the store.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
 import engine
-from engine.errors import UserError
+from engine.errors import UserError, reword
 from engine.registry import Param
-from engine.store import Store
-from engine.uploads import check_upload, safe_name, upload_limit_mb
+from engine.uploads import store_upload, upload_limit_mb
+from pages.workspace import session_owner
 
 # the engine's cap (WORKBENCH_UPLOAD_LIMIT_MB) or the server's (server.maxUploadSize in
 # .streamlit/config.toml), whichever is smaller: the one a user actually meets
@@ -30,65 +28,6 @@ def default_sections(raw: dict[str, Any] | None = None) -> dict[str, Any]:
     """The recipe's defaults, from the engine's dataclasses and registries (never a second
     copy). `raw` switches on optional sections to read theirs: {"diagnose": {}}."""
     return engine.resolve(raw or {}).to_dict()
-
-
-# what a workspace keeps across a reload: the selection, the Train settings, the Compress
-# chain and Compare's runs, and the runs each page watches
-WORKSPACE_KEYS = ("selection", "train_cfg", "cmp_chain", "cmp_runs", "watch", "tu_watch",
-                  "dg_watch", "cmp_watch")
-
-
-# page settings kept with the workspace, by widget key prefix (the Tune and Diagnose pages';
-# Train's live in train_cfg); buttons are not settings
-WIDGET_PREFIXES = ("tu_", "dg_")
-
-
-def kept(key: str, default: Any) -> Any:
-    """The value this workspace last had in widget `key` (restored after a reload), else
-    `default`: what a page passes as the widget's starting value."""
-    return st.session_state.get("widgets", {}).get(key, default)
-
-
-def session_owner() -> str:
-    """This workspace's tag on the runs it starts, so two people on one instance each follow
-    their own: kept in the URL (?ws=...), so a reload or a second tab of that URL is the same
-    workspace, with the same runs."""
-    if "owner" not in st.session_state:
-        given = st.query_params.get("ws", "")
-        valid = len(given) == 32 and all(c in "0123456789abcdef" for c in given)
-        st.session_state["owner"] = given if valid else uuid.uuid4().hex
-    if st.query_params.get("ws") != st.session_state["owner"]:
-        st.query_params["ws"] = st.session_state["owner"]  # a page switch drops it
-    return st.session_state["owner"]
-
-
-def restore_workspace() -> None:
-    """Once per browser session: what this workspace had open, from the store."""
-    if st.session_state.get("workspace_restored"):
-        return
-    st.session_state["workspace_restored"] = True
-    for key, value in Store().workspace(session_owner()).items():
-        if (key in WORKSPACE_KEYS or key == "widgets") and key not in st.session_state:
-            st.session_state[key] = value
-
-
-def save_workspace() -> None:
-    """Write what this workspace has open to the store (cheap: one small row)."""
-    state = {k: st.session_state[k] for k in WORKSPACE_KEYS if k in st.session_state}
-    widgets = dict(st.session_state.get("widgets", {}))
-    widgets.update({k: v for k, v in st.session_state.items()
-                    if isinstance(k, str) and k.startswith(WIDGET_PREFIXES)
-                    and k not in WORKSPACE_KEYS and not k.endswith(("_run", "_btn"))
-                    and isinstance(v, bool | int | float | str | list)})
-    st.session_state["widgets"] = widgets
-    Store().save_workspace(session_owner(), {**state, "widgets": widgets})
-
-
-def remember(key: str, value: Any) -> None:
-    """Set `key` in this session and save the workspace at once (a run just started must
-    survive a reload that comes before the next rerun)."""
-    st.session_state[key] = value
-    save_workspace()
 
 
 def submit(recipe: Any, **kwargs: Any) -> str:
@@ -146,30 +85,10 @@ def param_input(param: Param, key: str, value: Any = None, *, label: str | None 
     return st.text_input(label, value=str(value), key=key, help=param.help)
 
 
-def int_list(text: str, what: str) -> list[int]:
-    """'128, 64' -> [128, 64]; a bad list is a UserError naming the field."""
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UserError(f"{what} must be whole numbers separated by commas, such as "
-                        f"'128, 64'.") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{what} needs at least one positive width, such as '128, 64'.")
-    return values
-
-
 def save_upload(upload: Any, folder: Path) -> Path:
-    """Write an uploaded file into `folder` under its content hash and a sanitized name, after
-    the engine's checks (size cap, archives, pickles, ONNX external data); a refused file is
-    never written, and nothing is ever unpacked or executed."""
-    data = upload.getvalue()
-    name = safe_name(upload.name)
-    check_upload(name, data)
-    digest = hashlib.sha256(data).hexdigest()[:12]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest}_{name}"
-    if not path.exists():
-        path.write_bytes(data)
+    """`engine.uploads.store_upload` of a Streamlit upload; the name it was uploaded under is
+    remembered, so messages say that name and not the stored one."""
+    path = store_upload(upload.name, upload.getvalue(), folder)
     st.session_state.setdefault("upload_names", {})[path.name] = upload.name
     return path
 
@@ -186,27 +105,10 @@ def show_error(exc: Exception, labels: dict[str, str] | None = None) -> None:
     what the user sees ("Missing values", not data.missing); an upload is named as it was
     uploaded, not by the name it is stored under."""
     if isinstance(exc, UserError):
-        text = str(exc)
-        for stored, given in st.session_state.get("upload_names", {}).items():
-            text = text.replace(stored, given)
-        for key, label in sorted((labels or {}).items(), key=lambda kv: -len(kv[0])):
-            text = text.replace(key, f"\u201c{label}\u201d")
-        st.error(text)
+        st.error(reword(str(exc), labels or {}, st.session_state.get("upload_names", {})))
     else:
         st.error(f"Something went wrong inside the engine ({type(exc).__name__}: {exc}). "
                  f"Your settings are kept; try again or report it.")
-
-
-def json_list(text: str, box: str, example: str) -> list[Any]:
-    """The JSON list typed into the box labelled `box`, or a UserError naming that box."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, list) or not value:
-        raise UserError(f"The box {box!r} needs a JSON list such as {example}; "
-                        f"{text.strip()[:40]!r} is not one yet.")
-    return value
 
 
 def registry_choice(registry: Any, label: str, key: str, current: str,

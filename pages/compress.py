@@ -10,14 +10,13 @@ from pages.common import (
     describe,
     recipe_download,
     registry_choice,
-    remember,
     selection,
-    session_owner,
     show_error,
     submit,
     train_settings,
 )
 from pages.live import watch
+from pages.workspace import remember, session_owner
 
 st.title("Compress")
 store = Store()

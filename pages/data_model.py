@@ -1,45 +1,26 @@
 """Data & Model: choose what to train on and what to train, and see both before running."""
 
 import json
-from typing import Any
 
 import streamlit as st
 
 from engine.data import DATASETS, default_target, read_table
 from engine.errors import UserError
 from engine.models import MODELS
-from engine.recipe import ACTIVATIONS, MISSING, SCALINGS, TASKS
+from engine.recipe import MISSING, SCALINGS, TASKS
 from engine.runner import resolve
 from engine.settings import artifacts_root
 from pages.common import (
     UPLOAD_LIMIT_MB,
     default_sections,
     describe,
-    int_list,
     param_input,
     save_upload,
     selection,
     show_error,
 )
+from pages.pickers import architecture_inputs, builtin_choice
 from pages.previews import data_preview, model_preview, show_data, show_model
-
-
-def builtin_choice(label: str, source: str, registry: Any, keys: tuple[str, str], choice: str,
-                   fallback: str, help: str | None = None) -> tuple[Any, bool] | None:
-    """"Built-in" or "Upload" for a source, and on "Built-in" the registry entry picked
-    (with its description) and whether it is the one `source` already names; None on
-    "Upload". `fallback` is the recipe's default source, offered after an upload."""
-    builtin = source.startswith("builtin:")
-    if st.radio(label, ["Built-in", "Upload"], index=0 if builtin else 1, horizontal=True,
-                key=keys[0]) == "Upload":
-        return None
-    names = registry.names()
-    current = (source if builtin else fallback).removeprefix("builtin:")
-    name = st.selectbox(choice, names, index=names.index(current), key=keys[1], help=help)
-    entry = registry.get(name)
-    st.caption(entry.description)
-    return entry, builtin and name == current
-
 
 # recipe keys as the boxes on this page that set them, for the messages
 LABELS = {"data.missing": "Missing values", "data.target": "Target column", "data.task": "Task",
@@ -49,25 +30,6 @@ LABELS = {"data.missing": "Missing values", "data.target": "Target column", "dat
           "model.channels": "Convolution filters per block", "model.kernel_size": "Kernel size",
           "model.activation": "Activation", "model.architecture": "Architecture of a state_dict",
           "model.dropout": "Dropout"}
-
-
-def architecture_inputs(uses: tuple[str, ...]) -> None:
-    """The settings the architecture is built from, into `model` (a built-in's, or those a
-    state_dict upload needs to be rebuilt)."""
-    if "channels" in uses:
-        model["channels"] = int_list(st.text_input(
-            "Convolution filters per block", ", ".join(map(str, model["channels"])),
-            key="dm_channels"), "Convolution filters")
-        model["kernel_size"] = int(st.number_input(
-            "Kernel size", 1, 15, int(model["kernel_size"]), key="dm_kernel"))
-    if "hidden" in uses:
-        model["hidden"] = int_list(st.text_input(
-            "Hidden layer widths", ", ".join(map(str, model["hidden"])),
-            key="dm_hidden"), "Hidden layer widths")
-    if "activation" in uses:
-        model["activation"] = st.selectbox(
-            "Activation", ACTIVATIONS, index=ACTIVATIONS.index(model["activation"]),
-            key="dm_activation")
 
 
 st.title("Data & Model")
@@ -136,7 +98,7 @@ with mleft:
         uses = entry.extra["uses"]
         model["source"] = f"builtin:{entry.name}"
         try:
-            architecture_inputs(uses)
+            architecture_inputs(model, uses)
         except Exception as exc:
             show_error(exc, LABELS)
     else:
@@ -157,7 +119,7 @@ with mleft:
                  "and give its sizes here.")
         if model["architecture"] is not None:  # what a state_dict needs, asked here
             try:
-                architecture_inputs(MODELS.get(model["architecture"]).extra["uses"])
+                architecture_inputs(model, MODELS.get(model["architecture"]).extra["uses"])
             except Exception as exc:
                 show_error(exc, LABELS)
 

@@ -9,15 +9,13 @@ from engine.store import Store
 from pages.common import (
     default_sections,
     describe,
-    kept,
-    remember,
-    save_workspace,
     selection,
     show_error,
     submit,
     train_settings,
 )
 from pages.live import watch
+from pages.workspace import kept, remember, save_workspace
 
 VERDICTS = {"high_bias": ("High bias: the model underfits.", st.warning),
             "high_variance": ("High variance: the model overfits.", st.warning),

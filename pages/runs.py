@@ -11,8 +11,9 @@ from engine import jobs, plots, ray_backend
 from engine.errors import UserError
 from engine.settings import backend_name
 from engine.store import Store
-from pages.common import session_owner, show_error
+from pages.common import show_error
 from pages.live import metric_of
+from pages.workspace import session_owner
 
 st.title("Runs")
 store = Store()

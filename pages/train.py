@@ -18,12 +18,12 @@ from pages.common import (
     param_input,
     recipe_download,
     registry_choice,
-    remember,
     selection,
     show_error,
     submit,
 )
 from pages.live import watch
+from pages.workspace import remember
 
 
 def regularizer(name: str, param: str | None = None) -> Param:

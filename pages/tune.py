@@ -9,36 +9,31 @@ from engine import plots, search_plots
 from engine.errors import UserError
 from engine.optimizers import OPTIMIZERS
 from engine.runner import resolve
+from engine.schema import json_list
 from engine.showcase import RACE
 from engine.store import ACTIVE, Store
 from engine.tune import (
     DEFAULTS,
     MULTI_OBJECTIVE_SAMPLERS,
     OBJECTIVES,
+    PRESETS,
     PRUNERS,
+    SAMPLER_LABELS,
     SAMPLERS,
     VALIDATIONS,
+    load_study,
     ranked_trials,
     winner,
 )
 from pages.common import (
     describe,
-    json_list,
-    kept,
-    remember,
-    save_workspace,
     selection,
     show_error,
     submit,
     train_settings,
 )
 from pages.live import watch
-
-# display labels only: the names and their order are the engine's (a name without a label
-# shows as itself)
-SAMPLER_LABELS = {"tpe": "Bayesian (TPE)", "gp": "Bayesian (Gaussian process)",
-                  "random": "random", "grid": "grid (every combination of the lists)",
-                  "nsga2": "NSGA-II (multi-objective)"}
+from pages.workspace import kept, remember, save_workspace
 
 
 def pick(label: str, names: tuple[str, ...], default: str, key: str, **kwargs: Any) -> str:
@@ -46,14 +41,6 @@ def pick(label: str, names: tuple[str, ...], default: str, key: str, **kwargs: A
     value = kept(key, default)
     return st.selectbox(label, names, index=names.index(value if value in names else default),
                         key=key, **kwargs)
-
-
-def load_study(name: str) -> Any:
-    """The run's Optuna study, read fresh from the run store's database (it grows while the
-    search runs, so it is never cached)."""
-    import optuna  # heavy: imported only once a search is watched
-
-    return optuna.load_study(study_name=name, storage=Store().url)
 
 
 st.title("Tune")
@@ -79,9 +66,10 @@ with left:
 with right:
     space = {}
     grid = sampler == "grid"
-    if st.checkbox("Learning rate", kept("tu_lr", True), key="tu_lr"):
-        space["train.lr"] = [0.001, 0.01, 0.1] if grid else {"low": 1e-4, "high": 0.1,
-                                                                "log": True}
+    for path, (label, on, values, span) in PRESETS.items():  # the engine's offered ranges
+        key = f"tu_{path}"
+        if st.checkbox(label, kept(key, on), key=key):
+            space[path] = values if grid else span
     if st.checkbox("Optimizer", kept("tu_opt", False), key="tu_opt"):
         names = OPTIMIZERS.names()
         space["train.optimizer"] = st.multiselect(
@@ -96,11 +84,6 @@ with right:
                                               "[[16], [64, 32]]")
         except UserError as exc:
             space["model.hidden"], typo = [], exc
-    if st.checkbox("Weight decay", kept("tu_wd", False), key="tu_wd"):
-        space["train.weight_decay"] = [0.0, 1e-4, 1e-2] if grid else {
-            "low": 1e-6, "high": 0.1, "log": True}
-    if st.checkbox("Dropout", kept("tu_dropout", False), key="tu_dropout"):
-        space["model.dropout"] = [0.0, 0.2, 0.5] if grid else {"low": 0.0, "high": 0.5}
     objectives = st.multiselect(
         "Objectives", list(OBJECTIVES),
         [o for o in kept("tu_obj", list(DEFAULTS["objectives"])) if o in OBJECTIVES],
@@ -153,7 +136,7 @@ if run_id:
             st.caption("The optimization history and the parameters of each trial appear "
                        "once a trial completes.")
             return
-        study = load_study(found[-1]["study"])
+        study = load_study(found[-1]["study"], store.url)
         a, b = st.columns(2)
         a.plotly_chart(search_plots.optimization_history(study, searched), key="tu_history")
         b.plotly_chart(search_plots.parallel_coordinates(study, searched), key="tu_parcoords")
@@ -176,7 +159,7 @@ if run_id:
                        f"its baseline.")
         st.dataframe(ranked_trials(tuning), hide_index=True)
         if tuning.get("importances"):  # the engine found enough trials and parameters
-            st.plotly_chart(search_plots.param_importances(load_study(tuning["study"]),
+            st.plotly_chart(search_plots.param_importances(load_study(tuning["study"], store.url),
                                                            tuning["objectives"]),
                             key="tu_importances")
         elif tuning.get("importances_note"):

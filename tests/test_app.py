@@ -583,7 +583,7 @@ def test_a_state_dict_upload_asks_for_its_architecture_and_sizes_on_the_spot():
 def test_the_tune_and_diagnose_settings_come_back_after_a_reload():
     first = open_app("pages/tune.py")
     first.number_input(key="tu_trials").set_value(7).run()
-    first.checkbox(key="tu_wd").check().run()
+    first.checkbox(key="tu_train.weight_decay").check().run()
     first.switch_page("pages/diagnose.py").run()
     first.number_input(key="dg_rounds").set_value(9).run()
     first.switch_page("pages/train.py").run()  # any rerun saves the workspace
@@ -595,7 +595,7 @@ def test_the_tune_and_diagnose_settings_come_back_after_a_reload():
     again.switch_page("pages/tune.py").run()
     assert not again.exception and not again.error, [e.value for e in again.error]
     assert again.number_input(key="tu_trials").value == 7
-    assert again.checkbox(key="tu_wd").value
+    assert again.checkbox(key="tu_train.weight_decay").value
     again.switch_page("pages/diagnose.py").run()
     assert again.number_input(key="dg_rounds").value == 9
     assert not again.warning  # restored as starting values, not forced into widget state

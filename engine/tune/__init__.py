@@ -17,14 +17,17 @@ from engine.tune.space import (
     DEFAULTS,
     MULTI_OBJECTIVE_SAMPLERS,
     OBJECTIVES,
+    PRESETS,
     PRUNERS,
+    SAMPLER_LABELS,
     SAMPLERS,
     VALIDATIONS,
     apply_params,
     validate_tune,
 )
-from engine.tune.study import run_trials, search
+from engine.tune.study import load_study, run_trials, search
 
-__all__ = ["DEFAULTS", "MULTI_OBJECTIVE_SAMPLERS", "OBJECTIVES", "PRUNERS", "SAMPLERS",
-           "VALIDATIONS", "apply_params", "best_recipe", "fold_indices", "ranked_trials",
-           "run_trials", "search", "trial_recipe", "validate_tune", "winner"]
+__all__ = ["DEFAULTS", "MULTI_OBJECTIVE_SAMPLERS", "OBJECTIVES", "PRESETS", "PRUNERS",
+           "SAMPLERS", "SAMPLER_LABELS", "VALIDATIONS", "apply_params", "best_recipe",
+           "fold_indices", "load_study", "ranked_trials", "run_trials", "search",
+           "trial_recipe", "validate_tune", "winner"]

@@ -40,6 +40,21 @@ DEFAULTS: dict[str, Any] = {"sampler": "tpe", "n_trials": 20, "workers": 1,
 
 
 
+# what each sampler is called on a page
+SAMPLER_LABELS = {"tpe": "Bayesian (TPE)", "gp": "Bayesian (Gaussian process)",
+                  "random": "random", "grid": "grid (every combination of the lists)",
+                  "nsga2": "NSGA-II (multi-objective)"}
+# the dimensions a page offers to search by ticking them: (label, on at first, the values a
+# grid tries, the range the other samplers draw from)
+PRESETS: dict[str, tuple[str, bool, list[Any], dict[str, Any]]] = {
+    "train.lr": ("Learning rate", True, [0.001, 0.01, 0.1],
+                 {"low": 1e-4, "high": 0.1, "log": True}),
+    "train.weight_decay": ("Weight decay", False, [0.0, 1e-4, 1e-2],
+                           {"low": 1e-6, "high": 0.1, "log": True}),
+    "model.dropout": ("Dropout", False, [0.0, 0.2, 0.5], {"low": 0.0, "high": 0.5}),
+}
+
+
 # --- the tune section ----------------------------------------------------------------------
 
 def validate_tune(raw: dict[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,13 @@ def _open_study(url: str, name: str, tune: dict[str, Any], seed: int, *, create:
     return study
 
 
+def load_study(name: str, storage: str) -> optuna.Study:
+    """A search's study as it is now (it grows while the search runs), for its figures."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=_storage(storage))
+
+
 def _counted(study: optuna.Study) -> int:
     from optuna.trial import TrialState
 

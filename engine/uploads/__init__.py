@@ -23,6 +23,7 @@ model files), `onnx_files` (ONNX external data).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from engine.uploads.archives import (
@@ -55,8 +56,20 @@ __all__ = ["DEFAULT_UPLOAD_LIMIT_MB", "MAX_NAME_LENGTH", "MODEL_SUFFIXES", "TENS
            "UPLOAD_LIMIT_ENV", "ZipLimits", "check_model_file",
            "check_onnx", "check_size", "check_upload", "check_zip", "entry_parts", "is_zip",
            "looks_like_pickle", "onnx_tensors", "open_zip", "pickle_globals", "safe_name",
-           "scan_pickle", "tensor_global", "torchscript_global", "upload_limit_mb",
+           "scan_pickle", "store_upload", "tensor_global", "torchscript_global", "upload_limit_mb",
            "zip_limits"]
+
+
+def store_upload(name: str, data: bytes, folder: Path) -> Path:
+    """Write an upload into `folder` under its content hash and a sanitized name, after every
+    check above; a refused file is never written, and nothing is unpacked or executed."""
+    name = safe_name(name)
+    check_upload(name, data)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:12]}_{name}"
+    if not path.exists():
+        path.write_bytes(data)
+    return path
 
 
 def check_upload(name: str, data: bytes) -> None:

@@ -1,0 +1,46 @@
+"""The Data & Model page's pickers: a built-in or an upload, and an architecture's sizes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from engine.recipe import ACTIVATIONS
+from engine.schema import int_list
+
+
+def builtin_choice(label: str, source: str, registry: Any, keys: tuple[str, str], choice: str,
+                   fallback: str, help: str | None = None) -> tuple[Any, bool] | None:
+    """"Built-in" or "Upload" for a source, and on "Built-in" the registry entry picked
+    (with its description) and whether it is the one `source` already names; None on
+    "Upload". `fallback` is the recipe's default source, offered after an upload."""
+    builtin = source.startswith("builtin:")
+    if st.radio(label, ["Built-in", "Upload"], index=0 if builtin else 1, horizontal=True,
+                key=keys[0]) == "Upload":
+        return None
+    names = registry.names()
+    current = (source if builtin else fallback).removeprefix("builtin:")
+    name = st.selectbox(choice, names, index=names.index(current), key=keys[1], help=help)
+    entry = registry.get(name)
+    st.caption(entry.description)
+    return entry, builtin and name == current
+
+
+def architecture_inputs(model: dict[str, Any], uses: tuple[str, ...]) -> None:
+    """The settings the architecture is built from, into `model` (a built-in's, or those a
+    state_dict upload needs to be rebuilt)."""
+    if "channels" in uses:
+        model["channels"] = int_list(st.text_input(
+            "Convolution filters per block", ", ".join(map(str, model["channels"])),
+            key="dm_channels"), "Convolution filters")
+        model["kernel_size"] = int(st.number_input(
+            "Kernel size", 1, 15, int(model["kernel_size"]), key="dm_kernel"))
+    if "hidden" in uses:
+        model["hidden"] = int_list(st.text_input(
+            "Hidden layer widths", ", ".join(map(str, model["hidden"])),
+            key="dm_hidden"), "Hidden layer widths")
+    if "activation" in uses:
+        model["activation"] = st.selectbox(
+            "Activation", ACTIVATIONS, index=ACTIVATIONS.index(model["activation"]),
+            key="dm_activation")
