@@ -14,6 +14,7 @@ from typing import Any
 
 from engine import plots
 from engine.compress import COMPRESSORS
+from engine.recipe import short_source
 from engine.showcase import display_name
 from engine.store import Store
 
@@ -162,7 +163,7 @@ def data_groups(store: Store, run_ids: Sequence[str]) -> dict[str, list[str]]:
             key = data_key(run["recipe"])
             groups.setdefault(key, []).append(run_id)
             recipes[key] = run["recipe"]["data"]
-    labels = {key: _short(recipes[key]["source"]) for key in groups}
+    labels = {key: short_source(recipes[key]["source"]) for key in groups}
     out = {}
     for key, ids in groups.items():
         label = labels[key]
@@ -174,11 +175,6 @@ def data_groups(store: Store, run_ids: Sequence[str]) -> dict[str, list[str]]:
                 f" ({len(out) + 1})"
         out[label] = ids
     return out
-
-
-def _short(source: str) -> str:
-    return source.removeprefix("builtin:") if source.startswith("builtin:") else \
-        source.rsplit("/", 1)[-1]
 
 
 def headline(store: Store, run_ids: Sequence[str]) -> list[str]:

@@ -311,10 +311,10 @@ class Recipe:
 
     def title(self) -> str:
         """What a run of this recipe trains on what, for its name: `mlp on digits`."""
-        return f"{_short(self.model.source)} on {_short(self.data.source)}"
+        return f"{short_source(self.model.source)} on {short_source(self.data.source)}"
 
 
-def _short(source: str) -> str:
+def short_source(source: str) -> str:
     """A source as a person names it: the built-in's name, or the file's."""
     return source.removeprefix("builtin:") if source.startswith("builtin:") else Path(
         source).name

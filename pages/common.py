@@ -14,6 +14,7 @@ import streamlit as st
 
 import engine
 from engine.errors import UserError, reword
+from engine.recipe import short_source
 from engine.registry import Param
 from engine.uploads import store_upload, upload_limit_mb
 from pages.workspace import session_owner
@@ -52,9 +53,7 @@ def train_settings() -> dict[str, Any]:
 
 
 def describe(section: dict[str, Any]) -> str:
-    source = section["source"]
-    return source.removeprefix("builtin:") if source.startswith("builtin:") else Path(
-        source).name
+    return short_source(section["source"])
 
 
 def param_input(param: Param, key: str, value: Any = None, *, label: str | None = None) -> Any:
