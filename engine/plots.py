@@ -211,7 +211,7 @@ def pareto(points: Sequence[Mapping[str, Any]], x: str, y: str, *,
                       legend={"title": {"text": "technique"}})
     xs = [r[x] for r in records if r[x] and r[x] > 0]
     if xs and max(xs) / min(xs) > 10:  # a log axis only where the points span decades
-        fig.update_xaxes(**log_axis(xs))
+        fig.update_xaxes(**log_axis([v * scale for v in xs]))  # in the axis's own unit
     else:
         fig.update_layout(xaxis_title=fig.layout.xaxis.title.text.replace(", log scale", ""))
     return fig

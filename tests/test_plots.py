@@ -199,3 +199,13 @@ def test_search_figures_of_a_study_without_complete_trials_are_empty():
     for draw in (search_plots.optimization_history, search_plots.parallel_coordinates,
                  search_plots.param_importances):
         assert len(draw(study).data) == 0
+
+
+def test_a_log_size_axis_ticks_in_kib_as_it_is_drawn():
+    points = [{"name": n, "run": "r", "run_id": "a", "technique": t, "size_bytes": b,
+               "test_accuracy": acc, "chain": ""}
+              for n, t, b, acc in (("base", None, 69_000, 0.95), ("dc", "prune", 3_800, 0.94))]
+    fig = plots.pareto(points, "size_bytes", "test_accuracy")
+    ticks = list(fig.layout.xaxis.tickvals)  # KiB, like the points: 3.7 to 67.4
+    assert fig.layout.xaxis.type == "log" and min(ticks) <= 3.7 and max(ticks) >= 67.4
+    assert max(ticks) < 1000
