@@ -26,8 +26,9 @@ try:  # where runs go, and what the cluster has free
             if k != "nodes") + f" · {free['nodes']['total']:g} node(s)")
 except UserError as exc:
     show_error(exc)
-only_mine = st.toggle("Only runs started in this session", key="runs_mine",
-                      help="Several people may share this instance; every run is kept.")
+only_mine = st.toggle("Only runs started in this workspace", key="runs_mine",
+                      help="This URL's runs (?ws=...); several people may share this "
+                           "instance, and every run is kept.")
 runs = store.list_runs(owner=session_owner() if only_mine else None)
 if not runs:
     st.info("No runs yet. Start one on the Train page; it will be listed here.")
