@@ -128,7 +128,9 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         epochs.press("Enter")
         page.wait_for_timeout(1000)
         page.get_by_role("button", name="Run", exact=True).click()
-        expect(page.get_by_text("epoch", exact=False).first).to_be_visible(timeout=60_000)
+        # the Live section, not just any "epoch" (the warm-up box's label has one): the run
+        # was submitted and remembered before the reload below
+        expect(page.get_by_role("heading", name="Live")).to_be_visible(timeout=60_000)
         # a reload mid-run (the URL carries ?ws=) keeps the settings, the run and its view
         assert "ws=" in page.url
         page.reload()
