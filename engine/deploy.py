@@ -22,6 +22,7 @@ import torch
 from onnx import compose
 from torch import nn
 
+from engine.bundle import is_bundle, load_bundle
 from engine.data import load_data
 from engine.errors import UserError
 from engine.export import onnx_bytes, ort_predict, ort_session
@@ -225,17 +226,17 @@ scores = session.run(None, {{"input": x}})[0]
 
 def export_stored(recipe: dict[str, Any], model_file: str, *, name: str
                   ) -> tuple[bytes, dict[str, Any]]:
-    """Export a stored variant (its .pt2, or the .onnx of an int8 variant) with the
+    """Export a stored variant (its model bundle, or the .onnx of an int8 variant) with the
     preprocessing of its run's data, and report on it."""
     checked = resolve_sections(Recipe.from_dict(recipe))
     data = load_data(checked.data, seed=checked.seed)
     path = Path(model_file)
-    if not path.is_file():
-        raise UserError(f"the model file of {name} is gone ({path.name}); run the recipe "
+    if not (path.is_file() or is_bundle(path)):
+        raise UserError(f"the model of {name} is gone ({path.name}); run the recipe "
                         f"again to recreate it.")
     if path.suffix == ".onnx":
         file = with_preprocessing(path.read_bytes(), data)
         return file, report(file, data)
-    model = torch.export.load(str(path)).module()
+    model = load_bundle(path)
     file = export_model(model, data, name=name)
     return file, report(file, data, model=model)

@@ -1,12 +1,14 @@
 """The harness every variant goes through: evaluated, sized and timed the same way.
 
-`measure` evaluates a variant on every split and writes what ships (the `.wbz` of a
-PyTorch variant, whose size is `size_bytes`, and its runnable `.pt2`; the `.onnx` of an
-ONNX Runtime variant). `time_variants` then times every variant of a run once, in the
-runtime it ships in, all in the same alternating rounds at one thread
-(`latency.round_robin`), so each latency is one measurement that every page, the report
-and `result.json` show, and each speedup is the ratio of two figures shown, with its
-reference named.
+`measure` evaluates a variant on every split and writes it to its own folder,
+`DIR/<variant>/`: a PyTorch variant as a model bundle (`model.json` + `model.safetensors`,
+what the engine reloads: `engine.bundle`), its compressed encoding `model.wbz` (whose size
+is `size_bytes`) and its `.pt2` export; an ONNX Runtime variant as `runtime.onnx`; with
+`export.onnx`, the deployable `model.onnx` (preprocessing inside) of either.
+`time_variants` then times every variant of a run once, in the runtime it ships in, all in
+the same alternating rounds at one thread (`latency.round_robin`), so each latency is one
+measurement that every page, the report and `result.json` show, and each speedup is the
+ratio of two figures shown, with its reference named.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import deploy
+from engine.bundle import save_bundle
 from engine.compress import CompressContext, StepResult
 from engine.compress.encode import encode
 from engine.export import ort_call
@@ -46,19 +49,24 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
         for part in ("train", "val", "test"):
             metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(model, part).items()})
         metrics.update(complexity(model, ctx.input_shape))
+        here = folder / name
+        metrics["bundle_bytes"] = save_bundle(
+            model, here, input_spec=input_spec(ctx.data), output_spec=output_spec(ctx.data),
+            compression=chain, extra=preprocess_tensors(ctx.data))
         blob = encode(model, huffman=huffman)
-        (folder / f"{name}.wbz").write_bytes(blob)
+        (here / "model.wbz").write_bytes(blob)
         metrics["size_bytes"] = len(blob)
-        metrics["pt2_bytes"] = save_model(model, ctx.input_shape, folder / f"{name}.pt2")
-        model_file = f"{name}.pt2"
+        metrics["pt2_bytes"] = save_model(model, ctx.input_shape, here / "model.pt2")
+        model_file = name
         if reference is not None:
             metrics["size_ratio"] = reference["metrics"]["size_bytes"] / len(blob)
             metrics["size_reference"] = "the baseline's .wbz file"
         timer = torch_call(model, ctx.input_shape)
     else:
-        (folder / f"{name}.onnx").write_bytes(outcome.onnx_bytes)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "runtime.onnx").write_bytes(outcome.onnx_bytes)
         metrics["size_bytes"] = len(outcome.onnx_bytes)
-        model_file = f"{name}.onnx"
+        model_file = f"{name}/runtime.onnx"
         if reference:
             for key in ("params", "nonzero_params", "flops"):
                 metrics[key] = reference["metrics"].get(key)
@@ -122,5 +130,27 @@ def _deploy(name: str, outcome: StepResult, ctx: CompressContext,
     else:
         file = deploy.with_preprocessing(outcome.onnx_bytes, ctx.data)
         info = deploy.report(file, ctx.data)
-    (folder / f"{name}.deploy.onnx").write_bytes(file)
-    return {**info, "file": f"{name}.deploy.onnx"}
+    (folder / name / "model.onnx").write_bytes(file)
+    return {**info, "file": f"{name}/model.onnx"}
+
+
+def input_spec(data: Any) -> dict[str, Any]:
+    """What a bundle says about its input: the sample shape, and the fitted preprocessing
+    (its arrays are `preprocess.*` tensors in model.safetensors)."""
+    pre = data.preprocess
+    return {"shape": list(data.input_shape), "is_image": data.is_image,
+            "features": data.feature_names, "raw_features": data.n_raw_features,
+            "encoding": data.encoding, "source": data.source,
+            "preprocessing": {"feature_selection": pre.keep is not None,
+                              "scaling": "(x - preprocess.shift) / preprocess.scale"
+                              if pre.shift is not None else None}}
+
+
+def output_spec(data: Any) -> dict[str, Any]:
+    return {"task": data.task, "n_out": data.n_outputs, "classes": data.class_names}
+
+
+def preprocess_tensors(data: Any) -> dict[str, Any]:
+    pre = data.preprocess
+    return {f"preprocess.{k}": v for k in ("keep", "shift", "scale")
+            if (v := getattr(pre, k)) is not None}

@@ -1,7 +1,9 @@
-"""Built-in architectures, uploaded models, and the complexity figures of any model.
+"""Every model source, and the complexity figures of any model.
 
-Built-ins are sized from the data: the input shape and the number of outputs come from the
-dataset, the widths from the recipe. Uploads are loaded without unpickling arbitrary
+`build_model` makes the model a recipe names: a built-in (`engine.architectures`), a
+transformers architecture (`hfarch:NAME`, random init) or a local Hugging Face folder
+(`hf:PATH`, `engine.hf`), a model bundle the workbench wrote (`engine.bundle`), or an
+uploaded file. Uploads are loaded without unpickling arbitrary
 objects: every file first passes `engine.uploads.check_model_file` (size cap, ZIP checks, and
 a `pickletools` scan of every pickle inside against an allow-list of tensor rebuilders,
 whatever the extension), then `.pt2` goes through `torch.export.load`, `.pt` state_dicts
@@ -14,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -27,77 +27,17 @@ from torch import nn
 from torch._export.converter import TS2EPConverter
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.architectures import MODELS, build_builtin, check_fits
+from engine.bundle import is_bundle, load_bundle
 from engine.errors import UserError
+from engine.graphs import from_program
+from engine.hf import build_hf_source, is_hf_source
 from engine.recipe import ModelConfig
-from engine.registry import Registry
 from engine.uploads import check_model_file, check_onnx, onnx_tensors
 
-MODELS = Registry("models", "model", "Built-in architectures, sized from the dataset.")
-
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
-                "leaky_relu": nn.LeakyReLU}
-
-
-def _dense_head(layers: OrderedDict[str, nn.Module], n_in: int, cfg: ModelConfig,
-                n_out: int) -> None:
-    """Hidden fully connected layers (fc1, act1, drop1, ...) then the output layer `out`."""
-    for i, width in enumerate(cfg.hidden, start=1):
-        layers[f"fc{i}"] = nn.Linear(n_in, width)
-        layers[f"act{i}"] = _ACTIVATIONS[cfg.activation]()
-        if cfg.dropout > 0:
-            layers[f"drop{i}"] = nn.Dropout(cfg.dropout)
-        n_in = width
-    layers["out"] = nn.Linear(n_in, n_out)
-
-
-@MODELS.register("logreg", "Logistic regression (linear regression for a regression task): "
-                 "one linear layer on the flattened input, the convex baseline.",
-                 uses=["dropout"])
-def logreg(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn.Module:
-    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
-    if cfg.dropout > 0:
-        layers["drop0"] = nn.Dropout(cfg.dropout)
-    layers["out"] = nn.Linear(math.prod(input_shape), n_out)
-    return nn.Sequential(layers)
-
-
-@MODELS.register("mlp", "Multi-layer perceptron: fully connected hidden layers with an "
-                 "activation and optional dropout after each.",
-                 uses=["hidden", "activation", "dropout"])
-def mlp(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn.Module:
-    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
-    _dense_head(layers, math.prod(input_shape), cfg, n_out)
-    return nn.Sequential(layers)
-
-
-@MODELS.register("cnn", "LeNet-style convolutional network: convolution, activation and "
-                 "2x max-pooling blocks, then a fully connected head; 2-D convolutions for "
-                 "images, 1-D for signals and table rows.",
-                 uses=["channels", "kernel_size", "hidden", "activation", "dropout"])
-def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn.Module:
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    if len(input_shape) == 1:  # a table row is a 1-channel signal
-        layers["unflatten"] = nn.Unflatten(1, (1, input_shape[0]))
-        input_shape = (1, input_shape[0])
-    if len(input_shape) not in (2, 3):
-        raise UserError(f"the cnn takes tables (features), signals (channels, length) or "
-                        f"images (channels, height, width); this data has samples of shape "
-                        f"{input_shape}; choose mlp instead.")
-    conv, pool = (nn.Conv1d, nn.MaxPool1d) if len(input_shape) == 2 else (nn.Conv2d,
-                                                                           nn.MaxPool2d)
-    channels, spatial = input_shape[0], list(input_shape[1:])
-    for i, width in enumerate(cfg.channels, start=1):
-        layers[f"conv{i}"] = conv(channels, width, cfg.kernel_size, padding=cfg.kernel_size // 2)
-        layers[f"cact{i}"] = _ACTIVATIONS[cfg.activation]()
-        # odd kernels keep the size; even ones grow it by one
-        spatial = [s + 1 - cfg.kernel_size % 2 for s in spatial]
-        if min(spatial) >= 2:  # pool while there is something left to pool
-            layers[f"pool{i}"] = pool(2)
-            spatial = [s // 2 for s in spatial]
-        channels = width
-    layers["flatten"] = nn.Flatten()
-    _dense_head(layers, channels * math.prod(spatial), cfg, n_out)
-    return nn.Sequential(layers)
+__all__ = ["MODELS", "build_model", "check_fits", "complexity", "describe", "layer_names",
+           "layer_table", "load_model", "onnx_complexity", "read_onnx", "save_model",
+           "set_training"]
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int, *,
@@ -105,7 +45,11 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int, *,
     """A fresh built-in model, or the uploaded one, ready to train on this data."""
     torch.manual_seed(seed)  # the initialization is part of the recipe's determinism
     if cfg.source.startswith("builtin:"):
-        model = MODELS.get(cfg.source.removeprefix("builtin:")).fn(cfg, input_shape, n_out)
+        model = build_builtin(cfg, cfg.source.removeprefix("builtin:"), input_shape, n_out)
+    elif is_hf_source(cfg.source):
+        model = build_hf_source(cfg, input_shape, n_out)
+    elif is_bundle(cfg.source):
+        model = load_bundle(cfg.source)
     else:
         model = load_model(cfg, input_shape, n_out)
     check_fits(model, input_shape, n_out)
@@ -125,7 +69,7 @@ def load_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn
                         ".pt2 (torch.export.save) or a state_dict to train it.")
     if suffix == ".pt2":
         try:
-            return torch.export.load(str(path)).module()
+            return from_program(torch.export.load(str(path)))
         except Exception as exc:
             raise UserError(f"{path.name} is not a readable torch.export archive "
                             f"({type(exc).__name__}); export it with torch.export.save.") from None
@@ -163,7 +107,14 @@ def _from_torchscript(path: Path, input_shape: tuple[int, ...]) -> nn.Module:
         tensor = owner._buffers.pop(leaf, None)
         if tensor is not None:
             owner.register_parameter(leaf, nn.Parameter(tensor))
-    return graph
+    try:  # exported again, now with parameters, so its layers can be made visible
+        program = torch.export.export(graph, (torch.zeros((2, *input_shape)),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as exc:
+        raise UserError(f"{path.name} is TorchScript whose converted graph could not be "
+                        f"exported again ({type(exc).__name__}); export the model with "
+                        f"torch.export.save instead.") from None
+    return from_program(program)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -185,7 +136,7 @@ def _from_state_dict(state: Any, cfg: ModelConfig, input_shape: tuple[int, ...],
     if cfg.architecture is None:
         raise UserError(f"{name} is a state_dict; set model.architecture to the built-in "
                         f"architecture it belongs to ({', '.join(MODELS.names())}).")
-    model = MODELS.get(cfg.architecture).fn(cfg, input_shape, n_out)
+    model = build_builtin(cfg, cfg.architecture, input_shape, n_out)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -200,49 +151,6 @@ def _from_state_dict(state: Any, cfg: ModelConfig, input_shape: tuple[int, ...],
                             f"match model.hidden/model.channels to the saved model.")
     model.load_state_dict(state)
     return model
-
-
-def check_fits(model: nn.Module, input_shape: tuple[int, ...], n_out: int) -> None:
-    """Run one sample through the model; a mismatch names both shapes and the fix."""
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros((2, *input_shape)))
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        takes = _declared_input(model)
-        if takes is not None:
-            raise UserError(f"the model takes samples of {takes} but this dataset's samples "
-                            f"have shape {input_shape} ({reason}); pick a dataset that fits "
-                            f"the model, or a model built for samples of shape "
-                            f"{input_shape}.") from None
-        raise UserError(f"the model does not accept this dataset's samples of shape "
-                        f"{input_shape} ({reason}); choose a dataset that fits the model or "
-                        f"a model built for this data.") from None
-    got = tuple(out.shape[1:])
-    if got not in ((n_out,),) and not (n_out == 1 and got == ()):
-        raise UserError(f"the model gives outputs of shape {got} per sample but this dataset "
-                        f"needs ({n_out},); change the model's output layer to {n_out} "
-                        f"outputs or pick the matching dataset.")
-
-
-def _declared_input(model: nn.Module) -> str | None:
-    """What a model says it takes, for a mismatch message: the input placeholder of a
-    torch.export graph, else the first linear or convolution layer; None when unknown."""
-    graph = getattr(model, "graph", None)
-    if graph is not None:
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                shape = getattr(node.meta.get("val"), "shape", None)
-                if shape is not None and len(shape) >= 1:
-                    dims = tuple(int(d) if isinstance(d, int) else "any" for d in shape[1:])
-                    return f"shape {dims}"
-                break
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            return f"{module.in_features} features"
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            return f"shape ({module.in_channels}, ...), {module.in_channels} input channel(s)"
-    return None
 
 
 def set_training(model: nn.Module, mode: bool) -> None:

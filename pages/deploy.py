@@ -32,8 +32,9 @@ if missing and st.button(f"Export {len(missing)} variant(s) to ONNX", type="prim
             try:
                 file, info = deploy.export_stored(run["recipe"], v["model_file"],
                                                   name=v["name"])
-                (folder / f"{v['name']}.deploy.onnx").write_bytes(file)
-                exported[(run["id"], v["name"])] = {**info, "file": f"{v['name']}.deploy.onnx"}
+                (folder / v["name"]).mkdir(parents=True, exist_ok=True)
+                (folder / v["name"] / "model.onnx").write_bytes(file)
+                exported[(run["id"], v["name"])] = {**info, "file": f"{v['name']}/model.onnx"}
             except Exception as exc:
                 show_error(exc)
 
@@ -66,10 +67,11 @@ name = st.selectbox("Download", [r["variant"] for r in rows], key="dep_pick")
 info = exported[(run["id"], name)]
 path = folder / info["file"]
 classes = ((store.get_run(run["id"])["result"] or {}).get("data") or {}).get("classes")
-snippet = deploy.predict_snippet(path.name, info, list(classes) if classes else None)
+shipped = f"{name}.onnx"  # every variant's file is <variant>/model.onnx in the run folder
+snippet = deploy.predict_snippet(shipped, info, list(classes) if classes else None)
 left, right = st.columns(2)
 if path.is_file():
-    left.download_button(f"{path.name}", path.read_bytes(), file_name=path.name,
+    left.download_button(shipped, path.read_bytes(), file_name=shipped,
                          key="dep_dl_onnx", icon=":material/download:")
 right.download_button("predict.py", snippet, file_name="predict.py", key="dep_dl_snippet")
 st.code(snippet, language="python")

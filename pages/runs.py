@@ -1,5 +1,6 @@
 """Runs: every run in the store; overlay several, open one, download or delete it."""
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -8,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import jobs, plots, ray_backend
+from engine.bundle import is_bundle, zipped
 from engine.errors import UserError
 from engine.settings import backend_name
 from engine.store import Store
@@ -82,9 +84,14 @@ cols[1].download_button("Result (JSON)", json.dumps(store.result(run["id"]), ind
                         file_name=f"result-{run['id']}.json", key="runs_dl_result")
 for i, v in enumerate(v for v in variants if v.get("model_file")):
     path = Path(v["model_file"])
-    if path.is_file():
-        cols[2 + i % 2].download_button(f"Model: {path.name}", path.read_bytes(),
-                                        file_name=f"{run['id']}-{path.name}",
+    if is_bundle(path):  # the bundle and its exports, one ZIP
+        cols[2 + i % 2].download_button(f"Model: {v['name']} (bundle ZIP)",
+                                        functools.partial(zipped, path),
+                                        file_name=f"{run['id']}-{v['name']}.zip",
+                                        key=f"runs_dl_model_{i}")
+    elif path.is_file():
+        cols[2 + i % 2].download_button(f"Model: {v['name']}.onnx", path.read_bytes(),
+                                        file_name=f"{run['id']}-{v['name']}.onnx",
                                         key=f"runs_dl_model_{i}")
 if run["status"] in ("queued", "running"):
     if st.button("Cancel run", key="runs_cancel"):

@@ -153,7 +153,7 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         box = page.locator("[data-testid=stDataFrame]").first.bounding_box()
         page.mouse.click(box["x"] + 14, box["y"] + 35 + 18)
         expect(page.get_by_role("heading", name="mlp on digits · adam · done")).to_be_visible()
-        expect(page.get_by_role("button", name="Model: baseline.pt2")).to_be_visible()
+        expect(page.get_by_role("button", name="Model: baseline (bundle ZIP)")).to_be_visible()
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "runs.png", full_page=True)
         # Delete asks first; keeping it leaves the run where it was

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.bundle import is_bundle, load_bundle
 from engine.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -33,16 +34,21 @@ def test_run_writes_result_and_model(tmp_path, capsys):
     assert variant["history"]["epoch"] == [1, 2, 3, 4]
     for key in ("train_loss", "val_loss", "val_accuracy", "lr", "time_s"):
         assert len(variant["history"][key]) == 4
-    model_file = tmp_path / "out" / variant["model_file"]
-    assert variant["metrics"]["pt2_bytes"] == model_file.stat().st_size
-    # the size that ships: the .wbz weights file, decodable into the same model
-    wbz = tmp_path / "out" / "baseline.wbz"
+    # the variant's folder: its bundle (what the engine reloads), the compressed encoding
+    # whose size is size_bytes, and the .pt2 export; all three give the same model
+    folder = tmp_path / "out" / variant["model_file"]
+    assert variant["model_file"] == "baseline" and is_bundle(folder)
+    assert variant["metrics"]["bundle_bytes"] == sum(
+        (folder / f).stat().st_size for f in ("model.json", "model.safetensors"))
+    assert variant["metrics"]["pt2_bytes"] == (folder / "model.pt2").stat().st_size
+    wbz = folder / "model.wbz"
     assert variant["metrics"]["size_bytes"] == wbz.stat().st_size
     from engine.compress.encode import load
 
-    assert torch.allclose(load(wbz.read_bytes())(torch.ones(2, 4)),
-                          torch.export.load(str(model_file)).module()(torch.ones(2, 4)))
-    assert torch.export.load(str(model_file)).module()(torch.zeros(3, 4)).shape == (3, 3)
+    exported = torch.export.load(str(folder / "model.pt2")).module()
+    assert torch.allclose(load(wbz.read_bytes())(torch.ones(2, 4)), exported(torch.ones(2, 4)))
+    assert torch.equal(load_bundle(folder)(torch.ones(2, 4)), exported(torch.ones(2, 4)))
+    assert exported(torch.zeros(3, 4)).shape == (3, 3)
     assert "test accuracy" in capsys.readouterr().out
 
 

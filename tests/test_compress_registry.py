@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import engine
+from engine.bundle import is_bundle
 from engine.compress import COMPRESSORS, load_all
 from engine.compress.encode import encode
 from engine.runner import resolve
@@ -61,8 +62,8 @@ def test_a_chain_yields_one_variant_per_step_in_order(tmp_path):
     sizes = [v["metrics"]["size_bytes"] for v in variants]
     assert sizes[0] > sizes[1] > sizes[2]
     for v in variants:
-        assert (tmp_path / f"{v['name']}.wbz").stat().st_size == v["metrics"]["size_bytes"]
-        assert (tmp_path / v["model_file"]).is_file()
+        assert (tmp_path / v["name"] / "model.wbz").stat().st_size == v["metrics"]["size_bytes"]
+        assert v["model_file"] == v["name"] and is_bundle(tmp_path / v["model_file"])
     # the pruned-but-dense variant is smaller, and the runner says whether it is faster
     assert variants[1]["metrics"]["size_ratio"] > 1.2
     assert "speedup" in variants[1]["metrics"]

@@ -24,8 +24,8 @@ from engine.errors import UserError
 from engine.recipe import AugmentConfig, DataConfig, FeatureSelectionConfig
 from engine.sections import resolve_data
 
-SHAPES = {"digits": (1, 8, 8), "breast_cancer": (30,), "wine": (13,), "iris": (4,),
-          "diabetes": (10,), "moons": (2,), "circles": (2,), "classification": (20,)}
+SHAPES = {"digits": (1, 8, 8), "shapes": (3, 32, 32), "breast_cancer": (30,), "wine": (13,),
+          "iris": (4,), "diabetes": (10,), "moons": (2,), "circles": (2,), "classification": (20,)}
 
 
 def table(n: int = 60, seed: int = 0) -> pd.DataFrame:
@@ -56,7 +56,7 @@ def test_builtin_loads(name):
     assert bundle.input_shape == SHAPES[name]
     assert bundle.X_train.dtype == np.float32 and bundle.X_train.shape[1:] == SHAPES[name]
     assert bundle.task == ("regression" if name == "diabetes" else "classification")
-    assert bundle.is_image == (name == "digits")
+    assert bundle.is_image == (name in ("digits", "shapes"))
     if bundle.task == "classification":
         assert bundle.y_train.dtype == np.int64 and bundle.n_classes == len(bundle.class_names)
     else:

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from engine import jobs, local_backend, settings, worker
+from engine.bundle import is_bundle
 from engine.errors import UserError
 from engine.store import ACTIVE, Store, run_dir
 from tests.test_jobs import epochs_done, finished, wait_for
@@ -68,7 +69,7 @@ def test_sigkill_mid_compression_keeps_every_finished_variant(store):
     assert run["status"] == "failed" and run["error"] == worker.DIED_MESSAGE
     result = fresh.result(run_id)
     baseline = next(v for v in result["variants"] if v["name"] == "baseline")
-    assert baseline["metrics"]["test_accuracy"] > 0.5 and os.path.isfile(baseline["model_file"])
+    assert baseline["metrics"]["test_accuracy"] > 0.5 and is_bundle(baseline["model_file"])
     assert baseline["history"]["epoch"] == [1, 2]
     fine_tune = next(v for v in result["variants"] if v["name"] == "prune")  # its epochs so far
     assert len(fine_tune["history"]["epoch"]) >= 2 and not fine_tune["metrics"]

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from engine import jobs, local_backend, worker
+from engine.bundle import is_bundle
 from engine.errors import UserError
 from engine.store import ACTIVE, Store, run_dir
 
@@ -119,7 +120,7 @@ def test_submit_runs_a_recipe_in_the_background(workers):
     assert run["progress"]["stage"] == "done" and run["duration_s"] > 0
     assert store.history(run_id)["epoch"] == [1, 2, 3]
     [variant] = store.variants(run_id)
-    assert variant["name"] == "baseline" and os.path.isfile(variant["model_file"])
+    assert variant["name"] == "baseline" and is_bundle(variant["model_file"])
     result = store.result(run_id)
     assert "test_accuracy" in result["variants"][0]["metrics"]
     assert result["variants"][0]["history"]["epoch"] == [1, 2, 3]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import engine
+from engine.bundle import load_bundle
 from engine.errors import UserError
 from engine.models import (
     MODELS,
@@ -102,8 +103,14 @@ def test_torchscript_upload(tmp_path):
     result = engine.run({"data": {"source": "builtin:iris"},
                          "model": {"source": str(tmp_path / "s.pt")}, "train": {"epochs": 2}},
                         out_dir=tmp_path / "out")
-    assert (tmp_path / "out" / "baseline.pt2").is_file()
+    assert (tmp_path / "out" / "baseline" / "model.pt2").is_file()
     assert result["variants"][0]["metrics"]["params"] == 4 * 8 + 8 + 8 * 3 + 3
+    # its bundle keeps the converted graph as the architecture, and gives the same outputs
+    reloaded = load_bundle(tmp_path / "out" / "baseline")
+    assert (tmp_path / "out" / "baseline" / "graph.pt2").is_file()
+    trained = build_model(ModelConfig(source=str(tmp_path / "out" / "baseline")), (4,), 3,
+                          seed=0)
+    assert torch.equal(reloaded(x), trained(x)) and not torch.equal(reloaded(x), model(x))
 
 
 def test_a_model_that_does_not_fit_the_data_names_both_shapes(tmp_path):

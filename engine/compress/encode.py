@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.compress.quantizers import ActivationFakeQuant
+from engine.quantizers import ActivationFakeQuant
 
 MAGIC = b"WBZ1"
 _LAYERS = {"Linear": ("in_features", "out_features"),

@@ -8,7 +8,7 @@ singular values evenly, A = U_r √S_r and B = √S_r V_rᵀ, so both factors ha
 `nmf` is semi-NMF (Ding, Li & Jordan 2010): W ≈ F Gᵀ with G ≥ 0 and F free, which allows
 mixed-sign weights; it fits worse than the SVD but gives the first factor non-negative
 weights. A layer is only factorized when r·(in + out) < in·out, i.e. when it saves
-parameters. The factorized layer keeps its name (fc1 becomes a Sequential "fc1.0", "fc1.1").
+parameters. The factorized layer keeps its name (fc1 becomes a `Factorized` pair "fc1.0", "fc1.1").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
+from engine.architectures import LAYER_ATTRS, Factorized
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.errors import UserError
 from engine.registry import Param
@@ -31,7 +32,7 @@ def _matrix(layer: nn.Module) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1).double()
 
 
-def _replacement(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Sequential:
+def _replacement(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> Factorized:
     """The two layers B then A standing in for `layer` (bias on the second)."""
     weight = layer.weight
     out, r = A.shape
@@ -45,15 +46,17 @@ def _replacement(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Seque
                      padding=layer.padding, dilation=layer.dilation, bias=False,
                      padding_mode=layer.padding_mode)
         second = conv(r, out, 1, bias=has_bias)
-    first.weight = nn.Parameter(B.reshape(r, *weight.shape[1:]).to(weight))
-    second.weight = nn.Parameter(A.reshape(out, r, *[1] * (weight.ndim - 2)).to(weight))
+    first.weight = nn.Parameter(B.reshape(r, *weight.shape[1:]).to(weight).contiguous())
+    second.weight = nn.Parameter(A.reshape(out, r, *[1] * (weight.ndim - 2)).to(weight)
+                                 .contiguous())
     if has_bias:
         second.bias = nn.Parameter(layer.bias.detach().clone())
-    return nn.Sequential(first, second).to(weight.device)
+    kept = {a: getattr(layer, a) for a in LAYER_ATTRS if hasattr(layer, a)}
+    return Factorized(first, second, **kept).to(weight.device)
 
 
 def svd_factor(layer: nn.Module, rank: int) -> nn.Module:
-    """The rank-`rank` SVD factorization of a Linear or Conv layer, as a two-layer Sequential
+    """The rank-`rank` SVD factorization of a Linear or Conv layer, as a two-layer `Factorized` pair
     (pure: `layer` is left as it is)."""
     U, S, Vh = torch.linalg.svd(_matrix(layer), full_matrices=False)
     r = max(1, min(rank, len(S)))

@@ -21,15 +21,16 @@ from torch import nn
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.onnx_int8 import CALIBRATION_BATCH, onnx_int8
-from engine.compress.quantizers import (
+from engine.errors import UserError
+from engine.models import set_training
+from engine.quantizers import (
     ACTIVATION_BITS,
     FAKE_QUANT,
+    QUANT_INPUT,
     ActivationFakeQuant,
     fp16_round,
     quantize_tensor,
 )
-from engine.errors import UserError
-from engine.models import set_training
 from engine.registry import Param
 
 METHODS = ("dynamic_int8", "static_int8", "fp16", "uniform", "log", "qat")
@@ -145,24 +146,27 @@ def _quantization_aware(model: nn.Module, layers: list[tuple[str, nn.Module]], s
 def _insert_activation_quantizers(model: nn.Module,
                                   layers: list[tuple[str, nn.Module]]) -> list[nn.Module]:
     """An ActivationFakeQuant named `<layer>_input_quant` before each layer in its parent
-    nn.Sequential; the layers keep their names (`fc1.weight` stays `fc1.weight`)."""
+    nn.Sequential, or, where the parent is another module, the layer's own child
+    `input_quant` (a QuantInput layer); the layers keep their names (`fc1.weight` stays
+    `fc1.weight`)."""
     quantizers = []
     for name, _ in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        if not isinstance(parent, nn.Sequential):
-            raise UserError(f"quantize qat inserts activation quantizers into sequential "
-                            f"models, and layer {name!r} sits in a "
-                            f"{type(parent).__name__}; use method uniform with "
-                            f"finetune_epochs, or static_int8.")
         quantizer = ActivationFakeQuant().to(next(model.parameters()).device)
+        quantizers.append(quantizer)
+        if type(parent) is not nn.Sequential:  # the layer quantizes its own input
+            layer = parent.get_submodule(child)
+            layer.__class__ = next(q for base, q in QUANT_INPUT.items()
+                                   if type(layer) is base)
+            layer.input_quant = quantizer
+            continue
         entries = list(parent._modules.items())
         parent._modules.clear()
         for key, module in entries:
             if key == child:
                 parent._modules[f"{child}_input_quant"] = quantizer
             parent._modules[key] = module
-        quantizers.append(quantizer)
     return quantizers
 
 

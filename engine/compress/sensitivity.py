@@ -20,8 +20,8 @@ from torch import nn
 from engine.compress.base import CompressContext, prunable
 from engine.compress.lowrank import svd_factor
 from engine.compress.prune import magnitude_mask
-from engine.compress.quantizers import quantize_tensor
 from engine.metrics import metric_name
+from engine.quantizers import quantize_tensor
 
 
 def sensitivity(model: nn.Module, ctx: CompressContext, cfg: Any) -> dict[str, Any]:

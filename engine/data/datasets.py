@@ -114,3 +114,31 @@ def classification(n_samples: int, n_features: int, n_informative: int, n_classe
     return _points(X, y)
 
 
+
+
+@DATASETS.register("shapes", "Coloured squares, discs and triangles on noisy backgrounds, as "
+                   "RGB images (3x32x32 by default): a small image set for the real "
+                   "architectures (ResNet, MobileNet, ...), made here, nothing downloaded.",
+                   params=(_n_samples(600),
+                           Param("size", "int", 32, "image height and width in pixels",
+                                 low=16, high=128),
+                           _RANDOM_STATE))
+def shapes(n_samples: int, size: int, random_state: int) -> Arrays:
+    rng = np.random.default_rng(random_state)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    y = rng.integers(0, 3, n_samples)
+    X = np.empty((n_samples, 3, size, size), dtype=np.float32)
+    for i, label in enumerate(y):
+        background, colour = rng.uniform(0.0, 0.45, 3), rng.uniform(0.55, 1.0, 3)
+        cx, cy = rng.uniform(0.3, 0.7, 2)
+        r = rng.uniform(0.12, 0.28)
+        if label == 0:
+            inside = (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r)
+        elif label == 1:
+            inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
+        else:  # apex up: wider towards the bottom
+            inside = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < (yy - cy + r) / 2)
+        image = np.where(inside[None], colour[:, None, None], background[:, None, None])
+        X[i] = np.clip(image + rng.normal(0, 0.05, image.shape), 0, 1)
+    return X, y, {"class_names": ["square", "disc", "triangle"], "task": "classification",
+                  "is_image": True}

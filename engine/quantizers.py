@@ -121,6 +121,8 @@ class _FakeQuantWeight:
     qat_per_channel: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "input_quant" in self._modules:  # a QuantInput layer while it fine-tunes
+            x = self.input_quant(x)
         w = self.weight
         wq = w + (quantize_tensor(w, self.qat_bits, self.qat_scheme,
                                   self.qat_per_channel) - w).detach()
@@ -144,4 +146,28 @@ class FakeQuantConv2d(_FakeQuantWeight, nn.Conv2d):
 FAKE_QUANT = {nn.Linear: FakeQuantLinear, nn.Conv1d: FakeQuantConv1d,
                nn.Conv2d: FakeQuantConv2d}
 
+
+class _QuantInput:
+    """Mixin for Linear/Conv: the layer's own input passes its child `input_quant` (an
+    ActivationFakeQuant) first. QAT uses it where the layer's parent is not a Sequential
+    to insert the quantizer into (a transformers block), so the layer keeps its name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_quant(x))
+
+
+class QuantInputLinear(_QuantInput, nn.Linear):
+    pass
+
+
+class QuantInputConv1d(_QuantInput, nn.Conv1d):
+    pass
+
+
+class QuantInputConv2d(_QuantInput, nn.Conv2d):
+    pass
+
+
+QUANT_INPUT = {nn.Linear: QuantInputLinear, nn.Conv1d: QuantInputConv1d,
+               nn.Conv2d: QuantInputConv2d}
 
