@@ -146,6 +146,10 @@ def overrides(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
         same = (ref is not None and type(mod) is type(ref)
                 and list(mod._modules) == list(ref._modules)
                 and (spec is None or _own(spec) == _own(module_spec(ref))))
+        if same and spec is None and ref is not None:  # a layer of the architecture's own
+            resized = _resized(mod, ref)  # type, made thinner in place (Torch-Pruning)
+            if resized:
+                found.append({"path": path, **resized})
         if not same:
             if spec is None:
                 raise UserError(f"layer {path or '(the model)'} is a {type(mod).__name__} "
@@ -158,6 +162,42 @@ def overrides(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
 
     walk(model, base, "")
     return found
+
+
+def _simple(value: Any) -> bool:
+    if isinstance(value, tuple | list):
+        return all(isinstance(v, int | float | bool | str) for v in value)
+    return isinstance(value, int | float | bool | str)
+
+
+def _resized(mod: nn.Module, ref: nn.Module) -> dict[str, Any]:
+    """What differs between a module and the builder's one of the same type: the shapes of
+    its own parameters and buffers, and its simple size attributes (normalized_shape,
+    out_channels, ...)."""
+    own = {**dict(mod.named_parameters(recurse=False)), **dict(mod.named_buffers(recurse=False))}
+    theirs = {**dict(ref.named_parameters(recurse=False)),
+              **dict(ref.named_buffers(recurse=False))}
+    shapes = {k: list(t.shape) for k, t in own.items()
+              if k in theirs and t.shape != theirs[k].shape}
+    attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(mod).items()
+             if not k.startswith("_") and k != "training" and _simple(v)
+             and k in vars(ref) and vars(ref)[k] != v}
+    return {"resize": shapes, "attrs": attrs} if shapes or attrs else {}
+
+
+def _apply_resize(model: nn.Module, item: dict[str, Any]) -> None:
+    """Give a module the shapes and size attributes a bundle recorded for it."""
+    mod = model.get_submodule(item["path"]) if item["path"] else model
+    for name, shape in item.get("resize", {}).items():
+        if name in mod._parameters:
+            old = mod._parameters[name]
+            mod._parameters[name] = nn.Parameter(torch.empty(shape, dtype=old.dtype),
+                                                 requires_grad=old.requires_grad)
+        elif name in mod._buffers:
+            mod._buffers[name] = torch.empty(shape, dtype=mod._buffers[name].dtype)
+    for key, value in item.get("attrs", {}).items():
+        old = getattr(mod, key, None)
+        setattr(mod, key, tuple(value) if isinstance(old, tuple) else value)
 
 
 def _own(spec: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -279,7 +319,10 @@ def load_bundle(folder: str | Path, input_shape: tuple[int, ...] | None = None,
     model = build_base(meta["builder"], graph)
     builder = model.workbench_builder
     for item in meta.get("overrides", []):
-        model = _set(model, item["path"], build_spec(item["module"]))
+        if "module" in item:
+            model = _set(model, item["path"], build_spec(item["module"]))
+        else:
+            _apply_resize(model, item)
     model.workbench_builder = builder
     if graph is not None:
         model.workbench_graph = graph

@@ -10,7 +10,8 @@ from torch import nn
 
 import engine.compress.prune  # noqa: F401 - registers "prune"
 from engine.compress import COMPRESSORS, CompressContext, StepResult
-from engine.compress.prune import cubic_schedule, magnitude_mask, sparsity, structured_prune
+from engine.compress.channels import structured_prune
+from engine.compress.prune import cubic_schedule, magnitude_mask, sparsity
 from engine.errors import UserError
 from engine.models import build_model
 from engine.recipe import ModelConfig
@@ -206,10 +207,10 @@ def test_structured_on_logreg_has_nothing_to_remove(mlp):
     assert "nothing to remove" in result.notes[0]
 
 
-def test_structured_refuses_an_exported_graph_but_magnitude_prunes_it(mlp):
+def test_structured_refuses_a_flat_graph_but_magnitude_prunes_it(mlp):
     model, ctx = mlp
     graph = torch.export.export(model, (ctx.tensors["X_test"][:2],)).module()
-    with pytest.raises(UserError, match="built-in architecture"):
+    with pytest.raises(UserError, match="this model shows none; use magnitude pruning"):
         run(graph, ctx, method="structured")
     result = run(graph, ctx, amount=0.6, finetune_epochs=0)
     assert sparsity(result.model) == pytest.approx(0.6, abs=1e-3)

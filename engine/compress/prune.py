@@ -7,8 +7,9 @@ saliency 0.5·h_ii·w_i² (LeCun et al. 1990) with a diagonal curvature h from t
 Fisher or a Hutchinson estimate of the Hessian. Fine-tuning re-applies the masks after every
 optimizer step, so the result is a plain dense model with exact zeros.
 `structured` removes the hidden neurons and filters whose incoming weights have the smallest
-norm (Li et al. 2017), building physically smaller layers. `gradual` prunes in steps along
-Zhu & Gupta's (2017) cubic curve, fine-tuning between steps.
+norm (Li et al. 2017), building physically smaller layers (`engine.compress.channels`: the
+built-in chains directly, any other architecture through Torch-Pruning). `gradual` prunes
+in steps along Zhu & Gupta's (2017) cubic curve, fine-tuning between steps.
 Nothing here mutates the model it is given: every entry point copies first.
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.channels import structured
 from engine.errors import UserError
 from engine.metrics import loss_fn
 from engine.models import set_training
@@ -30,13 +32,6 @@ from engine.registry import Param
 CURVATURE_EXAMPLES = 1024  # training examples the curvature is estimated on (cost, not accuracy)
 OBD_ROUNDS = 8  # OBD re-estimates the curvature this many times on its way to the amount
 HUTCHINSON_SAMPLES = 8  # Rademacher probes, one Hessian-vector product each
-NEEDS_BUILTIN = ("structured pruning needs a built-in architecture (mlp or cnn); use magnitude "
-                 "pruning for this model.")
-# layers that keep a neuron's or channel's identity between two prunable layers
-_PASSTHROUGH = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU,
-                nn.Tanh, nn.GELU, nn.Sigmoid, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
-                nn.AvgPool2d)
-_RESHAPING = (nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
 
 
 def magnitude_mask(weight: torch.Tensor, amount: float) -> torch.Tensor:
@@ -247,110 +242,6 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
     return reapply
 
 
-def _chain(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Module]]]:
-    """(name, layer, the pass-through modules after it) for each Linear/Conv of a built-in."""
-    if not isinstance(model, nn.Sequential):
-        raise UserError(NEEDS_BUILTIN)
-    chain: list[tuple[str, nn.Module, list[nn.Module]]] = []
-    for name, m in model.named_children():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(m, "groups", 1) == 1:
-            chain.append((name, m, []))
-        elif isinstance(m, _PASSTHROUGH):
-            if chain:
-                chain[-1][2].append(m)
-        else:
-            raise UserError(f"{NEEDS_BUILTIN[:-1]} (layer {name!r} is a {type(m).__name__}).")
-    return chain
-
-
-def _resized(layer: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
-    kw = {"bias": b is not None, "device": w.device, "dtype": w.dtype}
-    if isinstance(layer, nn.Linear):
-        new = nn.Linear(w.shape[1], w.shape[0], **kw)
-    else:
-        new = type(layer)(w.shape[1], w.shape[0], layer.kernel_size, stride=layer.stride,
-                          padding=layer.padding, dilation=layer.dilation,
-                          padding_mode=layer.padding_mode, **kw)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b)
-    return new.train(layer.training)
-
-
-def structured_prune(model: nn.Module, amount: float, norm: str = "l1", *,
-                     widths: dict[str, int] | None = None
-                     ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A smaller copy of a built-in mlp or cnn (the input is not mutated): each hidden layer
-    loses round(amount·width) neurons or filters (at least 1 stays), those whose incoming
-    weights have the smallest L1/L2 norm, and the next layer loses their input columns.
-    `widths` (original widths) makes `amount` a fraction of those, for gradual steps.
-    Returns the copy and, per hidden layer, the indices of the outputs kept."""
-    _chain(model)  # refuse before copying
-    model = clone(model)
-    chain = _chain(model)
-    kept: dict[str, torch.Tensor] = {}
-    cols: torch.Tensor | None = None  # this layer's inputs that survived upstream removal
-    for i, (name, layer, between) in enumerate(chain):
-        w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-        w = w if cols is None else w[:, cols]
-        keep = torch.arange(w.shape[0], device=w.device)
-        if i + 1 < len(chain):  # ranked on the inputs that remain (Li et al.'s greedy variant)
-            n0 = (widths or {}).get(name, w.shape[0])
-            n_keep = min(w.shape[0], max(1, n0 - round(amount * n0)))
-            score = w.flatten(1).norm(p=1 if norm == "l1" else 2, dim=1)
-            keep = kept[name] = torch.topk(score, n_keep).indices.sort().values
-            nxt = chain[i + 1][1]
-            # a conv feeding a Linear through Flatten: channel c owns columns [c*S, (c+1)*S)
-            span = nxt.weight.shape[1] // w.shape[0] if isinstance(nxt, nn.Linear) else 1
-            cols = (keep[:, None] * span + torch.arange(span, device=w.device)).flatten()
-            _fold_constant(nxt, between, cols)
-        setattr(model, name, _resized(layer, w[keep], None if b is None else b[keep]))
-    return model, kept
-
-
-@torch.no_grad()
-def _fold_constant(nxt: nn.Module, between: list[nn.Module], cols: torch.Tensor) -> None:
-    """A masked neuron still emits act(0) (0.5 for a sigmoid); move what that adds to the
-    next layer into its bias, so removal equals masking (exactly for a Linear next; for a
-    Conv next, except where its padding meets the border)."""
-    a = torch.zeros(1, device=nxt.weight.device)
-    for m in between:
-        if not isinstance(m, _RESHAPING):
-            a = m(a)
-    if float(a) == 0 or nxt.bias is None:
-        return
-    gone = torch.ones(nxt.weight.shape[1], dtype=torch.bool, device=cols.device)
-    gone[cols] = False
-    nxt.bias += float(a) * nxt.weight[:, gone].flatten(1).sum(1)
-
-
-def _structured(model: nn.Module, step: dict, ctx: CompressContext,
-                plan: list[tuple[float, int]]) -> StepResult:
-    chain = _chain(model)
-    if len(chain) < 2:
-        return StepResult(model=clone(model), notes=[
-            "This model has no hidden layer (logistic regression), so structured pruning had "
-            "nothing to remove; the model is unchanged."])
-    widths = {name: layer.weight.shape[0] for name, layer, _ in chain[:-1]}
-    before = sum(p.numel() for p in model.parameters())
-    histories = []
-    for amount, epochs in plan:
-        model, _ = structured_prune(model, amount, step["norm"], widths=widths)
-        histories.append(ctx.finetune(model, epochs, variant="prune"))
-    after = sum(p.numel() for p in model.parameters())
-    sizes = ", ".join(f"{n} {w} → {model.get_submodule(n).weight.shape[0]}"
-                      for n, w in widths.items())
-    notes = [f"Removed {step['amount']:.0%} of each hidden layer's neurons or filters (lowest "
-             f"{step['norm'].upper()} norm of incoming weights): {sizes}; the output layer "
-             f"{chain[-1][0]} keeps all {chain[-1][1].weight.shape[0]} outputs.",
-             f"Parameters: {before:,} → {after:,} ({1 - after / before:.1%} fewer)."]
-    if step["scope"] == "global":
-        notes.append("The scope setting applies to unstructured methods only; structured "
-                     "pruning removes the same fraction from every hidden layer.")
-    return StepResult(model=model, history=_merge(histories), notes=notes + _plan_notes(plan))
-
-
 @COMPRESSORS.register(
     "prune", "Pruning: zero the least important weights (by magnitude, at random or by "
     "Optimal Brain Damage saliency) or remove whole neurons and filters, then fine-tune.",
@@ -381,6 +272,8 @@ def prune(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     n = step["steps"] if step["schedule"] == "gradual" else 1
     plan = list(zip(cubic_schedule(step["amount"], n), _spread(step["finetune_epochs"], n),
                     strict=True))
-    if step["method"] == "structured":
-        return _structured(model, step, ctx, plan)  # copies inside structured_prune
+    if step["method"] == "structured":  # copies first, like every method
+        pruned, histories, notes = structured(model, step, ctx, plan)
+        return StepResult(model=pruned, history=_merge(histories),
+                          notes=notes + _plan_notes(plan))
     return _unstructured(clone(model), step, ctx, plan)

@@ -88,10 +88,10 @@ def _weights(model: nn.Module, step: dict, ctx: CompressContext, *,
         raise UserError(f"quantize {step['method']} acts on Linear and Conv layers and this "
                         f"model has none (a torch.export graph keeps no layers); use "
                         f"method dynamic_int8 or static_int8, which work on any model.")
-    history = None
+    history, later = None, []  # later: what the quantizer insertion had to say
     if epochs > 0 or activations:
         history = _quantization_aware(out, layers, step, ctx, scheme=scheme,
-                                      activations=activations)
+                                      activations=activations, notes=later)
     with torch.no_grad():
         for _, layer in layers:
             layer.weight.copy_(quantize_tensor(layer.weight, bits, scheme, per_channel))
@@ -105,15 +105,15 @@ def _weights(model: nn.Module, step: dict, ctx: CompressContext, *,
                      f"(straight-through estimator).")
     elif epochs > 0:
         notes.append(f"Fine-tuned {epochs} epochs with a straight-through estimator.")
-    return StepResult(model=out, history=history or None, notes=notes)
+    return StepResult(model=out, history=history or None, notes=notes + later)
 
 
 def _quantization_aware(model: nn.Module, layers: list[tuple[str, nn.Module]], step: dict,
-                        ctx: CompressContext, *, scheme: str,
-                        activations: bool) -> dict[str, list[float]]:
+                        ctx: CompressContext, *, scheme: str, activations: bool,
+                        notes: list[str]) -> dict[str, list[float]]:
     """Fine-tune `model` in place with fake-quantized weights (and activations when asked);
     afterwards the layers are plain again and the activation quantizers frozen."""
-    quantizers = _insert_activation_quantizers(model, layers) if activations else []
+    quantizers = _insert_activation_quantizers(model, layers, notes) if activations else []
     originals = {}
     for name, layer in layers:
         originals[name] = type(layer)
@@ -143,22 +143,24 @@ def _quantization_aware(model: nn.Module, layers: list[tuple[str, nn.Module]], s
     return history
 
 
-def _insert_activation_quantizers(model: nn.Module,
-                                  layers: list[tuple[str, nn.Module]]) -> list[nn.Module]:
+def _insert_activation_quantizers(model: nn.Module, layers: list[tuple[str, nn.Module]],
+                                  notes: list[str]) -> list[nn.Module]:
     """An ActivationFakeQuant named `<layer>_input_quant` before each layer in its parent
     nn.Sequential, or, where the parent is another module, the layer's own child
     `input_quant` (a QuantInput layer); the layers keep their names (`fc1.weight` stays
     `fc1.weight`)."""
-    quantizers = []
-    for name, _ in layers:
+    quantizers, skipped = [], []
+    for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        own = type(parent) is not nn.Sequential  # the layer quantizes its own input
+        if own and type(layer) not in QUANT_INPUT:  # a library's own Conv subclass
+            skipped.append(name)
+            continue
         quantizer = ActivationFakeQuant().to(next(model.parameters()).device)
         quantizers.append(quantizer)
-        if type(parent) is not nn.Sequential:  # the layer quantizes its own input
-            layer = parent.get_submodule(child)
-            layer.__class__ = next(q for base, q in QUANT_INPUT.items()
-                                   if type(layer) is base)
+        if own:
+            layer.__class__ = QUANT_INPUT[type(layer)]
             layer.input_quant = quantizer
             continue
         entries = list(parent._modules.items())
@@ -167,6 +169,11 @@ def _insert_activation_quantizers(model: nn.Module,
             if key == child:
                 parent._modules[f"{child}_input_quant"] = quantizer
             parent._modules[key] = module
+    if skipped:
+        notes.append(f"The inputs of {len(skipped)} layer(s) stay float32 ({skipped[0]}"
+                     f"{' and others' if len(skipped) > 1 else ''}): they are their library's "
+                     f"own Conv/Linear subclasses, whose forward an input quantizer cannot "
+                     f"join; their weights are quantized all the same.")
     return quantizers
 
 
