@@ -7,6 +7,7 @@ what does not match.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Any
@@ -88,7 +89,10 @@ def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn.Module
 
 def check_fits(model: nn.Module, input_shape: tuple[int, ...], n_out: int) -> None:
     """Run one sample through the model; a mismatch names both shapes and the fix."""
-    try:
+    was_training = model.training
+    try:  # in eval mode: a probe must not move a BatchNorm's running statistics
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            model.train(False)
         with torch.no_grad():
             out = model(torch.zeros((2, *input_shape)))
     except Exception as exc:
@@ -102,6 +106,9 @@ def check_fits(model: nn.Module, input_shape: tuple[int, ...], n_out: int) -> No
         raise UserError(f"the model does not accept this dataset's samples of shape "
                         f"{input_shape} ({reason}); choose a dataset that fits the model or "
                         f"a model built for this data.") from None
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            model.train(was_training)
     got = tuple(out.shape[1:])
     if got not in ((n_out,),) and not (n_out == 1 and got == ()):
         raise UserError(f"the model gives outputs of shape {got} per sample but this dataset "

@@ -26,7 +26,7 @@ from engine.bundle import is_bundle, load_bundle
 from engine.data import load_data
 from engine.errors import UserError
 from engine.export import onnx_bytes, ort_predict, ort_session
-from engine.latency import machine, time_calls, torch_latency
+from engine.latency import BUDGET_S, machine, time_calls, torch_latency
 from engine.metrics import r2, score_outputs
 from engine.models import set_training
 from engine.recipe import Recipe
@@ -140,10 +140,13 @@ def _ort_timing(file: bytes, X: np.ndarray, threads: int, batch: int) -> dict[st
     session = ort_session(file, threads=threads)
     one = np.ascontiguousarray(X[:1])
     many = np.ascontiguousarray(np.resize(X, (batch, *X.shape[1:])))
-    single = time_calls(lambda: session.run(None, {"input": one}), repeats=300)
-    bulk = time_calls(lambda: session.run(None, {"input": many}), repeats=30)
+    single = time_calls(lambda: session.run(None, {"input": one}), repeats=300,
+                        budget_s=BUDGET_S)
+    bulk = time_calls(lambda: session.run(None, {"input": many}), repeats=30,
+                      budget_s=BUDGET_S)
     return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
-            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch}
+            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch,
+            "calls": single["calls"], "batch_calls": bulk["calls"]}
 
 
 def _ort_cuda_timing(file: bytes, X: np.ndarray, batch: int) -> dict[str, float] | None:
@@ -153,18 +156,22 @@ def _ort_cuda_timing(file: bytes, X: np.ndarray, batch: int) -> dict[str, float]
         return None
     session = ort.InferenceSession(file, providers=["CUDAExecutionProvider"])
     one, many = X[:1], np.resize(X, (batch, *X.shape[1:]))
-    single = time_calls(lambda: session.run(None, {"input": one}), repeats=300)
-    bulk = time_calls(lambda: session.run(None, {"input": many}), repeats=30)
+    single = time_calls(lambda: session.run(None, {"input": one}), repeats=300,
+                        budget_s=BUDGET_S)
+    bulk = time_calls(lambda: session.run(None, {"input": many}), repeats=30,
+                      budget_s=BUDGET_S)
     return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
-            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch}
+            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch,
+            "calls": single["calls"], "batch_calls": bulk["calls"]}
 
 
 def _torch_timing(model: nn.Module, input_shape: tuple[int, ...], batch: int,
                   device: torch.device) -> dict[str, float]:
-    single = torch_latency(model, input_shape, repeats=300)
-    bulk = torch_latency(model, input_shape, batch=batch, repeats=30)
+    single = torch_latency(model, input_shape, repeats=300, budget_s=BUDGET_S)
+    bulk = torch_latency(model, input_shape, batch=batch, repeats=30, budget_s=BUDGET_S)
     return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
-            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch}
+            "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch,
+            "calls": single["calls"], "batch_calls": bulk["calls"]}
 
 
 def predict_snippet(file_name: str, info: dict[str, Any], class_names: list[str] | None

@@ -189,3 +189,38 @@ def _load_weights(model: HFImageClassifier, path: Path, labels_before: int | Non
                 f"has {n_out}, so the head ({', '.join(head)}) is new and trained from "
                 f"random weights (transfer learning)."]
     return []
+
+
+# width settings of transformers' vision configs: integer widths, and multipliers
+WIDTHS = ("hidden_sizes", "embedding_size", "hidden_size", "intermediate_size",
+          "neck_hidden_sizes", "hidden_dim")
+MULTIPLIERS = ("depth_multiplier", "width_coefficient")
+
+
+def scaled_builder(builder: dict[str, Any], multiplier: float) -> dict[str, Any]:
+    """The same architecture at `multiplier` of its width (a distillation student): every
+    width setting scaled (at least 1; a transformer's width stays a multiple of its heads),
+    every width multiplier multiplied."""
+    config = dict(builder["config"])
+    heads = int(config.get("num_attention_heads", 1) or 1)
+
+    def scale(width: int, key: str) -> int:
+        step = heads if key == "hidden_size" else 1
+        return max(step, round(width * multiplier / step) * step)
+
+    changed = False
+    for key in WIDTHS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            config[key], changed = scale(value, key), True
+        elif isinstance(value, list) and all(isinstance(v, int) for v in value):
+            config[key], changed = [scale(v, key) for v in value], True
+    for key in MULTIPLIERS:
+        if isinstance(config.get(key), int | float):
+            config[key], changed = config[key] * multiplier, True
+    if not changed:
+        raise UserError(f"distill cannot find the width settings of this "
+                        f"{config.get('model_type')} config to scale; set the step's student "
+                        f"to a model section.")
+    return {**builder, "config": config}
+

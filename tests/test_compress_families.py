@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -143,7 +144,9 @@ def test_feature_mode_returns_the_bare_student(setup):
 def test_uploaded_teacher_needs_a_student_and_bad_students_are_named(setup):
     model, ctx = setup
     uploaded = dataclasses.replace(ctx, model_cfg=ModelConfig(source="teacher.pt2"))
-    with pytest.raises(UserError, match="student"):
+    model = copy.deepcopy(model)
+    model.workbench_builder = {"kind": "pt2", "file": "graph.pt2"}  # what a .pt2 carries
+    with pytest.raises(UserError, match=r"its widths are unknown.*student"):
         run("distill", model, uploaded, epochs=1)
     result = run("distill", model, uploaded, epochs=1, student={"hidden": [8]})
     assert result.model.fc1.out_features == 8

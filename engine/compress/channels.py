@@ -20,6 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from engine.compress.base import CompressContext, clone, prunable
+from engine.compress.capabilities import structured_refusal
 from engine.errors import UserError
 
 Pruned = tuple[nn.Module, list[dict[str, list[float]]], list[str]]
@@ -34,27 +35,14 @@ _PASSTHROUGH = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity, nn.ReLU, nn.L
 _RESHAPING = (nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
 
 
-def attention_layer(model: nn.Module) -> str | None:
-    """The name of the first module that splits its width into attention heads, if any."""
-    for name, module in model.named_modules():
-        if any(hasattr(module, a) for a in ("num_attention_heads", "num_heads")):
-            return name
-    return None
-
-
 def channel_prune(model: nn.Module, amount: float, norm: str, ctx: CompressContext,
                   ) -> tuple[nn.Module, list[str]]:
     """A physically smaller copy of `model` with `amount` of the channels of every coupled
     group removed (each group at least one channel keeps), and a sentence per fact."""
-    attention = attention_layer(model)
-    if attention is not None:
-        raise UserError(f"structured pruning of attention models is not supported yet "
-                        f"(layer {attention} splits its width into heads); use magnitude "
-                        f"pruning, low-rank or quantization for this model.")
+    refusal = structured_refusal(model)
+    if refusal is not None:
+        raise UserError(refusal)
     layers = prunable(model)
-    if not layers:
-        raise UserError("structured pruning removes channels of Linear and Conv layers, and "
-                        "this model shows none; use magnitude pruning.")
     out = clone(model)
     out.eval()
     named = dict(out.named_modules())

@@ -17,7 +17,9 @@ from torch import nn
 from torch.nn.functional import cross_entropy, kl_div, log_softmax, mse_loss
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone
+from engine.compress.capabilities import NO_STUDENT
 from engine.errors import UserError
+from engine.hf import build_hf, scaled_builder
 from engine.models import build_model, set_training
 from engine.recipe import ModelConfig, Recipe
 from engine.registry import Param
@@ -36,9 +38,7 @@ def student_config(student: dict, width_multiplier: float, teacher: ModelConfig)
     source = teacher.source
     if not source.startswith("builtin:"):
         if teacher.architecture is None:  # an uploaded graph: its widths are unknown
-            raise UserError("distill cannot shrink an uploaded teacher by itself; set the "
-                            "step's student to a model section, e.g. "
-                            '{"source": "builtin:mlp", "hidden": [32]}.')
+            raise UserError(NO_STUDENT)
         source = f"builtin:{teacher.architecture}"  # a state_dict of a known architecture
 
     def scale(widths: tuple[int, ...]) -> tuple[int, ...]:
@@ -138,8 +138,20 @@ def distill(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     """Train a new student on `model`'s outputs; `model` is left as it is."""
     teacher = clone(model)
     set_training(teacher, False)
-    cfg = student_config(step["student"], step["width_multiplier"], ctx.model_cfg)
-    student = build_model(cfg, ctx.input_shape, ctx.n_out, seed=ctx.seed).to(ctx.device)
+    builder = getattr(model, "workbench_builder", None) or {}
+    if not step["student"] and builder.get("kind") == "hf":  # the teacher's family, thinner
+        torch.manual_seed(ctx.seed)
+        student = build_hf(scaled_builder(builder, step["width_multiplier"])).to(ctx.device)
+        described = (f"{builder['config'].get('model_type')} at width "
+                     f"{step['width_multiplier']:g}")
+    else:
+        teacher_cfg = ctx.model_cfg
+        if not step["student"] and builder.get("kind") == "builtin":  # a reloaded bundle
+            teacher_cfg = ModelConfig(source=f"builtin:{builder['name']}", **{
+                k: tuple(v) if isinstance(v, list) else v for k, v in builder["model"].items()})
+        cfg = student_config(step["student"], step["width_multiplier"], teacher_cfg)
+        student = build_model(cfg, ctx.input_shape, ctx.n_out, seed=ctx.seed).to(ctx.device)
+        described = _describe(cfg)
     soft = dict(task=ctx.task, temperature=step["temperature"], alpha=step["alpha"])
     hooks: list[_Features] = []
     trained: nn.Module = student
@@ -174,7 +186,7 @@ def distill(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     set_training(student, False)
     n_teacher = sum(p.numel() for p in model.parameters())
     n_student = sum(p.numel() for p in student.parameters())
-    notes = [f"Student {_describe(cfg)}: {n_student:,} parameters vs the teacher's "
+    notes = [f"Student {described}: {n_student:,} parameters vs the teacher's "
              f"{n_teacher:,} ({n_student / n_teacher:.0%}).",
              f"Trained {step['epochs']} epochs at T={step['temperature']:g}, "
              f"alpha={step['alpha']:g}" + (f", hint weight beta={step['beta']:g}."

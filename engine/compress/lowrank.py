@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.architectures import LAYER_ATTRS, Factorized
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.capabilities import flat_graph
 from engine.errors import UserError
 from engine.registry import Param
 
@@ -118,9 +119,8 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     ))
 def lowrank(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     """Factorize a copy of `model` layer by layer, then fine-tune it; `model` is unchanged."""
-    if isinstance(model, torch.fx.GraphModule):
-        raise UserError("lowrank replaces layers, which an exported graph (.pt2, TorchScript) "
-                        "does not allow; upload a state_dict with model.architecture instead.")
+    if not prunable(model):
+        raise UserError(flat_graph(f"lowrank {step['method']}"))
     compact = clone(model)
     notes: list[str] = []
     factorized = 0

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.compress.base import CompressContext, StepResult, clone
+from engine.compress.capabilities import CONV_DYNAMIC
 from engine.export import SessionModule, compact, onnx_bytes, ort_session
 
 CALIBRATION_BATCH = 256  # rows per calibration batch (static_int8 and qat)
@@ -39,6 +40,9 @@ def onnx_int8(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     metrics = {**onnx_metrics(int8_bytes, ctx), "reference_size_bytes": len(float_bytes)}
     notes.append(f"{len(int8_bytes):,} bytes against {len(float_bytes):,} for the float32 "
                  f"ONNX file ({len(float_bytes) / len(int8_bytes):.2f}x smaller).")
+    if method == "dynamic_int8" and any(isinstance(m, nn.Conv1d | nn.Conv2d)
+                                        for m in model.modules()):
+        notes.insert(0, CONV_DYNAMIC)  # said before the figures, which will show it
     return StepResult(model=None, runtime="onnxruntime", onnx_bytes=int8_bytes,
                       metrics=metrics, notes=notes, reference_onnx=float_bytes)
 

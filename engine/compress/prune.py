@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.channels import structured
@@ -32,6 +33,8 @@ from engine.registry import Param
 CURVATURE_EXAMPLES = 1024  # training examples the curvature is estimated on (cost, not accuracy)
 OBD_ROUNDS = 8  # OBD re-estimates the curvature this many times on its way to the amount
 HUTCHINSON_SAMPLES = 8  # Rademacher probes, one Hessian-vector product each
+CURVATURE_BATCH = 64  # examples per double-backward pass of the Hessian estimate
+CURVATURE_MEMORY = 512 * 2**20  # bytes the Fisher's per-example gradients may take at once
 
 
 def magnitude_mask(weight: torch.Tensor, amount: float) -> torch.Tensor:
@@ -98,22 +101,33 @@ def _curvature(model: nn.Module, named: list[tuple[str, nn.Parameter]], kind: st
 
         per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
         fisher = [torch.zeros_like(p) for p in params]
+        # a chunk's per-example gradients cost chunk x weights floats: kept under the budget
+        chunk = max(1, min(128, CURVATURE_MEMORY // (4 * sum(p.numel() for p in params))))
         for t, weight in _fisher_labels(model, X, y, ctx.task, gen):
-            for i in range(0, len(X), 128):  # chunks bound the per-example gradients' memory
-                grads = per_example(tuple(p.detach() for p in params), X[i:i + 128],
-                                    t[i:i + 128])
-                w = weight[i:i + 128]
+            for i in range(0, len(X), chunk):
+                with sdpa_kernel(SDPBackend.MATH):
+                    grads = per_example(tuple(p.detach() for p in params), X[i:i + chunk],
+                                        t[i:i + chunk])
+                w = weight[i:i + chunk]
                 for f, g in zip(fisher, grads, strict=True):
                     f += (w.view(-1, *[1] * (g.ndim - 1)) * g ** 2).sum(0)
         return [f / len(X) for f in fisher]
-    # Hutchinson: E[v ⊙ Hv] = diag(H) for Rademacher v
-    grads = torch.autograd.grad(criterion(model(X), y), params, create_graph=True)
+    # Hutchinson: E[v ⊙ Hv] = diag(H) for Rademacher v, over batches of CURVATURE_BATCH
+    # (the double backward keeps two sets of activations: one batch's, not all 1,024's);
+    # attention through the math kernel, the one with second derivatives
     diag = [torch.zeros_like(p) for p in params]
-    for _ in range(HUTCHINSON_SAMPLES):
-        vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
-        hvs = torch.autograd.grad(grads, params, vs, retain_graph=True)
-        for d, v, hv in zip(diag, vs, hvs, strict=True):
-            d += v * hv
+    with sdpa_kernel(SDPBackend.MATH):
+        for i in range(0, len(X), CURVATURE_BATCH):
+            xb, yb = X[i:i + CURVATURE_BATCH], y[i:i + CURVATURE_BATCH]
+            share = len(xb) / len(X)
+            grads = torch.autograd.grad(criterion(model(xb), yb), params, create_graph=True)
+            for _ in range(HUTCHINSON_SAMPLES):
+                vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p)
+                      for p in params]
+                hvs = torch.autograd.grad(grads, params, vs, retain_graph=True)
+                for d, v, hv in zip(diag, vs, hvs, strict=True):
+                    d += share * v * hv
+            del grads
     # for ReLU nets the true diagonal is >= 0 (only the Gauss-Newton term survives), so a
     # negative estimate is probe noise; its size still says how sharply the loss bends
     return [(d / HUTCHINSON_SAMPLES).abs() for d in diag]

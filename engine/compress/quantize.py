@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.capabilities import flat_graph
 from engine.compress.onnx_int8 import CALIBRATION_BATCH, onnx_int8
 from engine.errors import UserError
 from engine.models import set_training
@@ -85,9 +86,7 @@ def _weights(model: nn.Module, step: dict, ctx: CompressContext, *,
     out = clone(model)
     layers = prunable(out)
     if not layers:
-        raise UserError(f"quantize {step['method']} acts on Linear and Conv layers and this "
-                        f"model has none (a torch.export graph keeps no layers); use "
-                        f"method dynamic_int8 or static_int8, which work on any model.")
+        raise UserError(flat_graph(f"quantize {step['method']}"))
     history, later = None, []  # later: what the quantizer insertion had to say
     if epochs > 0 or activations:
         history = _quantization_aware(out, layers, step, ctx, scheme=scheme,

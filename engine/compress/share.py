@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.capabilities import flat_graph
+from engine.errors import UserError
 from engine.registry import Param
 
 
@@ -99,6 +101,8 @@ def share_layer(weight: torch.Tensor, bits: int) -> _Clusters | None:
 def share(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     """Share the weights of a copy of `model`, then fine-tune the centroids; `model` is
     unchanged."""
+    if not prunable(model):
+        raise UserError(flat_graph("share"))
     shared = clone(model)
     clusters: list[_Clusters] = []
     notes: list[str] = []
@@ -111,8 +115,7 @@ def share(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
         notes.append(f"{name}: {len(found.sizes)} clusters for {len(found.members):,} "
                      f"non-zero weights.")
     if not clusters:
-        return StepResult(model=shared, notes=notes or ["No Linear or Conv layer to share."],
-                          huffman=step["huffman"])
+        return StepResult(model=shared, notes=notes, huffman=step["huffman"])
 
     def snap_all(_: nn.Module) -> None:
         for c in clusters:

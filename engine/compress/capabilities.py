@@ -1,0 +1,102 @@
+"""What each technique can do with a given model, said before anything runs.
+
+`capabilities(model)` reads the model (its Linear and Conv layers, whether it splits its
+width into attention heads, what built it) and returns one row per technique and method:
+`works`, `works` with a warning (a technique that runs but cannot pay on this model), or
+`refused` with the sentence the technique itself raises. The sentences live here, once,
+and the techniques raise them, so the Data & Model page's table and a run agree; a test
+runs every technique on every architecture and checks the table against what happened.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from engine.compress.base import prunable
+
+FLAT_GRAPH = ("this model's layers are hidden inside one graph (a converted TorchScript "
+              "or flat export), so {what} has no Linear or Conv layer to act on; use "
+              "{instead}.")
+NO_STUDENT = ("distill cannot shrink this teacher by itself (its widths are unknown: an "
+              "uploaded graph); set the step's student to a model section, e.g. "
+              '{"source": "builtin:mlp", "hidden": [32]}.')
+CONV_DYNAMIC = ("dynamic int8 runs this model's convolutions through ConvInteger, which is "
+                "usually slower than float32 on a CPU; static_int8 is the better choice for "
+                "a convolutional network.")
+ONNX_ONLY = ("an ONNX model runs in ONNX Runtime only: it can be evaluated and int8-quantized "
+             "here; upload a .pt2, a bundle or a Hugging Face folder to {what} it.")
+
+# every technique and method the table reports, in menu order
+ROWS = (("train", None), ("prune", "magnitude"), ("prune", "random"), ("prune", "obd"),
+        ("prune", "structured"), ("lowrank", "svd"), ("lowrank", "nmf"), ("share", None),
+        ("quantize", "uniform"), ("quantize", "log"), ("quantize", "qat"),
+        ("quantize", "fp16"), ("quantize", "dynamic_int8"), ("quantize", "static_int8"),
+        ("distill", None), ("deep_compression", None), ("export", "onnx"))
+
+
+def flat_graph(what: str, instead: str = "quantize dynamic_int8 or static_int8") -> str:
+    return FLAT_GRAPH.format(what=what, instead=instead)
+
+
+def attention_layer(model: nn.Module) -> str | None:
+    """The name of the first module that splits its width into attention heads, if any."""
+    for name, module in model.named_modules():
+        if any(hasattr(module, a) for a in ("num_attention_heads", "num_heads")):
+            return name
+    return None
+
+
+def structured_refusal(model: nn.Module) -> str | None:
+    attention = attention_layer(model)
+    if attention is not None:
+        return (f"structured pruning of attention models is not supported yet (layer "
+                f"{attention} splits its width into heads); use magnitude pruning, low-rank "
+                f"or quantization for this model.")
+    if not prunable(model):
+        return flat_graph("structured pruning", "magnitude pruning")
+    return None
+
+
+def capabilities(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per technique and method: {"technique", "method", "status", "why"}."""
+    layers = prunable(model)
+    builder = (getattr(model, "workbench_builder", None) or {}).get("kind")
+    convs = any(isinstance(m, nn.Conv1d | nn.Conv2d) for _, m in layers)
+    weights = any(p.dim() >= 2 for n, p in model.named_parameters() if n.endswith("weight"))
+    refusals: dict[tuple[str, str | None], str | None] = {
+        ("prune", "structured"): structured_refusal(model),
+        ("distill", None): None if builder in ("builtin", "hf") else NO_STUDENT,
+    }
+    for method in ("magnitude", "random", "obd"):
+        refusals["prune", method] = None if weights else (
+            "this model has no weight matrices or convolution kernels to prune; pick "
+            "another model or technique.")
+    if not layers:
+        for technique, method in (("lowrank", "svd"), ("lowrank", "nmf"), ("share", None),
+                                  ("quantize", "uniform"), ("quantize", "log"),
+                                  ("quantize", "qat"), ("deep_compression", None)):
+            name = technique if method is None else f"{technique} {method}"
+            refusals[technique, method] = flat_graph(name)
+    rows = []
+    for technique, method in ROWS:
+        why = refusals.get((technique, method))
+        row = {"technique": technique, "method": method,
+               "status": "refused" if why else "works", "why": why or ""}
+        if (technique, method) == ("quantize", "dynamic_int8") and convs:
+            row.update(status="works, slower", why=CONV_DYNAMIC)
+        rows.append(row)
+    return rows
+
+
+def onnx_capabilities() -> list[dict[str, Any]]:
+    """The table for an uploaded ONNX model: evaluation and int8 quantization only."""
+    rows = []
+    for technique, method in ROWS:
+        works = (technique, method) in (("quantize", "dynamic_int8"), ("export", "onnx"))
+        verb = {"train": "train", "distill": "distill"}.get(technique, "compress")
+        rows.append({"technique": technique, "method": method,
+                     "status": "works" if works else "refused",
+                     "why": "" if works else ONNX_ONLY.format(what=verb)})
+    return rows
