@@ -315,9 +315,12 @@ class Recipe:
 
 
 def short_source(source: str) -> str:
-    """A source as a person names it: the built-in's name, or the file's."""
-    return source.removeprefix("builtin:") if source.startswith("builtin:") else Path(
-        source).name
+    """A source as a person names it: the built-in's or architecture's name, or the
+    file's or folder's."""
+    for prefix in ("builtin:", "hfarch:"):
+        if source.startswith(prefix):
+            return source.removeprefix(prefix)
+    return Path(source.removeprefix("hf:")).name
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -6,10 +6,12 @@ import streamlit as st
 
 from engine.data import DATASETS, default_target, read_table
 from engine.errors import UserError
+from engine.hf import ARCHITECTURES as HF_ARCHITECTURES
 from engine.models import MODELS
 from engine.recipe import MISSING, SCALINGS, TASKS
 from engine.runner import resolve
 from engine.settings import artifacts_root
+from engine.uploads import unpack_model_folder
 from pages.common import (
     UPLOAD_LIMIT_MB,
     default_sections,
@@ -92,8 +94,19 @@ st.header("Model")
 mleft, mright = st.columns([2, 3])
 with mleft:
     picked = builtin_choice("Model", model["source"], MODELS, ("dm_model_kind", "dm_arch"),
-                            "Architecture", default_sections()["model"]["source"])
-    if picked is not None:
+                            "Architecture", default_sections()["model"]["source"],
+                            middle=("Real architecture", "hfarch:"))
+    if isinstance(picked, str):  # a transformers vision classifier, random weights
+        names = list(HF_ARCHITECTURES)
+        current = model["source"].removeprefix("hfarch:")
+        name = st.selectbox("Architecture (transformers, random init)", names,
+                            index=names.index(current) if current in names else 0,
+                            format_func=lambda n: f"{n}: {HF_ARCHITECTURES[n][2]}",
+                            key="dm_hfarch", help="Built offline from a transformers config "
+                            "at a small size; upload a Hugging Face folder (ZIP) for "
+                            "pretrained weights. Needs image data (try the shapes dataset).")
+        model.update(source=f"hfarch:{name}", architecture=None)
+    elif picked is not None:
         entry, _ = picked
         uses = entry.extra["uses"]
         model["source"] = f"builtin:{entry.name}"
@@ -103,12 +116,15 @@ with mleft:
             show_error(exc, LABELS)
     else:
         upload = st.file_uploader(
-            f".pt2 (torch.export), .pt state_dict or TorchScript, or .onnx, up to "
-            f"{UPLOAD_LIMIT_MB} MB; files are never unpickled",
-            type=["pt2", "pt", "pth", "onnx"], key="dm_model_file")
+            f"A ZIP of a Hugging Face folder (config.json, model.safetensors) or of a "
+            f"workbench bundle, a .pt2 (torch.export), a .pt state_dict or TorchScript, or "
+            f".onnx, up to {UPLOAD_LIMIT_MB} MB; files are never unpickled",
+            type=["zip", "pt2", "pt", "pth", "onnx"], key="dm_model_file")
         if upload is not None:
             try:
-                model["source"] = str(save_upload(upload, uploads))
+                stored = save_upload(upload, uploads)
+                model["source"] = (unpack_model_folder(stored, uploads)
+                                   if stored.suffix.lower() == ".zip" else str(stored))
             except UserError as exc:
                 show_error(exc)
         archs = [None, *MODELS.names()]

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import deploy, jobs
+from engine.measure import onnx_not_smaller
 from engine.store import Store, run_dir
 from pages.common import show_error
 
@@ -49,6 +50,8 @@ for v in variants:
                  f"PyTorch {metric}": (info.get("torch") or {}).get(metric),
                  "matches PyTorch": info.get("parity_ok"), "max |diff|": info.get("max_abs_diff"),
                  "ONNX KiB": round(info["bytes"] / 1024, 1),
+                 "encoded KiB": round(v["metrics"]["size_bytes"] / 1024, 1)
+                 if v["metrics"].get("size_bytes") else None,
                  "ORT p50 / p95 ms": f"{cpu['median_ms']:.4f} / {cpu['p95_ms']:.4f}",
                  "PyTorch p50 / p95 ms": f"{eager['median_ms']:.4f} / {eager['p95_ms']:.4f}"
                  if eager else "", "ORT rows/s": round(cpu["throughput_per_s"]),
@@ -57,6 +60,14 @@ if not rows:
     st.caption("Export the variants to compare them under ONNX Runtime.")
     st.stop()
 st.dataframe(pd.DataFrame(rows), hide_index=True)
+st.caption("ONNX KiB is the file ONNX Runtime runs; encoded KiB is the variant's compressed "
+           "encoding (model.wbz, the size Compare shows).")
+base = exported.get((run["id"], variants[0]["name"]))
+for v in variants[1:] if base else []:  # a compression ONNX does not carry is said
+    info = exported.get((run["id"], v["name"]))
+    if info is not None and info["bytes"] >= 0.95 * base["bytes"]:
+        st.caption(onnx_not_smaller(v["name"], info["bytes"], base["bytes"],
+                                    v["technique"] in ("share", "deep_compression")))
 info0 = exported[(run["id"], rows[0]["variant"])]
 st.caption(f"Latency at batch 1 and throughput at batch "
            f"{info0['latency']['onnxruntime_cpu']['batch']}, {info0['threads']} thread(s), on "

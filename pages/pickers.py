@@ -11,14 +11,22 @@ from engine.schema import int_list
 
 
 def builtin_choice(label: str, source: str, registry: Any, keys: tuple[str, str], choice: str,
-                   fallback: str, help: str | None = None) -> tuple[Any, bool] | None:
+                   fallback: str, help: str | None = None, *,
+                   middle: tuple[str, str] | None = None) -> tuple[Any, bool] | str | None:
     """"Built-in" or "Upload" for a source, and on "Built-in" the registry entry picked
     (with its description) and whether it is the one `source` already names; None on
-    "Upload". `fallback` is the recipe's default source, offered after an upload."""
+    "Upload". `fallback` is the recipe's default source, offered after an upload.
+    `middle` is (option, source prefix): a third choice between them, returned as its
+    name when picked (the real architectures of the Model section)."""
     builtin = source.startswith("builtin:")
-    if st.radio(label, ["Built-in", "Upload"], index=0 if builtin else 1, horizontal=True,
-                key=keys[0]) == "Upload":
+    options = ["Built-in", *([middle[0]] if middle else []), "Upload"]
+    index = 0 if builtin else (1 if middle and source.startswith(middle[1]) else
+                               len(options) - 1)
+    kind = st.radio(label, options, index=index, horizontal=True, key=keys[0])
+    if kind == "Upload":
         return None
+    if kind != "Built-in":
+        return kind
     names = registry.names()
     current = (source if builtin else fallback).removeprefix("builtin:")
     name = st.selectbox(choice, names, index=names.index(current), key=keys[1], help=help)

@@ -24,12 +24,15 @@ def data_preview(data_json: str, seed: int) -> dict[str, Any]:
 @st.cache_data(max_entries=16, show_spinner="Building the model...")
 def model_preview(model_json: str, data_json: str) -> dict[str, Any]:
     """Complexity figures and layers of the model as it would be built for this data."""
+    from engine.compress.capabilities import model_capabilities
     from engine.models import describe
 
     summary = data_preview(data_json, 0)
     n_out = len(summary.get("classes") or {}) or 1
     cfg = resolve({"model": json.loads(model_json)}).model
-    return describe(cfg, tuple(summary["input_shape"]), n_out)
+    shape = tuple(summary["input_shape"])
+    return {**describe(cfg, shape, n_out),
+            "capabilities": model_capabilities(cfg, shape, n_out)}
 
 
 def show_data(summary: dict[str, Any]) -> None:
@@ -65,3 +68,9 @@ def show_model(info: dict[str, Any]) -> None:
     if info.get("operators"):
         st.caption("ONNX operators: " + ", ".join(f"{k} x{v}" for k, v in
                                                  info["operators"].items()))
+    if info.get("capabilities"):
+        st.subheader("What works on this model")
+        rows = [{"technique": r["technique"] + (f" {r['method']}" if r["method"] else ""),
+                 "status": r["status"], "why not, or the catch": r["why"]}
+                for r in info["capabilities"]]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="dm_capabilities")

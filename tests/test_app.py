@@ -599,3 +599,66 @@ def test_the_tune_and_diagnose_settings_come_back_after_a_reload():
     again.switch_page("pages/diagnose.py").run()
     assert again.number_input(key="dg_rounds").value == 9
     assert not again.warning  # restored as starting values, not forced into widget state
+
+
+def test_a_real_architecture_shows_what_works_on_it():
+    at = open_app()
+    at.selectbox(key="dm_dataset").set_value("shapes").run()
+    at.radio(key="dm_model_kind").set_value("Real architecture").run()
+    at.selectbox(key="dm_hfarch").set_value("vit-tiny").run()
+    assert not at.exception and not at.error
+    assert at.session_state["selection"]["model"]["source"] == "hfarch:vit-tiny"
+    table = next(d.value for d in at.dataframe if "why not, or the catch" in d.value.columns)
+    row = table[table["technique"] == "prune structured"].iloc[0]
+    assert row["status"] == "refused" and "attention" in row["why not, or the catch"]
+    assert (table[table["technique"] == "lowrank svd"]["status"] == "works").all()
+
+
+def test_a_zipped_hugging_face_folder_is_a_model_and_pickled_weights_are_refused(tmp_path):
+    import io
+    import zipfile
+
+    import transformers
+
+    config = transformers.ResNetConfig(num_labels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                       depths=[1, 1], layer_type="basic")
+    transformers.AutoModelForImageClassification.from_config(config).save_pretrained(
+        tmp_path / "r")
+    blob = io.BytesIO()
+    with zipfile.ZipFile(blob, "w") as zf:
+        for f in (tmp_path / "r").iterdir():
+            zf.write(f, f"resnet/{f.name}")
+    at = open_app()
+    at.selectbox(key="dm_dataset").set_value("shapes").run()
+    at.radio(key="dm_model_kind").set_value("Upload").run()
+    at.file_uploader(key="dm_model_file").upload("resnet.zip", blob.getvalue()).run()
+    assert not at.exception and not at.error
+    assert at.session_state["selection"]["model"]["source"].startswith("hf:")
+    bad = io.BytesIO()
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.writestr("pytorch_model.bin", b"\x80\x04K\x01.")
+    at.file_uploader(key="dm_model_file").upload("bad.zip", bad.getvalue()).run()
+    assert any("pickled weights, which are never loaded" in e.value for e in at.error)
+    assert at.session_state["selection"]["model"]["source"].startswith("hf:")  # kept
+
+
+def test_an_onnx_models_train_page_offers_evaluation_not_optimizers(tmp_path):
+    import torch
+
+    from engine.export import onnx_bytes
+    from engine.models import build_model
+    from engine.recipe import ModelConfig
+
+    model = build_model(ModelConfig(source="builtin:mlp", hidden=(8,)), (4,), 3, seed=0)
+    at = open_app()
+    at.selectbox(key="dm_dataset").set_value("iris").run()
+    at.radio(key="dm_model_kind").set_value("Upload").run()
+    with torch.no_grad():
+        blob = onnx_bytes(model, (4,))
+    at.file_uploader(key="dm_model_file").upload("m.onnx", blob).run()
+    assert not at.error
+    at.switch_page("pages/train.py").run()
+    assert any("runs in ONNX Runtime only" in i.value for i in at.info)
+    assert not [s for s in at.selectbox if s.key == "tr_opt"]
+    assert at.button(key="tr_onnx_run")

@@ -15,6 +15,8 @@ from typing import Any
 from torch import nn
 
 from engine.compress.base import prunable
+from engine.models import build_model
+from engine.recipe import ModelConfig
 
 FLAT_GRAPH = ("this model's layers are hidden inside one graph (a converted TorchScript "
               "or flat export), so {what} has no Linear or Conv layer to act on; use "
@@ -100,3 +102,11 @@ def onnx_capabilities() -> list[dict[str, Any]]:
                      "status": "works" if works else "refused",
                      "why": "" if works else ONNX_ONLY.format(what=verb)})
     return rows
+
+
+def model_capabilities(cfg: ModelConfig, input_shape: tuple[int, ...],
+                       n_out: int) -> list[dict[str, Any]]:
+    """The table for the model a recipe's model section names, on this data."""
+    if cfg.source.lower().endswith(".onnx"):
+        return onnx_capabilities()
+    return capabilities(build_model(cfg, input_shape, n_out, seed=0))

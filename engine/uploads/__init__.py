@@ -16,9 +16,11 @@ the file, what is wrong and what to do. Nothing here unpickles, extracts or exec
   `weights_only=False` and `pickle.loads` on some archive entries) only ever see pickles
   that passed the scan.
 - `check_onnx`: ONNX tensors whose external data lies outside the model's own folder.
+- `unpack_model_folder`: a ZIP of a Hugging Face folder or a bundle, unpacked after all of
+  the above, keeping only safetensors, JSON and checked graphs.
 
 The parts: `archives` (limits, names, sizes, ZIP structure), `pickles` (pickles and
-model files), `onnx_files` (ONNX external data).
+model files), `onnx_files` (ONNX external data), `folders` (model folder ZIPs).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from engine.uploads.archives import (
     upload_limit_mb,
     zip_limits,
 )
+from engine.uploads.folders import unpack_model_folder
 from engine.uploads.onnx_files import check_onnx, onnx_tensors
 from engine.uploads.pickles import (
     TENSOR_GLOBALS,
@@ -56,8 +59,8 @@ __all__ = ["DEFAULT_UPLOAD_LIMIT_MB", "MAX_NAME_LENGTH", "MODEL_SUFFIXES", "TENS
            "UPLOAD_LIMIT_ENV", "ZipLimits", "check_model_file",
            "check_onnx", "check_size", "check_upload", "check_zip", "entry_parts", "is_zip",
            "looks_like_pickle", "onnx_tensors", "open_zip", "pickle_globals", "safe_name",
-           "scan_pickle", "store_upload", "tensor_global", "torchscript_global", "upload_limit_mb",
-           "zip_limits"]
+           "scan_pickle", "store_upload", "tensor_global", "torchscript_global",
+           "unpack_model_folder", "upload_limit_mb", "zip_limits"]
 
 
 def store_upload(name: str, data: bytes, folder: Path) -> Path:

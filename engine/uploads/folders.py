@@ -1,0 +1,59 @@
+"""A model folder uploaded as a ZIP: a Hugging Face folder or a workbench bundle.
+
+The ZIP passes `check_zip` (paths, links, sizes, ratios) when it is stored; unpacking then
+keeps only the files such a folder holds (JSON, safetensors, an exported `.pt2` graph, the
+bundle's encoding and ONNX exports, a tokenizer's text files), refuses pickled weights
+(`.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`: never loaded here) in one sentence, runs every
+`.pt2` through the pickle checks, and writes the files flat into a folder named after the
+archive's hash. Nothing is executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path, PurePosixPath
+
+from engine.errors import UserError
+from engine.uploads.archives import entry_parts, open_zip, read_entry
+from engine.uploads.pickles import check_model_file
+
+KEPT = (".json", ".safetensors", ".pt2", ".wbz", ".onnx", ".txt", ".model")
+PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack")
+
+
+def unpack_model_folder(archive: Path, folder: Path) -> str:
+    """The `model.source` of a model folder ZIP, unpacked under `folder`: the folder of a
+    bundle, or `hf:FOLDER` for a Hugging Face folder."""
+    data = archive.read_bytes()
+    target = folder / f"model-{hashlib.sha256(data).hexdigest()[:12]}"
+    files: dict[str, bytes] = {}
+    with open_zip(data, archive.name) as zf:
+        for info in zf.infolist():
+            if info.is_dir() or entry_parts(info.filename)[-1].startswith("."):
+                continue
+            base = PurePosixPath(info.filename.replace("\\", "/")).name
+            suffix = PurePosixPath(base).suffix.lower()
+            if suffix in PICKLED:
+                raise UserError(f"{archive.name} holds {info.filename!r}, pickled weights, "
+                                f"which are never loaded; save the folder with "
+                                f"safetensors (save_pretrained(..., safe_serialization=True)).")
+            if suffix not in KEPT or base.startswith("__MACOSX"):
+                continue
+            if base in files:
+                raise UserError(f"{archive.name} holds two files named {base!r}; zip one "
+                                f"model folder at a time.")
+            files[base] = read_entry(zf, info, archive.name)
+            if suffix == ".pt2":
+                check_model_file(files[base], base)
+    if "model.json" in files and "model.safetensors" in files:
+        kind = "bundle"
+    elif "config.json" in files:
+        kind = "hf"
+    else:
+        raise UserError(f"{archive.name} is neither a Hugging Face folder (config.json, "
+                        f"model.safetensors) nor a workbench bundle (model.json, "
+                        f"model.safetensors); zip the model's folder itself.")
+    target.mkdir(parents=True, exist_ok=True)
+    for base, blob in files.items():
+        (target / base).write_bytes(blob)
+    return str(target) if kind == "bundle" else f"hf:{target}"
