@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -320,7 +321,10 @@ def short_source(source: str) -> str:
     for prefix in ("builtin:", "hfarch:"):
         if source.startswith(prefix):
             return source.removeprefix(prefix)
-    return Path(source.removeprefix("hf:")).name
+    path = Path(source.removeprefix("hf:"))
+    if re.fullmatch(r"[0-9a-f]{32}", path.parent.name):  # a variant's bundle in a run folder
+        return f"{path.name} of run {path.parent.name[:6]}"
+    return path.name
 
 
 def load_recipe(path: str | Path) -> Recipe:

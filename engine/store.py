@@ -265,6 +265,18 @@ class Store:
             rows = conn.execute(query).all()
         return _columns([(r.epoch, json.loads(r.record)) for r in rows])
 
+    def histories(self, run_id: str) -> dict[str, dict[str, list[Any]]]:
+        """Every variant's per-epoch columns (training and fine-tuning), by variant name."""
+        query = (select(epochs.c.variant, epochs.c.epoch, epochs.c.record)
+                 .where(epochs.c.run_id == run_id).order_by(epochs.c.epoch))
+        with self._db.connect() as conn:
+            _require(conn, run_id)
+            rows = conn.execute(query).all()
+        grouped: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        for r in rows:
+            grouped.setdefault(r.variant, []).append((r.epoch, json.loads(r.record)))
+        return {name: _columns(records) for name, records in grouped.items()}
+
     def variants(self, run_id: str) -> list[dict[str, Any]]:
         """The run's variants in the order they were made: name, position, technique,
         metrics, model_file (an absolute path or None)."""

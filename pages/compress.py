@@ -37,7 +37,9 @@ if start == "A finished run's model" and finished:
     model_file = store.variants(run["id"])[0]["model_file"]
     base = {**run["recipe"], "model": {**run["recipe"]["model"], "source": model_file},
             "train": {**run["recipe"]["train"], "epochs": 0}, "tune": None, "diagnose": None}
-    st.caption("Distillation from a run's model needs an explicit student model section.")
+    st.caption("The run's model is reloaded from its bundle, layer for layer, and compressed "
+               "as it is (not retrained); distillation shrinks its architecture at the width "
+               "multiplier.")
 else:
     if start == "A finished run's model":
         st.info("No finished run yet; a fresh baseline is used.")

@@ -14,9 +14,25 @@ from engine.progress import progress_of
 from engine.store import Store
 
 
-def metric_of(histories: dict) -> str:
+def metric_of(histories: dict, task: str | None = None) -> str:
+    """The score the curves show: accuracy or R², from the histories, else from the task."""
     keys = {k for h in histories.values() for k in h}
-    return "accuracy" if "val_accuracy" in keys or "train_accuracy" in keys else "r2"
+    if keys:
+        return "accuracy" if "val_accuracy" in keys or "train_accuracy" in keys else "r2"
+    return "r2" if task == "regression" else "accuracy"
+
+
+def curves_of(store: Store, runs: list[dict]) -> dict[str, dict]:
+    """Each run's training curves; a run that trained nothing (a run's model compressed)
+    shows its variants' fine-tuning curves instead."""
+    out = {}
+    for run in runs:
+        per_variant = store.histories(run["id"])
+        if per_variant.get("baseline"):
+            out[run["name"]] = per_variant["baseline"]
+        else:
+            out.update({f"{run['name']} · {v}": h for v, h in per_variant.items() if h})
+    return out
 
 
 @st.fragment(run_every=1.0)
@@ -37,10 +53,11 @@ def watch(run_ids: list[str], key: str) -> None:
         st.progress(done, text=text)
         if run.get("error"):
             st.error(f"{run['name']}: {run['error']}")
-    histories = {r["name"]: store.history(r["id"]) for r in runs}
+    histories = curves_of(store, runs)
+    task = (runs[0]["recipe"].get("data") or {}).get("task")
     left, right = st.columns(2)
     left.plotly_chart(plots.curves(histories, "loss"), key=f"{key}_loss")
-    right.plotly_chart(plots.curves(histories, metric_of(histories)), key=f"{key}_metric")
+    right.plotly_chart(plots.curves(histories, metric_of(histories, task)), key=f"{key}_metric")
     if active and st.button("Cancel", key=f"{key}_cancel", icon=":material/stop:"):
         for run in active:
             jobs.cancel(run["id"], store=store, grace_s=3.0)

@@ -14,7 +14,7 @@ from engine.errors import UserError
 from engine.settings import backend_name
 from engine.store import Store
 from pages.common import show_error
-from pages.live import metric_of
+from pages.live import curves_of, metric_of
 from pages.workspace import session_owner
 
 st.title("Runs")
@@ -60,7 +60,7 @@ if not chosen:
     st.caption("Select one run to open it, or several to overlay their curves.")
     st.stop()
 
-histories = {f"{r['name']} ({r['id'][:6]})": store.history(r["id"]) for r in chosen}
+histories = curves_of(store, chosen)
 left, right = st.columns(2)
 left.plotly_chart(plots.curves(histories, "loss"), key="runs_loss")
 right.plotly_chart(plots.curves(histories, metric_of(histories)), key="runs_metric")

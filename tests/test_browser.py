@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from engine.store import Store
 
 pytestmark = pytest.mark.slow  # real servers, processes or a browser: the full tier
 
@@ -104,7 +107,7 @@ def browser_page(app_url: str) -> Iterator[Any]:
             browser.close()
 
 
-def test_pick_data_run_watch_and_find_the_run(app_url):
+def test_pick_data_run_watch_and_find_the_run(app_url, tmp_path):
     from playwright.sync_api import expect
 
     with browser_page(app_url) as page:
@@ -176,16 +179,53 @@ def test_pick_data_run_watch_and_find_the_run(app_url):
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "diagnose.png", full_page=True)
 
-        # Compress: the Deep Compression preset with the sensitivity heatmap, then Compare
+        # Compress this run's model (its bundle): Deep Compression, then static int8, with
+        # the sensitivity heatmap; sharing must really run on the reloaded model
         page.get_by_role("link", name="Compress", exact=True).click()
         expect(page.get_by_role("heading", name="Compress", exact=True)).to_be_visible()
+        page.get_by_text("A finished run's model", exact=True).click()
+        page.get_by_role("combobox", name="Run", exact=True).click()
+        page.get_by_role("option", name=re.compile(r"^mlp on digits · adam")).click()
         page.get_by_role("button", name="Deep Compression preset").click()
         expect(page.locator("code", has_text="deep_compression").first).to_be_visible()
+        page.get_by_role("combobox", name="Technique", exact=True).click()
+        page.get_by_role("option", name="quantize", exact=True).click()
+        page.get_by_text("quantize settings", exact=True).click()
+        page.get_by_role("combobox", name="method", exact=True).click()
+        page.get_by_role("option", name="static_int8", exact=True).click()
+        page.get_by_role("button", name="Add step").click()
+        expect(page.locator("code", has_text="quantize static_int8").first).to_be_visible()
         page.get_by_role("button", name="Run chain").click()
-        expect(page.get_by_text("· done · ")).to_be_visible(timeout=180_000)
+        expect(page.get_by_text("· done · ")).to_be_visible(timeout=240_000)
         expect(page.get_by_text("layer changed")).to_be_visible()  # the heatmap's title
+        expect(page.get_by_text("clusters for", exact=False).first).to_be_visible()
+        expect(page.get_by_text("No Linear or Conv")).to_have_count(0)
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "compress.png", full_page=True)
+        store = Store(f"sqlite:///{tmp_path}/store.db", artifacts=tmp_path / "artifacts")
+        [compressed] = [r for r in store.list_runs(status="done")
+                        if r["name"].startswith("deep_compression -> quantize")]
+        heat = store.result(compressed["id"])["sensitivity"]
+        assert heat["records"] and any(r["score"] != heat["baseline"] for r in heat["records"])
+        variants = store.variants(compressed["id"])
+        assert variants[0]["metrics"]["epochs_run"] == 0  # the run's model, not retrained
+
+        # Deploy: export every variant; the int8 one ships a smaller ONNX file, and the
+        # shared one, whose ONNX file is not smaller, says why
+        page.get_by_role("link", name="Deploy", exact=True).click()
+        expect(page.get_by_role("heading", name="Deploy", exact=True)).to_be_visible()
+        page.get_by_role("button", name=re.compile(r"^Export \d+ variant")).click()
+        expect(page.get_by_text("encoded KiB is the variant's compressed")).to_be_visible(
+            timeout=180_000)
+        expect(page.get_by_text("no smaller than the baseline's").first).to_be_visible()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "deploy.png", full_page=True)
+        folder = store.run_dir(compressed["id"])
+        base = (folder / "baseline" / "model.onnx").stat().st_size
+        int8 = (folder / variants[-1]["name"] / "model.onnx").stat().st_size
+        assert variants[-1]["name"].startswith("quantize-static_int8") and int8 < base / 2
+
+        # Compare: both fronts drawn
         page.get_by_role("link", name="Compare", exact=True).click()
         expect(page.get_by_role("heading", name="Compare", exact=True)).to_be_visible()
         expect(page.locator(".js-plotly-plot")).to_have_count(2)
