@@ -10,7 +10,9 @@ Prints Markdown tables headed by the machine's description:
    (bench_deploy.py);
 4. the app: AppTest cold start and page switches, and a real `streamlit run` timed to its
    health answer, to `/` answering, and (with Playwright and Chromium) to the first page's
-   heading in a browser, plus page switches there.
+   heading in a browser, plus page switches there;
+5. real architectures (ResNet-18, MobileNetV2) in ONNX Runtime: float32, static int8 and
+   structured 50% (bench_models.py).
 
 Each figure is a median over alternating repeats; the thread count is set on purpose
 (`--threads`, default 1: on a shared 2-core machine a second thread mostly spin-waits).
@@ -189,6 +191,17 @@ def inference_section(quick: bool) -> str:
                      "p50 vs eager", "rows/s vs eager"], body))
 
 
+def models_section(quick: bool) -> str:
+    from bench_models import markdown, measure
+
+    threads = torch.get_num_threads()
+    rows = measure(quick)
+    torch.set_num_threads(threads)
+    return ("**5. Real architectures** (ResNet-18 and MobileNetV2 from transformers configs, "
+            "float32 vs static int8 vs structured 50%, bench_models.py):\n\n"
+            + markdown(rows, quick))
+
+
 # --- 4. the app ---------------------------------------------------------------------------
 
 APPTEST = textwrap.dedent("""
@@ -363,6 +376,7 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = (
         "ensemble": lambda: ensemble_section(5 if quick else 20, 1 if quick else 3, device),
         "inference": lambda: inference_section(quick),
         "app": app_section,
+        "models": lambda: models_section(quick),
     }
     for name in sections:
         start = time.perf_counter()
@@ -375,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--only", nargs="+", choices=["epoch", "ensemble", "inference", "app"],
+    parser.add_argument("--only", nargs="+",
+                        choices=["epoch", "ensemble", "inference", "app", "models"],
                         help="run only these sections")
     args = parser.parse_args(argv)
     run(args.quick, args.threads, tuple(args.only or ("epoch", "ensemble", "inference",
-                                                       "app")))
+                                                       "app", "models")))
     return 0
 
 
