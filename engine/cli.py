@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from engine.errors import UserError
+from engine.metrics import score_key
 from engine.recipe import load_recipe
 from engine.runner import registries, resolve, run
 from engine.settings import store_url
@@ -89,8 +90,10 @@ def _run(recipe_path: str, out: str, *, quiet: bool) -> int:
             bar.close()
     for variant in result["variants"]:
         m = variant["metrics"]
-        score = (f"test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m
-                 else f"test R² {m['test_r2']:.4f}")
+        key = score_key(m)
+        name = {"test_agreement": "test agreement", "test_accuracy": "test accuracy"}.get(
+            key, "test R²")
+        score = f"{name} {m[key]:.4f}" if key else "not scored"
         print(f"{variant['name']}: {score}, {m['params']} parameters, "
               f"{m['size_bytes']} bytes, {m['latency_ms']:.3f} ms at batch 1")
     print(f"wrote {out}/result.json")

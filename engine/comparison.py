@@ -14,6 +14,7 @@ from typing import Any
 
 from engine import plots
 from engine.compress import COMPRESSORS
+from engine.metrics import SCORE_KEYS, score_key
 from engine.recipe import short_source
 from engine.showcase import display_name
 from engine.store import Store
@@ -26,7 +27,8 @@ SOURCES = ("Sizes are the files that ship: the .wbz of a PyTorch variant, the .o
            "at batch 1 in the runtime in brackets, every variant of a run timed once, in the "
            "same rounds, at the thread count shown; \"speedup vs baseline\" divides the "
            "baseline's latency by the variant's, both as shown.")
-METRIC_KEYS = ("size_bytes", "latency_ms", "test_accuracy", "test_r2", "size_ratio", "speedup",
+METRIC_KEYS = ("size_bytes", "latency_ms", "test_agreement", "test_accuracy", "test_r2",
+               "size_ratio", "speedup",
                "smaller_not_faster", "nonzero_params", "params", "runtime", "latency_threads",
                "speedup_vs_onnx_fp32")
 
@@ -68,9 +70,10 @@ def variant_points(store: Store, run_ids: Sequence[str], *, one_baseline: bool =
 
 
 def score_metric(points: Sequence[dict[str, Any]]) -> str:
-    """`test_accuracy` when any variant has it (classification), else `test_r2`."""
-    return "test_accuracy" if any(p.get("test_accuracy") is not None for p in points) \
-        else "test_r2"
+    """`test_agreement` when any variant has it (a label-free run), else `test_accuracy`
+    (classification), else `test_r2`."""
+    found = {score_key(p) for p in points}
+    return next((k for k in SCORE_KEYS if k in found), "test_r2")
 
 
 def table_records(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -188,7 +191,7 @@ def headline(store: Store, run_ids: Sequence[str]) -> list[str]:
         if len(variants) < 2:
             continue
         base = variants[0]["metrics"]
-        metric = "test_accuracy" if base.get("test_accuracy") is not None else "test_r2"
+        metric = score_key(base) or "test_r2"
         for v in variants[1:]:
             m, said = v["metrics"], []
             if m.get("size_ratio"):
@@ -196,8 +199,8 @@ def headline(store: Store, run_ids: Sequence[str]) -> list[str]:
                             f"{1 / m['size_ratio']:.1f}x larger")
             if m.get(metric) is not None and base.get(metric) is not None:
                 delta = m[metric] - base[metric]
-                said.append(f"{100 * delta:+.1f} points" if metric == "test_accuracy"
-                            else f"R² {delta:+.3f}")
+                said.append(f"R² {delta:+.3f}" if metric == "test_r2"
+                            else f"{100 * delta:+.1f} points")
             speed = m.get("speedup")
             if speed:
                 said.append(f"{speed:.1f}x faster" if speed >= 1.05 else

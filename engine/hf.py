@@ -88,6 +88,15 @@ def _folder_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def hf_class_names(source: str) -> list[str]:
+    """A Hugging Face folder's class names, in output order (id2label, else num_labels)."""
+    config = _folder_config(Path(source.removeprefix("hf:")))
+    id2label = config.get("id2label") or {}
+    if id2label:
+        return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))]
+    return [str(i) for i in range(int(config.get("num_labels", 2)))]
+
+
 def _normalization(folder: Path | None, channels: int) -> tuple[list[float], list[float]]:
     """The folder's preprocessor mean and std, else none (mean 0, std 1)."""
     if folder is not None and (folder / "preprocessor_config.json").is_file():

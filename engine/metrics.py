@@ -7,12 +7,15 @@ runner); `predict` and `score` work on NumPy arrays (diagnostics, deployment che
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from engine.data import DataBundle
+from engine.errors import UserError
 from engine.models import set_training
 
 
@@ -70,3 +73,48 @@ def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
 def score(model: nn.Module, X: np.ndarray, y: np.ndarray, task: str) -> float:
     """Accuracy (classification) or R² (regression): the score every curve plots."""
     return score_outputs(predict(model, X), y, task)
+
+
+SCORE_KEYS = ("test_agreement", "test_accuracy", "test_r2")  # in the order they are preferred
+
+
+def score_key(metrics: dict) -> str | None:
+    """The headline score of a variant's metrics: its agreement with the original model
+    (label-free runs), else accuracy, else R²."""
+    return next((k for k in SCORE_KEYS if metrics.get(k) is not None), None)
+
+
+@torch.no_grad()
+def relabel(data: DataBundle, teacher: nn.Module, class_names: list[str] | None = None,
+            batch: int = 256) -> DataBundle:
+    """The data labelled by `teacher`'s own top-1 predictions (label-free evaluation: a
+    variant's accuracy on these labels is its agreement with the original model)."""
+    set_training(teacher, False)
+    device = next(iter(teacher.parameters()), torch.zeros(())).device
+
+    def labels(X: np.ndarray) -> np.ndarray:
+        outs = [teacher(torch.as_tensor(X[i:i + batch], device=device)).float().argmax(1).cpu()
+                for i in range(0, len(X), batch)]
+        return torch.cat(outs).numpy().astype(np.int64) if outs else np.zeros(0, np.int64)
+
+    width = int(teacher(torch.as_tensor(data.X_train[:1], device=device)).shape[1])
+    names = class_names if class_names and len(class_names) == width else [
+        str(i) for i in range(width)]
+    return dataclasses.replace(data, y_train=labels(data.X_train), y_val=labels(data.X_val),
+                               y_test=labels(data.X_test), task="classification",
+                               n_classes=width, class_names=names, labels="teacher")
+
+
+def in_model_space(data: DataBundle, width: int, names: list[str] | None) -> DataBundle:
+    """The data with its integer labels as indices into a model's `width` outputs (no
+    renumbering); a label past the last output is one sentence."""
+    top = max((int(y.max()) for y in (data.y_train, data.y_val, data.y_test) if len(y)),
+              default=0)
+    if top >= width:
+        raise UserError(f"the labels go up to {top} but the model has {width} outputs; with "
+                        f"data.label_space \"model\" each label must index one of them (0 to "
+                        f"{width - 1}).")
+    names = names if names and len(names) == width else [str(i) for i in range(width)]
+    return dataclasses.replace(data, task="classification", n_classes=width,
+                               class_names=names)
+

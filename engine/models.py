@@ -28,15 +28,15 @@ from torch._export.converter import TS2EPConverter
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.architectures import MODELS, build_builtin, check_fits
-from engine.bundle import is_bundle, load_bundle
+from engine.bundle import is_bundle, load_bundle, read_meta
 from engine.errors import UserError
 from engine.graphs import from_program
-from engine.hf import build_hf_source, is_hf_source
+from engine.hf import build_hf_source, hf_class_names, is_hf_source
 from engine.recipe import ModelConfig
 from engine.uploads import check_model_file, check_onnx, onnx_tensors
 
 __all__ = ["MODELS", "build_model", "check_fits", "complexity", "describe", "layer_names",
-           "layer_table", "load_model", "onnx_complexity", "read_onnx", "save_model",
+           "layer_table", "load_model", "onnx_complexity", "own_outputs", "read_onnx", "save_model",
            "set_training"]
 
 
@@ -280,3 +280,43 @@ def describe(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> dict
         return onnx_complexity(cfg.source)
     model = build_model(cfg, input_shape, n_out, seed=0)
     return {**complexity(model, input_shape), "layers": layer_table(model, input_shape)}
+
+
+def own_outputs(cfg: ModelConfig, input_shape: tuple[int, ...], *,
+                pretrained: bool = True) -> tuple[int, list[str] | None]:
+    """A pretrained model's own output width and class names, for label-free runs (its
+    predictions become the labels): a Hugging Face folder's labels, a bundle's outputs, an
+    uploaded graph's probed width. A model with random weights has nothing to agree with."""
+    source = cfg.source
+    if not pretrained and source.lower().endswith(".onnx"):  # its declared output width
+        width = onnx_output_width(source)
+        if width is not None:
+            return width, None
+    if not pretrained and source.startswith(("builtin:", "hfarch:")):
+        raise UserError("data.label_space \"model\" keeps labels as indices into a model's "
+                        "own outputs, and a built-in or random-init architecture has none of "
+                        "its own; use data.label_space \"data\".")
+    if source.startswith(("builtin:", "hfarch:")) or source.lower().endswith(".onnx"):
+        kind = "an ONNX model" if source.lower().endswith(".onnx") else \
+            "a model with random weights"
+        raise UserError(f"data.labels \"teacher\" scores every variant by its agreement with "
+                        f"the original model, and {kind} cannot be that teacher here; use a "
+                        f"pretrained Hugging Face folder, a bundle or a .pt2, or labelled data.")
+    if is_hf_source(source):
+        names = hf_class_names(source)
+        return len(names), names
+    if is_bundle(source):
+        output = read_meta(source).get("output") or {}
+        return int(output.get("n_out") or 0), output.get("classes")
+    model = load_model(cfg, input_shape, 0)
+    with torch.no_grad():
+        out = model(torch.zeros((2, *input_shape)))
+    return int(out.shape[1]) if out.ndim == 2 else 1, None
+
+
+def onnx_output_width(path: str | Path) -> int | None:
+    """The fixed width of an ONNX model's first output, if it declares one."""
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    return dims[-1].dim_value or None if len(dims) >= 2 else None
+

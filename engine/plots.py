@@ -140,9 +140,10 @@ FAMILY_COLOURS = {None: "#f59e0b", "prune": "#2563eb", "quantize": "#dc2626",
 OUTLINE = "rgba(127, 127, 127, 0.9)"  # marker edges visible on light and dark themes
 AXIS_TITLES = {"size_bytes": "size of the shipped file (KiB, log scale)",
                "latency_ms": "latency p50 at batch 1 (ms, log scale)",
-               "test_accuracy": "test accuracy (fraction correct)", "test_r2": "test R²"}
+               "test_accuracy": "test accuracy (fraction correct)", "test_r2": "test R²",
+               "test_agreement": "test agreement with the original model (top-1)"}
 SHORT_NAMES = {"size_bytes": "size", "latency_ms": "latency", "test_accuracy": "accuracy",
-               "test_r2": "R²"}
+               "test_r2": "R²", "test_agreement": "agreement"}
 
 
 def family_colour(technique: str | None) -> str:

@@ -28,6 +28,8 @@ from engine.schema import choice as _choice
 # the allowed values of the recipe's enumerated settings, for validation and for the app
 TASKS = ("auto", "classification", "regression")
 SCALINGS = ("standard", "minmax", False)  # `standardize: true` means "standard"
+LABELS = ("data", "teacher")  # where the labels come from (data.labels)
+LABEL_SPACES = ("data", "model")  # what an integer label means (data.label_space)
 MISSING = ("refuse", "drop", "mean", "median")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
 VALIDATION_PARAMS = ("model.hidden", "model.dropout", "train.l2", "train.weight_decay",
@@ -75,11 +77,19 @@ class DataConfig:
     augment: AugmentConfig | None = None  # images only; applied per batch on the device
     image_size: tuple[int, int] = (28, 28)  # every image of a ZIP is resized to (H, W)
     params: dict[str, Any] = field(default_factory=dict)  # the dataset's own settings
+    labels: str = "data"  # "data": the file's labels; "teacher": none needed, the original
+    #                       model's own predictions are the labels, and every variant is
+    #                       scored by its agreement with them (test_agreement)
+    label_space: str = "data"  # "data": labels renumbered 0..K-1 over the classes present;
+    #                            "model": integer labels are indices into the model's own
+    #                            outputs (ImageNet ids for a 1000-class head), kept as they are
 
     def validate(self) -> None:
         _choice("data.task", self.task, TASKS)
         _choice("data.standardize", self.standardize, (True, *SCALINGS))
         _choice("data.missing", self.missing, MISSING)
+        _choice("data.labels", self.labels, LABELS)
+        _choice("data.label_space", self.label_space, LABEL_SPACES)
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -40,7 +40,15 @@ from engine.executor import Executor
 from engine.export import SessionModule, ort_call, ort_session
 from engine.latency import THREADS, machine, round_robin
 from engine.measure import Measured, measure, time_variants
-from engine.models import MODELS, onnx_complexity, read_onnx
+from engine.metrics import in_model_space, relabel
+from engine.models import (
+    MODELS,
+    build_model,
+    onnx_complexity,
+    onnx_output_width,
+    own_outputs,
+    read_onnx,
+)
 from engine.optimizers import OPTIMIZERS
 from engine.recipe import Recipe, as_recipe
 from engine.registry import Registry
@@ -95,6 +103,13 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
     torch.manual_seed(recipe.seed)
     emit({"event": "stage", "stage": "data", "message": "loading the data"})
     data = load_data(recipe.data, seed=recipe.seed)
+    if recipe.data.labels == "teacher":  # the original model's predictions are the labels
+        width, names = own_outputs(recipe.model, data.input_shape)
+        data = relabel(data, build_model(recipe.model, data.input_shape, width,
+                                         seed=recipe.seed), names)
+    elif recipe.data.label_space == "model":  # labels index the model's own outputs
+        data = in_model_space(data, *own_outputs(recipe.model, data.input_shape,
+                                                 pretrained=False))
     n_out = data.n_outputs
     if recipe.model.source.lower().endswith(".onnx"):
         return _run_onnx(recipe, data, device, n_out, out_dir, emit)
@@ -204,6 +219,12 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
     file = read_onnx(source)  # checked: external data only from its own folder
     session = ort_session(file, threads=1)
     fits = _onnx_input_fits(session, data)
+    width = onnx_output_width(source)
+    if width is not None and width != n_out:  # an encoder, or another label set
+        raise UserError(f"{source.name} gives {width} outputs per sample but this data needs "
+                        f"{n_out} (one per class, or one for regression); upload the model "
+                        f"with its classification head, or set data.label_space \"model\" "
+                        f"if the labels are its output indices.")
     tensors = to_tensors(data, device)
     ctx = _context(recipe, data, tensors, device, n_out, emit)
     candidates = [("baseline", file, ["the uploaded ONNX model, as it is"])]

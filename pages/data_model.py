@@ -8,7 +8,8 @@ from engine.data import DATASETS, default_target, read_table
 from engine.errors import UserError
 from engine.hf import ARCHITECTURES as HF_ARCHITECTURES
 from engine.models import MODELS
-from engine.recipe import MISSING, SCALINGS, TASKS
+from engine.recipe import LABEL_SPACES, MISSING, SCALINGS, TASKS
+from engine.recipe import LABELS as LABEL_SOURCES
 from engine.runner import resolve
 from engine.settings import artifacts_root
 from engine.uploads import unpack_model_folder
@@ -31,7 +32,8 @@ LABELS = {"data.missing": "Missing values", "data.target": "Target column", "dat
           "data.feature_selection": "feature selection", "model.hidden": "Hidden layer widths",
           "model.channels": "Convolution filters per block", "model.kernel_size": "Kernel size",
           "model.activation": "Activation", "model.architecture": "Architecture of a state_dict",
-          "model.dropout": "Dropout"}
+          "model.dropout": "Dropout", "data.labels": "Labels",
+          "data.label_space": "Integer labels"}
 
 
 st.title("Data & Model")
@@ -81,6 +83,21 @@ with left:
     with st.expander("Task, split and scaling"):
         data["task"] = st.selectbox("Task", TASKS, index=TASKS.index(data["task"]),
                                     key="dm_task")
+        data["labels"] = st.selectbox(
+            "Labels", LABEL_SOURCES, index=LABEL_SOURCES.index(data.get("labels", "data")),
+            key="dm_labels", format_func=lambda s: {
+                "data": "from the data", "teacher": "the model's own predictions "
+                "(label-free: agreement)"}[s],
+            help="Label-free: a pretrained model and unlabeled samples (an NPZ with X alone, "
+                 "a ZIP of images in one folder); every variant is scored by its top-1 "
+                 "agreement with the original model.")
+        data["label_space"] = st.selectbox(
+            "Integer labels", LABEL_SPACES,
+            index=LABEL_SPACES.index(data.get("label_space", "data")), key="dm_label_space",
+            format_func=lambda s: {"data": "renumbered over the classes present",
+                                   "model": "indices into the model's outputs"}[s],
+            help="Indices into the model's outputs: for a pretrained classifier whose labels "
+                 "are its own class ids (ImageNet's 1000, say); its head is kept.")
         data["val_fraction"] = st.slider("Validation fraction", 0.0, 0.5,
                                          float(data["val_fraction"]), 0.05, key="dm_val")
         data["test_fraction"] = st.slider("Test fraction", 0.0, 0.5,

@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import jobs, plots
+from engine.metrics import score_key
 from engine.progress import progress_of
 from engine.store import Store
 
@@ -73,7 +74,7 @@ def watch(run_ids: list[str], key: str) -> None:
             for v in store.variants(run["id"]):
                 m = v["metrics"]
                 rows.append({"run": run["name"], "variant": v["name"],
-                             "test score": m.get("test_accuracy", m.get("test_r2")),
+                             "test score": m.get(score_key(m) or "test_r2"),
                              "parameters": m.get("params"), "size (KiB)":
                              round(m.get("size_bytes", 0) / 1024, 1),
                              "latency (ms, batch 1)": m.get("latency_ms"),

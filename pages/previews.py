@@ -25,12 +25,14 @@ def data_preview(data_json: str, seed: int) -> dict[str, Any]:
 def model_preview(model_json: str, data_json: str) -> dict[str, Any]:
     """Complexity figures and layers of the model as it would be built for this data."""
     from engine.compress.capabilities import model_capabilities
-    from engine.models import describe
+    from engine.models import describe, own_outputs
 
     summary = data_preview(data_json, 0)
     n_out = len(summary.get("classes") or {}) or 1
     cfg = resolve({"model": json.loads(model_json)}).model
     shape = tuple(summary["input_shape"])
+    if json.loads(data_json).get("labels") == "teacher":  # the model's own classes
+        n_out, _ = own_outputs(cfg, shape)
     return {**describe(cfg, shape, n_out),
             "capabilities": model_capabilities(cfg, shape, n_out)}
 

@@ -11,6 +11,7 @@ import streamlit as st
 from engine import jobs, plots, ray_backend
 from engine.bundle import is_bundle, zipped
 from engine.errors import UserError
+from engine.metrics import score_key
 from engine.settings import backend_name
 from engine.store import Store
 from pages.common import show_error
@@ -44,7 +45,7 @@ def row(run: dict) -> dict:
             "data": recipe["data"]["source"].removeprefix("builtin:"),
             "model": recipe["model"]["source"].removeprefix("builtin:"),
             "optimizer": recipe["train"]["optimizer"],
-            "test score": m.get("test_accuracy", m.get("test_r2")),
+            "test score": m.get(score_key(m) or "test_r2"),
             "parameters": m.get("params"), "size (KiB)": round(m["size_bytes"] / 1024, 1)
             if m.get("size_bytes") else None, "time (s)": round(run.get("duration_s") or 0, 1),
             "ran on": f"{run.get('backend') or 'local'} · {run.get('node') or run['host']}",

@@ -14,7 +14,7 @@ from engine.data.loaders import load_arrays, read_table
 from engine.data.preprocess import Preprocess, fit_preprocess
 from engine.data.splits import holdout_split, resolve_task
 from engine.errors import UserError
-from engine.recipe import DataConfig
+from engine.recipe import DataConfig, short_source
 
 
 @dataclass
@@ -41,6 +41,7 @@ class DataBundle:
     encoding: list[dict[str, str]] | None = None
     X_test_raw: np.ndarray | None = None  # the test part as a user has it: what an exported
     #                                       model with its preprocessing inside takes
+    labels: str = "data"  # "teacher": y holds the original model's predictions
 
     @property
     def n_features(self) -> int:
@@ -71,12 +72,18 @@ def load_data(cfg: DataConfig, *, seed: int) -> DataBundle:
     """Load, split (stratified for classes) and preprocess; the same cfg and seed give the same
     bundle."""
     X, y, meta = load_arrays(cfg)
-    task, y, class_names = resolve_task(y, cfg.task, meta)
+    if cfg.labels == "teacher":  # placeholders: `relabel` puts the teacher's labels in
+        task, y, class_names = "classification", np.zeros(len(X), dtype=np.int64), None
+    elif cfg.label_space == "model":  # indices into the model's outputs, as they are
+        task, y, class_names = "classification", model_indices(y, cfg.source), None
+    else:
+        task, y, class_names = resolve_task(y, cfg.task, meta)
     is_image = bool(meta.get("is_image"))
     if cfg.augment is not None and not is_image:
         raise UserError("data.augment applies to images only; set it to null for this data.")
     train, val, test = holdout_split(y, cfg.val_fraction, cfg.test_fraction,
-                                     stratify=task == "classification", seed=seed)
+                                     stratify=task == "classification" and
+                                     cfg.labels == "data", seed=seed)
     prep = fit_preprocess(X[train], y[train], cfg, task=task, is_image=is_image, seed=seed)
     names = meta.get("feature_names")
     if names is not None and prep.keep is not None:
@@ -88,7 +95,8 @@ def load_data(cfg: DataConfig, *, seed: int) -> DataBundle:
         input_shape=tuple(X_train.shape[1:]), is_image=is_image,
         feature_names=list(names) if names is not None else None, class_names=class_names,
         preprocess=prep, source=cfg.source, n_raw_features=int(np.prod(X.shape[1:])),
-        X_test_raw=X[test].astype(np.float32), encoding=_encoding(meta, is_image, X))
+        X_test_raw=X[test].astype(np.float32), encoding=_encoding(meta, is_image, X),
+        labels=cfg.labels)
 
 
 
@@ -148,3 +156,16 @@ def _encoding(meta: dict[str, Any], is_image: bool, X: np.ndarray) -> list[dict[
 def subset(data: DataBundle, idx: np.ndarray) -> DataBundle:
     """The bundle with its training part cut to the rows `idx` (validation and test kept)."""
     return dataclasses.replace(data, X_train=data.X_train[idx], y_train=data.y_train[idx])
+
+
+def model_indices(y: np.ndarray, source: str) -> np.ndarray:
+    """Integer labels kept as indices into a model's outputs (data.label_space "model")."""
+    y = np.asarray(y)
+    if y.dtype.kind == "f" and np.all(y == np.round(y)):
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+        raise UserError(f"data.label_space \"model\" takes labels that are output indices "
+                        f"(whole numbers from 0), and {short_source(source)} has "
+                        f"{y.dtype} labels; use data.label_space \"data\".")
+    return y.astype(np.int64)
+

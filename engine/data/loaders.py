@@ -194,6 +194,8 @@ def _load_npz(path: Path, cfg: DataConfig) -> Arrays:
             KeyError, IndexError, TypeError, OverflowError, MemoryError):
         raise UserError(f"{path.name!r} is not a readable NPZ archive; save it again with "
                         f"np.savez(path, X=..., y=...).") from None
+    if "y" not in arrays and "X" in arrays and cfg.labels == "teacher":
+        arrays["y"] = np.zeros(len(arrays["X"]), dtype=np.int64)  # the teacher labels them
     for key in ("X", "y"):
         if key not in arrays:
             raise UserError(f"{path.name!r} has no array named {key!r} (it holds: "
@@ -259,9 +261,11 @@ def _load_zip(path: Path, cfg: DataConfig) -> Arrays:
                 files.append((parts, info))
         if files and all(len(p) >= 3 for p, _ in files) and len({p[0] for p, _ in files}) == 1:
             files = [(p[1:], i) for p, i in files]  # a ZIP of one folder holding the classes
-        files = [(p[0], i) for p, i in files if len(p) >= 2]  # files at the root are ignored
+        if cfg.labels == "teacher":  # unlabeled: any folder layout, one placeholder class
+            files = [(("",), i) for _, i in files]
+        files = [(p[0], i) for p, i in files if len(p) >= 2 or cfg.labels == "teacher"]
         class_names = sorted({c for c, _ in files})
-        if len(class_names) < 2:
+        if len(class_names) < 2 and cfg.labels != "teacher":
             raise UserError(f"{path.name!r} must hold one folder of images per class and at "
                             f"least 2 classes, found {len(class_names)}; arrange it as "
                             f"class_name/image.png.")
