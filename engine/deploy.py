@@ -25,7 +25,7 @@ from torch import nn
 from engine.bundle import is_bundle, load_bundle
 from engine.data import load_data
 from engine.errors import UserError
-from engine.export import onnx_bytes, ort_predict, ort_session
+from engine.export import onnx_bytes, ort_predict, ort_session, pack_weights
 from engine.latency import BUDGET_S, machine, time_calls, torch_latency
 from engine.metrics import r2, score_outputs
 from engine.models import set_training
@@ -90,7 +90,8 @@ def export_model(model: nn.Module, data: Any, *, name: str = "model") -> bytes:
         raise UserError(f"{name} could not be exported to ONNX ({type(exc).__name__}: "
                         f"{reason}); export its model as a built-in architecture or keep it "
                         f"in PyTorch.") from None
-    return with_preprocessing(core, data)
+    packed, _ = pack_weights(core)  # shared, k-bit and fp16 weights stored as such
+    return with_preprocessing(packed, data)
 
 
 def _scores(out: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:

@@ -12,13 +12,14 @@ import hashlib
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from engine.latency import THREADS
@@ -157,3 +158,115 @@ def ort_call(model_bytes: bytes, input_shape: tuple[int, ...], *,
     session = ort_session(model_bytes, threads=threads)
     feed = {session.get_inputs()[0].name: np.zeros((1, *input_shape), np.float32)}
     return lambda: session.run(None, feed)
+
+
+PACK_MIN_SAVING = 0.2  # a weight is repacked only when that saves at least this fraction
+
+
+def pack_weights(model_bytes: bytes) -> tuple[bytes, list[str]]:
+    """The same model with the weights compression left few values in stored as such, so
+    the file ONNX Runtime runs carries the compression (at load time the small graph in
+    front of each weight is folded back into a float tensor; the outputs are identical):
+
+    - at most 256 distinct values (weight sharing, per-tensor k-bit): uint8 indices into a
+      float32 codebook, `Cast` + `Gather`;
+    - a k-bit affine grid per row (per-channel k-bit): uint8 levels, a step and an offset
+      per row, `Cast` + `Mul` + `Add` (a DequantizeLinear with a float zero point);
+    - else at most 256 values per row: uint8 indices into one codebook per row,
+      `Cast` + `GatherElements` + `Reshape`;
+    - exact float16 values (fp16): a float16 tensor and a `Cast`.
+    Returns the bytes and one sentence per kind of packing done (none: the file as it was)."""
+    proto = onnx.load_from_string(model_bytes)
+    graph = proto.graph
+    front, kept, packed = [], [], {"codebook": 0, "affine rows": 0, "row codebooks": 0,
+                                   "float16": 0}
+    for tensor in graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        parts = _packed(tensor.name, array) if array.dtype == np.float32 and \
+            array.ndim >= 2 else None
+        if parts is None:
+            kept.append(tensor)
+            continue
+        kind, initializers, nodes = parts
+        if sum(t.ByteSize() for t in initializers) > (1 - PACK_MIN_SAVING) * tensor.ByteSize():
+            kept.append(tensor)
+            continue
+        packed[kind] += 1
+        kept.extend(initializers)
+        front.extend(nodes)
+    if not front:
+        return model_bytes, []
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(front + nodes)
+    data = proto.SerializeToString()
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    said = [f"{n} weight tensor(s) as {kind}" for kind, n in packed.items() if n]
+    return data, [f"The ONNX file stores {', '.join(said)} ({len(model_bytes):,} -> "
+                  f"{len(data):,} bytes); ONNX Runtime unpacks them when it loads the file."]
+
+
+def _packed(name: str, w: np.ndarray) -> tuple[str, list[Any], list[Any]] | None:
+    """(kind, new initializers, nodes that rebuild `name`) for one weight, the smallest of
+    the packings that reproduce it, or None."""
+    found = [c for c in _candidates(name, w) if c is not None]
+    return min(found, key=lambda c: sum(t.ByteSize() for t in c[1])) if found else None
+
+
+def _candidates(name: str, w: np.ndarray) -> Iterator[tuple[str, list[Any], list[Any]] | None]:
+    helper = onnx.helper
+    values, idx = np.unique(w, return_inverse=True)
+    if len(values) <= 256:
+        yield "codebook", [numpy_helper.from_array(values.astype(np.float32), f"{name}.book"),
+                            numpy_helper.from_array(idx.reshape(w.shape).astype(np.uint8),
+                                                    f"{name}.idx")], [
+            helper.make_node("Cast", [f"{name}.idx"], [f"{name}.idx64"],
+                             to=onnx.TensorProto.INT64),
+            helper.make_node("Gather", [f"{name}.book", f"{name}.idx64"], [name], axis=0)]
+    rows = w.reshape(len(w), -1)
+    grid = _row_grids(rows)
+    if grid is not None:  # lo + step * q per row, q in 0..255: a k-bit affine grid
+        lo, step, q = grid
+        bshape = [len(w)] + [1] * (w.ndim - 1)
+        yield "affine rows", [
+            numpy_helper.from_array(q.reshape(w.shape), f"{name}.q"),
+            numpy_helper.from_array(step.reshape(bshape), f"{name}.step"),
+            numpy_helper.from_array(lo.reshape(bshape), f"{name}.lo")], [
+            helper.make_node("Cast", [f"{name}.q"], [f"{name}.qf"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{name}.qf", f"{name}.step"], [f"{name}.scaled"]),
+            helper.make_node("Add", [f"{name}.scaled", f"{name}.lo"], [name])]
+    books = [np.unique(r, return_inverse=True) for r in rows]
+    width = max(len(b) for b, _ in books)
+    if width <= 256:
+        book = np.stack([np.pad(b, (0, width - len(b))) for b, _ in books]).astype(np.float32)
+        index = np.stack([i for _, i in books]).astype(np.uint8)
+        shape = np.array(w.shape, dtype=np.int64)
+        yield "row codebooks", [
+            numpy_helper.from_array(book, f"{name}.book"),
+            numpy_helper.from_array(index, f"{name}.idx"),
+            numpy_helper.from_array(shape, f"{name}.shape")], [
+            helper.make_node("Cast", [f"{name}.idx"], [f"{name}.idx64"],
+                             to=onnx.TensorProto.INT64),
+            helper.make_node("GatherElements", [f"{name}.book", f"{name}.idx64"],
+                             [f"{name}.rows"], axis=1),
+            helper.make_node("Reshape", [f"{name}.rows", f"{name}.shape"], [name])]
+    half = w.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), w):
+        yield "float16", [numpy_helper.from_array(half, f"{name}.f16")], [
+            helper.make_node("Cast", [f"{name}.f16"], [name], to=onnx.TensorProto.FLOAT)]
+
+
+def _row_grids(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(lo, step, q) with every row equal to lo + step * q (q uint8) to within 1e-6 of its
+    range, trying the grids of 1 to 8 bits; None when some row fits none."""
+    lo, hi = rows.min(1), rows.max(1)
+    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+    for bits in range(1, 9):
+        step = (span / (2 ** bits - 1)).astype(np.float32)
+        q = np.rint((rows - lo[:, None]) / step[:, None])
+        if np.all(np.abs(lo[:, None] + step[:, None] * q - rows) <= 1e-6 * span[:, None]):
+            return lo.astype(np.float32), step, q.astype(np.uint8)
+    return None
+

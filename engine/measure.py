@@ -89,7 +89,7 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
         base = (reference or {}).get("metrics", {}).get("deploy")
         if base and metrics["deploy"]["bytes"] >= 0.95 * base["bytes"]:
             metrics["notes"].append(onnx_not_smaller(name, metrics["deploy"]["bytes"],
-                                                     base["bytes"], outcome.huffman))
+                                                     base["bytes"]))
     variant = {"name": name, "technique": technique, "metrics": metrics,
                "history": outcome.history or {}, "model_file": model_file}
     return Measured(variant, timer, reference_timer)
@@ -142,15 +142,13 @@ def _deploy(name: str, outcome: StepResult, ctx: CompressContext,
     return {**info, "file": f"{name}/model.onnx"}
 
 
-def onnx_not_smaller(name: str, size: int, baseline: int, coded: bool) -> str:
+def onnx_not_smaller(name: str, size: int, baseline: int) -> str:
     """Why a variant's ONNX file is no smaller than the baseline's, in one sentence."""
-    where = ("its shared weights' codebook and Huffman-coded indices" if coded
-             else "its zeros and few distinct values")
     return (f"{name}'s ONNX file is {size:,} bytes, no smaller than the baseline's "
-            f"{baseline:,}: ONNX Runtime stores and runs every weight as a dense float32, so "
-            f"{where} save bytes only in the bundle's encoding (model.wbz, size_bytes), not "
-            f"in what ONNX Runtime ships; static_int8 is the variant whose ONNX file is "
-            f"smaller.")
+            f"{baseline:,}: ONNX Runtime keeps every weight as a dense tensor, so the zeros "
+            f"of unstructured pruning save bytes only in the bundle's encoding (model.wbz, "
+            f"size_bytes); structured pruning, sharing, k-bit, fp16 and static_int8 are what "
+            f"make the ONNX file smaller.")
 
 
 def input_spec(data: Any) -> dict[str, Any]:

@@ -66,8 +66,7 @@ base = exported.get((run["id"], variants[0]["name"]))
 for v in variants[1:] if base else []:  # a compression ONNX does not carry is said
     info = exported.get((run["id"], v["name"]))
     if info is not None and info["bytes"] >= 0.95 * base["bytes"]:
-        st.caption(onnx_not_smaller(v["name"], info["bytes"], base["bytes"],
-                                    v["technique"] in ("share", "deep_compression")))
+        st.caption(onnx_not_smaller(v["name"], info["bytes"], base["bytes"]))
 info0 = exported[(run["id"], rows[0]["variant"])]
 st.caption(f"Latency at batch 1 and throughput at batch "
            f"{info0['latency']['onnxruntime_cpu']['batch']}, {info0['threads']} thread(s), on "

@@ -106,6 +106,29 @@ def test_recipe_export_writes_a_deployable_file_per_variant(tmp_path):
     compile(snippet, "predict.py", "exec")
 
 
+def test_the_shipped_onnx_file_carries_sharing_k_bit_and_fp16(tmp_path):
+    """Each compressed variant's ONNX file is smaller than the baseline's and gives the same
+    outputs as the variant in PyTorch; a pruned-only one says why it is not."""
+    result = engine.run({
+        "data": {"source": "builtin:digits"}, "model": {"source": "builtin:mlp",
+                                                        "hidden": [64]},
+        "train": {"epochs": 3}, "export": {"onnx": True},
+        "compress": [{"technique": "prune", "method": "magnitude", "amount": 0.5,
+                      "finetune_epochs": 0},
+                     {"technique": "share", "bits": 4, "finetune_epochs": 0},
+                     {"technique": "quantize", "method": "uniform", "bits": 4},
+                     {"technique": "quantize", "method": "fp16"}]}, out_dir=tmp_path)
+    base, pruned, *packed = result["variants"]
+    size = {v["name"]: (tmp_path / v["metrics"]["deploy"]["file"]).stat().st_size
+            for v in result["variants"]}
+    assert size[pruned["name"]] >= 0.95 * size[base["name"]]
+    assert any("no smaller than the baseline's" in n for n in pruned["metrics"]["notes"])
+    for v in packed:
+        assert size[v["name"]] < 0.7 * size[base["name"]], (v["name"], size)
+        assert v["metrics"]["deploy"]["parity_ok"], v["name"]
+        assert not any("no smaller" in n for n in v["metrics"]["notes"])
+
+
 def test_predict_py_reads_real_csv_rows_and_agrees_with_the_engine(tmp_path):
     """A table with a text column: the exported file takes its one-hot layout, named input
     by input, and the predict.py the Deploy page offers turns the CSV's own rows into it."""
