@@ -27,7 +27,7 @@ from engine.data import load_data
 from engine.errors import UserError
 from engine.export import onnx_bytes, ort_predict, ort_session, pack_weights
 from engine.latency import BUDGET_S, machine, time_calls, torch_latency
-from engine.metrics import r2, score_outputs
+from engine.metrics import predict, r2, score_outputs
 from engine.models import set_training
 from engine.recipe import Recipe
 from engine.sections import resolve_sections
@@ -128,7 +128,7 @@ def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: i
         set_training(model, False)
         device = next(iter(model.parameters()), torch.zeros(())).device
         with torch.no_grad():
-            ref = model(torch.as_tensor(data.X_test, device=device)).float().cpu().numpy()
+            ref = predict(model, data.X_test)
         diff = float(np.abs(ref.reshape(out.shape) - out).max()) if len(out) else 0.0
         tol = TOLERANCE * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
         info.update(torch=_scores(ref, y, data.task), max_abs_diff=diff, tolerance=tol,

@@ -95,9 +95,11 @@ def ort_session(model_bytes: bytes, *,
 
 def ort_predict(session: onnxruntime.InferenceSession, X: np.ndarray,
                 batch: int = 4096) -> np.ndarray:
-    """The session's first output on `X`, run in batches of `batch` rows."""
+    """The session's first output on `X`, run in batches of `batch` rows (fewer for large
+    samples: at most 2^21 input values a batch, as `metrics.evaluate`)."""
     name = session.get_inputs()[0].name
     X = np.ascontiguousarray(X, dtype=np.float32)
+    batch = max(1, min(batch, 2**21 // max(1, int(np.prod(X.shape[1:])))))
     if len(X) == 0:
         out_shape = session.run(None, {name: np.zeros((1, *X.shape[1:]), np.float32)})[0]
         return np.zeros((0, *out_shape.shape[1:]), np.float32)

@@ -39,6 +39,8 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str]] = {
     "efficientnet-tiny": ("efficientnet", {"width_coefficient": 0.25, "depth_coefficient": 0.25,
                                            "hidden_dim": 320},
                           "EfficientNet at width 0.25: MBConv with squeeze-excitation"),
+    "efficientnet-b0": ("efficientnet", {},
+                        "EfficientNet-B0 as published: 5.3 M weights, about 20 MB"),
     "convnext-tiny": ("convnext", {"hidden_sizes": [24, 48, 96, 192], "depths": [1, 1, 2, 1]},
                       "ConvNeXt, widths 24-192: depthwise 7x7, LayerNorm, GELU"),
     "vit-tiny": ("vit", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,

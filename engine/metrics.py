@@ -45,12 +45,20 @@ def score_outputs(out: np.ndarray, y: np.ndarray, task: str) -> float:
     return r2(y, out.reshape(len(y)))
 
 
+EVAL_INPUT_FLOATS = 2**21  # input values per evaluation batch: 8,192 table rows, but 14
+#                           images of 224x224x3 (a whole split of photos at once held
+#                           gigabytes of activations)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
-             batch: int = 8192) -> dict[str, float]:
-    """Loss and accuracy (classification) or MSE and R² (regression) on one split."""
+             batch: int | None = None) -> dict[str, float]:
+    """Loss and accuracy (classification) or MSE and R² (regression) on one split, in
+    batches of at most 8,192 rows and EVAL_INPUT_FLOATS input values."""
     if len(X) == 0:
         return {}
+    per_row = max(1, X[0].numel())
+    batch = batch or max(1, min(8192, EVAL_INPUT_FLOATS // per_row))
     set_training(model, False)
     outs = torch.cat([model(X[i:i + batch]).float() for i in range(0, len(X), batch)])
     loss = float(loss_fn(task)(outs, y))
@@ -64,9 +72,13 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
 
 @torch.no_grad()
 def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
-    """Raw outputs (class logits, or predictions of shape (n,) for regression)."""
+    """Raw outputs (class logits, or predictions of shape (n,) for regression), in the
+    batches `evaluate` uses."""
     device = next(iter(model.parameters()), torch.zeros(())).device
-    out = model(torch.as_tensor(X, dtype=torch.float32, device=device)).float().cpu().numpy()
+    batch = max(1, min(8192, EVAL_INPUT_FLOATS // max(1, int(np.prod(X.shape[1:])))))
+    parts = [model(torch.as_tensor(X[i:i + batch], dtype=torch.float32, device=device)
+                   ).float().cpu().numpy() for i in range(0, len(X), batch)]
+    out = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
     return out.reshape(len(X)) if out.ndim == 2 and out.shape[1] == 1 else out
 
 

@@ -128,6 +128,8 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         measured = [measure("baseline", StepResult(model, history=fit.history), ctx, folder,
                             chain=[], reference=None, huffman=False)]
         baseline = measured[0].variant
+        # what loading the model had to say (a classifier head replaced, random weights)
+        baseline["metrics"]["notes"][:0] = getattr(model, "workbench_notes", [])
         baseline["metrics"].update(epochs_run=len(fit.history["epoch"]),
                                    best_epoch=fit.best_epoch, train_time_s=fit.seconds)
         baseline["stopped"] = fit.stopped

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch_pruning as tp
 
+import engine
 from engine.bundle import load_bundle, save_bundle
 from engine.compress import COMPRESSORS, CompressContext
 from engine.compress.capabilities import ROWS, capabilities
@@ -147,6 +148,10 @@ def test_a_folder_loads_its_weights_and_replaces_a_head_of_another_size(tmp_path
     assert other.model.classifier[1].out_features == 3
     backbone = other.model.resnet.embedder.embedder.convolution.weight
     torch.testing.assert_close(backbone, hf.resnet.embedder.embedder.convolution.weight)
+    result = engine.run({"data": SHAPES, "model": {"source": f"hf:{tmp_path / 'r'}"},
+                         "train": {"epochs": 1, "freeze": ["model.resnet"]}})
+    notes = result["variants"][0]["metrics"]["notes"]
+    assert "5 classes and this data has 3" in notes[0]  # the run says the head is new
 
 
 def test_bad_folders_are_one_sentence(tmp_path):

@@ -121,7 +121,7 @@ def classification(n_samples: int, n_features: int, n_informative: int, n_classe
                    "architectures (ResNet, MobileNet, ...), made here, nothing downloaded.",
                    params=(_n_samples(600),
                            Param("size", "int", 32, "image height and width in pixels",
-                                 low=16, high=128),
+                                 low=16, high=256),
                            _RANDOM_STATE))
 def shapes(n_samples: int, size: int, random_state: int) -> Arrays:
     rng = np.random.default_rng(random_state)
