@@ -9,6 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import multiprocessing
+import os
+import sys
 import threading
 import time
 
@@ -227,6 +229,7 @@ def _write_epochs(url: str, run_id: str, variant: str, count: int, barrier) -> N
     barrier.wait()  # both writers start together
     for epoch in range(1, count + 1):
         store.record_event(run_id, epoch_event(epoch, variant=variant))
+    _exit_now()  # an exception above still ends the process with an error
 
 
 @pytest.mark.slow
@@ -252,6 +255,18 @@ def _open_and_create(url: str, barrier, queue) -> None:
         queue.put(Store(url).create_run(RECIPE))
     except Exception as exc:  # reported to the test, which fails on it
         queue.put(f"{type(exc).__name__}: {exc}")
+    _exit_now(queue)
+
+
+def _exit_now(queue=None) -> None:
+    """End a spawned helper once its work is stored: a process that imported the engine
+    has been seen to abort (SIGABRT) in the interpreter's teardown, after its work was
+    done, which is not what these tests are about."""
+    if queue is not None:
+        queue.close()
+        queue.join_thread()  # the result is in the pipe before the process goes
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_processes_opening_a_new_store_at_once(store_url):
