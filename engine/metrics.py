@@ -8,6 +8,7 @@ runner); `predict` and `score` work on NumPy arrays (diagnostics, deployment che
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -50,6 +51,11 @@ EVAL_INPUT_FLOATS = 2**21  # input values per evaluation batch: 8,192 table rows
 #                           gigabytes of activations)
 
 
+def rows_per_batch(sample_shape: tuple[int, ...] | torch.Size) -> int:
+    """Rows an evaluation batch takes: 8,192, fewer for large samples."""
+    return max(1, min(8192, EVAL_INPUT_FLOATS // max(1, math.prod(sample_shape))))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
              batch: int | None = None) -> dict[str, float]:
@@ -57,8 +63,7 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
     batches of at most 8,192 rows and EVAL_INPUT_FLOATS input values."""
     if len(X) == 0:
         return {}
-    per_row = max(1, X[0].numel())
-    batch = batch or max(1, min(8192, EVAL_INPUT_FLOATS // per_row))
+    batch = batch or rows_per_batch(X.shape[1:])
     set_training(model, False)
     outs = torch.cat([model(X[i:i + batch]).float() for i in range(0, len(X), batch)])
     loss = float(loss_fn(task)(outs, y))
@@ -75,7 +80,7 @@ def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
     """Raw outputs (class logits, or predictions of shape (n,) for regression), in the
     batches `evaluate` uses."""
     device = next(iter(model.parameters()), torch.zeros(())).device
-    batch = max(1, min(8192, EVAL_INPUT_FLOATS // max(1, int(np.prod(X.shape[1:])))))
+    batch = rows_per_batch(X.shape[1:])
     parts = [model(torch.as_tensor(X[i:i + batch], dtype=torch.float32, device=device)
                    ).float().cpu().numpy() for i in range(0, len(X), batch)]
     out = np.concatenate(parts) if parts else np.zeros((0,), np.float32)

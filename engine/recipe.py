@@ -28,8 +28,12 @@ from engine.schema import choice as _choice
 # the allowed values of the recipe's enumerated settings, for validation and for the app
 TASKS = ("auto", "classification", "regression")
 SCALINGS = ("standard", "minmax", False)  # `standardize: true` means "standard"
-LABELS = ("data", "teacher")  # where the labels come from (data.labels)
-LABEL_SPACES = ("data", "model")  # what an integer label means (data.label_space)
+# where the labels come from (data.labels) and what an integer label means
+# (data.label_space), each choice as the page names it
+LABELS = {"data": "from the data",
+          "teacher": "the model's own predictions (label-free: agreement)"}
+LABEL_SPACES = {"data": "renumbered over the classes present",
+                "model": "indices into the model's outputs"}
 MISSING = ("refuse", "drop", "mean", "median")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
 VALIDATION_PARAMS = ("model.hidden", "model.dropout", "train.l2", "train.weight_decay",
@@ -88,8 +92,8 @@ class DataConfig:
         _choice("data.task", self.task, TASKS)
         _choice("data.standardize", self.standardize, (True, *SCALINGS))
         _choice("data.missing", self.missing, MISSING)
-        _choice("data.labels", self.labels, LABELS)
-        _choice("data.label_space", self.label_space, LABEL_SPACES)
+        _choice("data.labels", self.labels, tuple(LABELS))
+        _choice("data.label_space", self.label_space, tuple(LABEL_SPACES))
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -6,10 +6,8 @@ import streamlit as st
 
 from engine.data import DATASETS, default_target, read_table
 from engine.errors import UserError
-from engine.hf import ARCHITECTURES as HF_ARCHITECTURES
 from engine.models import MODELS
-from engine.recipe import LABEL_SPACES, MISSING, SCALINGS, TASKS
-from engine.recipe import LABELS as LABEL_SOURCES
+from engine.recipe import MISSING, SCALINGS, TASKS
 from engine.runner import resolve
 from engine.settings import artifacts_root
 from engine.uploads import unpack_model_folder
@@ -22,7 +20,7 @@ from pages.common import (
     selection,
     show_error,
 )
-from pages.pickers import architecture_inputs, builtin_choice
+from pages.pickers import architecture_inputs, builtin_choice, label_inputs, real_architecture
 from pages.previews import data_preview, model_preview, show_data, show_model
 
 # recipe keys as the boxes on this page that set them, for the messages
@@ -83,21 +81,7 @@ with left:
     with st.expander("Task, split and scaling"):
         data["task"] = st.selectbox("Task", TASKS, index=TASKS.index(data["task"]),
                                     key="dm_task")
-        data["labels"] = st.selectbox(
-            "Labels", LABEL_SOURCES, index=LABEL_SOURCES.index(data.get("labels", "data")),
-            key="dm_labels", format_func=lambda s: {
-                "data": "from the data", "teacher": "the model's own predictions "
-                "(label-free: agreement)"}[s],
-            help="Label-free: a pretrained model and unlabeled samples (an NPZ with X alone, "
-                 "a ZIP of images in one folder); every variant is scored by its top-1 "
-                 "agreement with the original model.")
-        data["label_space"] = st.selectbox(
-            "Integer labels", LABEL_SPACES,
-            index=LABEL_SPACES.index(data.get("label_space", "data")), key="dm_label_space",
-            format_func=lambda s: {"data": "renumbered over the classes present",
-                                   "model": "indices into the model's outputs"}[s],
-            help="Indices into the model's outputs: for a pretrained classifier whose labels "
-                 "are its own class ids (ImageNet's 1000, say); its head is kept.")
+        label_inputs(data)
         data["val_fraction"] = st.slider("Validation fraction", 0.0, 0.5,
                                          float(data["val_fraction"]), 0.05, key="dm_val")
         data["test_fraction"] = st.slider("Test fraction", 0.0, 0.5,
@@ -114,15 +98,7 @@ with mleft:
                             "Architecture", default_sections()["model"]["source"],
                             middle=("Real architecture", "hfarch:"))
     if isinstance(picked, str):  # a transformers vision classifier, random weights
-        names = list(HF_ARCHITECTURES)
-        current = model["source"].removeprefix("hfarch:")
-        name = st.selectbox("Architecture (transformers, random init)", names,
-                            index=names.index(current) if current in names else 0,
-                            format_func=lambda n: f"{n}: {HF_ARCHITECTURES[n][2]}",
-                            key="dm_hfarch", help="Built offline from a transformers config "
-                            "at a small size; upload a Hugging Face folder (ZIP) for "
-                            "pretrained weights. Needs image data (try the shapes dataset).")
-        model.update(source=f"hfarch:{name}", architecture=None)
+        real_architecture(model)
     elif picked is not None:
         entry, _ = picked
         uses = entry.extra["uses"]

@@ -6,13 +6,18 @@ runs go on in their worker processes whether or not anyone watches.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 import streamlit as st
 
 from engine import jobs, plots
+from engine.compress.capabilities import ONNX_ONLY
 from engine.metrics import score_key
 from engine.progress import progress_of
 from engine.store import Store
+from pages.common import describe, show_error, submit
+from pages.workspace import remember
 
 
 def metric_of(histories: dict, task: str | None = None) -> str:
@@ -81,3 +86,17 @@ def watch(run_ids: list[str], key: str) -> None:
                              "epochs": m.get("epochs_run"), "train time (s)":
                              m.get("train_time_s")})
         st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
+def onnx_only(sel: dict[str, Any]) -> None:
+    """The Train page for an ONNX model: what it can do here, and the run that does it."""
+    st.info(ONNX_ONLY.format(what="train"))
+    if st.button("Evaluate and int8-quantize it", type="primary", key="tr_onnx_run"):
+        try:
+            remember("watch", [submit({"data": sel["data"], "model": sel["model"]},
+                                      name=f"{describe(sel['model'])} · ONNX Runtime")])
+        except Exception as exc:
+            show_error(exc)
+    if st.session_state.get("watch"):
+        watch(st.session_state["watch"], key="tr_live")
+

@@ -6,7 +6,8 @@ from typing import Any
 
 import streamlit as st
 
-from engine.recipe import ACTIVATIONS
+from engine.hf import ARCHITECTURES as HF_ARCHITECTURES
+from engine.recipe import ACTIVATIONS, LABEL_SPACES, LABELS
 from engine.schema import int_list
 
 
@@ -52,3 +53,31 @@ def architecture_inputs(model: dict[str, Any], uses: tuple[str, ...]) -> None:
         model["activation"] = st.selectbox(
             "Activation", ACTIVATIONS, index=ACTIVATIONS.index(model["activation"]),
             key="dm_activation")
+
+
+def label_inputs(data: dict[str, Any]) -> None:
+    """Where the labels come from and what an integer label means, into `data`."""
+    for key, label, menu, help in (
+            ("labels", "Labels", LABELS, "Label-free: a pretrained model and unlabeled "
+             "samples (an NPZ with X alone, a ZIP of images in one folder); every variant is "
+             "scored by its top-1 agreement with the original model."),
+            ("label_space", "Integer labels", LABEL_SPACES, "Indices into the model's "
+             "outputs: for a pretrained classifier whose labels are its own class ids "
+             "(ImageNet's 1000, say); its head is kept.")):
+        names = list(menu)
+        data[key] = st.selectbox(label, names, index=names.index(data.get(key, names[0])),
+                                 key=f"dm_{key}", format_func=menu.get, help=help)
+
+
+def real_architecture(model: dict[str, Any]) -> None:
+    """A transformers vision classifier by name (random weights), into `model`."""
+    names = list(HF_ARCHITECTURES)
+    current = model["source"].removeprefix("hfarch:")
+    name = st.selectbox("Architecture (transformers, random init)", names,
+                        index=names.index(current) if current in names else 0,
+                        format_func=lambda n: f"{n}: {HF_ARCHITECTURES[n][2]}",
+                        key="dm_hfarch", help="Built offline from a transformers config at a "
+                        "small size; upload a Hugging Face folder (ZIP) for pretrained "
+                        "weights. Needs image data (try the shapes dataset).")
+    model.update(source=f"hfarch:{name}", architecture=None)
+

@@ -5,7 +5,6 @@ import uuid
 import streamlit as st
 
 from engine import plots
-from engine.compress.capabilities import ONNX_ONLY
 from engine.optimizers import OPTIMIZERS
 from engine.recipe import PRECISIONS
 from engine.registry import Param
@@ -23,7 +22,7 @@ from pages.common import (
     show_error,
     submit,
 )
-from pages.live import watch
+from pages.live import onnx_only, watch
 from pages.workspace import remember
 
 
@@ -39,15 +38,7 @@ cfg = st.session_state.setdefault("train_cfg", dict(defaults))
 st.caption(f"Data: **{describe(sel['data'])}** · Model: **{describe(sel['model'])}**")
 st.page_link("pages/data_model.py", label="Change data or model", icon=":material/tune:")
 if sel["model"]["source"].lower().endswith(".onnx"):  # no optimizer would do anything
-    st.info(ONNX_ONLY.format(what="train"))
-    if st.button("Evaluate and int8-quantize it", type="primary", key="tr_onnx_run"):
-        try:
-            remember("watch", [submit({"data": sel["data"], "model": sel["model"]},
-                                      name=f"{describe(sel['model'])} · ONNX Runtime")])
-        except Exception as exc:
-            show_error(exc)
-    if st.session_state.get("watch"):
-        watch(st.session_state["watch"], key="tr_live")
+    onnx_only(sel)
     st.stop()
 
 opt_col, sched_col, reg_col = st.columns(3)
