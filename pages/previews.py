@@ -63,8 +63,8 @@ def show_model(info: dict[str, Any]) -> None:
     cols[1].metric("trainable", f"{info.get('trainable_params', info['params']):,}")
     cols[2].metric("FLOPs / sample", f"{info['flops']:,}" if "flops" in info else "n/a")
     cols[3].metric("size", f"{info['size_bytes'] / 1024:.1f} KiB",
-                   help="The weights as torch.save writes them; a run reports the size of "
-                        "the .pt2 file it ships.")
+                   help="The weights as torch.save writes them; a run reports its compressed "
+                        "encoding (model.wbz), the size Compare and Deploy show.")
     if info.get("layers"):
         st.dataframe(pd.DataFrame(info["layers"]), hide_index=True, height=260)
     if info.get("operators"):
