@@ -15,7 +15,7 @@ import engine.compress.lowrank
 import engine.compress.presets
 import engine.compress.share
 from engine.compress import COMPRESSORS, CompressContext, StepResult, clone, prunable
-from engine.compress.distill import hinton_loss
+from engine.compress.base import hinton_loss
 from engine.compress.lowrank import choose_rank, semi_nmf, svd_factor
 from engine.compress.presets import concat_histories
 from engine.compress.share import kmeans_1d

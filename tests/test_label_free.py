@@ -106,3 +106,36 @@ def test_labels_in_the_models_own_space_are_not_renumbered(pretrained):
                              "label_space": "model"}, "model": model})
     renumbered = load_data(DataConfig(**source), seed=0)  # the default renumbers: 2 classes
     assert renumbered.n_classes == 2
+
+
+def test_label_free_fine_tuning_matches_the_originals_whole_distribution(pretrained):
+    """Without labels, fine-tuning's loss is the KL divergence to the original model's
+    outputs (distillation from it), not cross-entropy on its top-1 labels: the original
+    itself has almost none (BatchNorm's batch statistics in training are the difference),
+    though its top-1 labels are far from its own probabilities."""
+    import copy
+
+    import torch
+
+    from engine.compress import CompressContext
+    from engine.metrics import relabel
+    from engine.models import build_model
+    from engine.runner import resolve
+    from engine.train import to_tensors
+
+    recipe = resolve({"data": {"source": str(pretrained / "unlabeled.npz"), "labels": "teacher",
+                               "standardize": False},
+                      "model": {"source": f"hf:{pretrained / 'resnet'}"},
+                      "train": {"lr": 1e-12, "optimizer": "sgd"}})
+    data = load_data(recipe.data, seed=0)
+    original = build_model(recipe.model, data.input_shape, 4, seed=0)
+    data = relabel(data, original)
+    dev = torch.device("cpu")
+    ctx = CompressContext(tensors=to_tensors(data, dev), task=data.task,
+                          input_shape=data.input_shape, n_out=4, train_cfg=recipe.train,
+                          model_cfg=recipe.model, data=data, device=dev, seed=0,
+                          baseline_model=original)
+    history = ctx.finetune(copy.deepcopy(original), 1, variant="prune")
+    assert history["train_loss"][0] < 0.05
+    ctx.baseline_model = None  # no original to match: cross-entropy on its top-1 labels
+    assert ctx.finetune(copy.deepcopy(original), 1, variant="prune")["train_loss"][0] > 0.5

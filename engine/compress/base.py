@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.functional import cross_entropy, kl_div, log_softmax, mse_loss
 
 from engine.data import DataBundle
 from engine.metrics import evaluate
+from engine.models import set_training
 from engine.recipe import ModelConfig, TrainConfig
 from engine.registry import Registry
 from engine.train import train
@@ -41,6 +43,21 @@ class StepResult:
     huffman: bool = False  # the shipped file may Huffman-code this variant's weights
     reference_onnx: bytes | None = None  # an onnxruntime variant's float32 .onnx, which the
     #   runner times beside it (the reference of its "vs ONNX Runtime fp32" ratio)
+
+
+def hinton_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, y: torch.Tensor, *,
+                task: str, temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T² * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y); for
+    regression alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, y)."""
+    if task == "classification":
+        T = temperature
+        soft = kl_div(log_softmax(student_out / T, 1), log_softmax(teacher_out / T, 1),
+                        reduction="batchmean", log_target=True) * T * T
+        hard = cross_entropy(student_out, y)
+    else:
+        soft = mse_loss(student_out.reshape(teacher_out.shape), teacher_out)
+        hard = mse_loss(student_out.reshape(y.shape), y)
+    return alpha * soft + (1 - alpha) * hard
 
 
 @dataclass
@@ -71,12 +88,26 @@ class CompressContext:
         history. Zero epochs return an empty history."""
         if epochs <= 0:
             return {}
+        if loss_fn is None and self.data.labels == "teacher" and self.baseline_model is not None:
+            loss_fn = self._from_original()  # no labels: recover by matching the original
         cfg = dataclasses.replace(self.train_cfg, epochs=epochs, early_stopping=None,
                                   schedule=None, lr=lr or self.train_cfg.lr, freeze=())
         result = train(model, self.data, cfg, device=self.device, seed=self.seed,
                        tensors=self.tensors, after_step=after_step, loss_override=loss_fn,
                        on_progress=lambda e: self.on_progress({**e, "variant": variant}))
         return result.history
+
+    def _from_original(self) -> Callable[..., torch.Tensor]:
+        """Label-free fine-tuning's loss: the original model's full output distribution
+        (KL at T=1 for a classifier, MSE otherwise), not only its top-1 labels."""
+        teacher = self.baseline_model
+        set_training(teacher, False)
+
+        def loss_fn(out: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                t_out = teacher(xb).float()
+            return hinton_loss(out, t_out, yb, task=self.task, temperature=1.0, alpha=1.0)
+        return loss_fn
 
     def evaluate(self, model: nn.Module, part: str = "test") -> dict[str, float]:
         return evaluate(model, self.tensors[f"X_{part}"], self.tensors[f"y_{part}"], self.task)

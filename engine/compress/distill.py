@@ -14,9 +14,9 @@ import dataclasses
 
 import torch
 from torch import nn
-from torch.nn.functional import cross_entropy, kl_div, log_softmax, mse_loss
+from torch.nn.functional import mse_loss
 
-from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone
+from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, hinton_loss
 from engine.compress.capabilities import NO_STUDENT
 from engine.errors import UserError
 from engine.hf import build_hf, scaled_builder
@@ -46,21 +46,6 @@ def student_config(student: dict, width_multiplier: float, teacher: ModelConfig)
 
     return dataclasses.replace(teacher, source=source, architecture=None,
                                hidden=scale(teacher.hidden), channels=scale(teacher.channels))
-
-
-def hinton_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, y: torch.Tensor, *,
-                task: str, temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * T² * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y); for
-    regression alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, y)."""
-    if task == "classification":
-        T = temperature
-        soft = kl_div(log_softmax(student_out / T, 1), log_softmax(teacher_out / T, 1),
-                        reduction="batchmean", log_target=True) * T * T
-        hard = cross_entropy(student_out, y)
-    else:
-        soft = mse_loss(student_out.reshape(teacher_out.shape), teacher_out)
-        hard = mse_loss(student_out.reshape(y.shape), y)
-    return alpha * soft + (1 - alpha) * hard
 
 
 def output_layer(model: nn.Module) -> nn.Module:
