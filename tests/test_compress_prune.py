@@ -11,7 +11,7 @@ from torch import nn
 import engine.compress.prune  # noqa: F401 - registers "prune"
 from engine.compress import COMPRESSORS, CompressContext, StepResult
 from engine.compress.channels import structured_prune
-from engine.compress.prune import cubic_schedule, magnitude_mask, sparsity
+from engine.compress.prune import cubic_schedule, magnitude_mask, spared, sparsity
 from engine.errors import UserError
 from engine.models import build_model
 from engine.recipe import ModelConfig
@@ -110,10 +110,29 @@ def test_sparsity_equals_the_amount_and_survives_fine_tuning(mlp, method, curvat
                                               ("obd", "hessian")])
 def test_conv_kernels_are_pruned_too(cnn, method, curvature):
     model, ctx = cnn
-    result = run(model, ctx, method=method, curvature=curvature, amount=0.6, finetune_epochs=1)
+    result = run(model, ctx, method=method, curvature=curvature, amount=0.6, finetune_epochs=1,
+                 spare="none")
     zeros = layer_zeros(result.model)
     assert {"conv1", "conv2", "out"} <= zeros.keys()
     assert all(z == round(0.6 * n) for z, n in zeros.values()), zeros
+
+
+def test_a_convolutional_networks_sensitive_layers_are_spared_unless_asked(cnn):
+    """spare: auto keeps the stem (it sees raw pixels), the classifier and any depthwise
+    convolution whole on a CNN, and says so; the layers between lose the amount."""
+    model, ctx = cnn
+    result = run(model, ctx, amount=0.6, finetune_epochs=0)
+    zeros = layer_zeros(result.model)
+    assert zeros["conv1"][0] == zeros["out"][0] == 0
+    middle = {k: v for k, v in zeros.items() if k not in ("conv1", "out")}
+    assert middle and all(z == round(0.6 * n) for z, n in middle.values()), zeros
+    assert any("Kept whole as sensitive" in n and "conv1" in n for n in result.notes)
+    depthwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8),
+                              nn.Conv2d(8, 8, 1), nn.Flatten(), nn.LazyLinear(2))
+    depthwise(torch.zeros(1, 3, 8, 8))
+    assert spared(depthwise, "auto") == ["0.weight", "1.weight", "4.weight"]
+    assert spared(depthwise, "none") == []
+    assert spared(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), "auto") == []  # an MLP
 
 
 def test_global_scope_prunes_layers_unevenly(mlp):

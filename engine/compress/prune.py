@@ -74,6 +74,20 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if p.ndim >= 2 and name.rsplit(".", 1)[-1] == "weight"]
 
 
+def spared(model: nn.Module, spare: str) -> list[str]:
+    """The weight names `spare: "auto"` keeps whole on a convolutional network: its
+    depthwise convolutions (a few weights per channel, each channel's only filter) and its
+    first and last weight layers (the stem sees raw pixels, the classifier every class).
+    An MLP, and `spare: "none"`, spare nothing: Han et al. prune every layer of LeNet."""
+    layers = prunable(model)
+    if spare == "none" or not any(isinstance(m, nn.Conv1d | nn.Conv2d) for _, m in layers):
+        return []
+    keep = {layers[0][0], layers[-1][0]}
+    keep |= {name for name, m in layers if isinstance(m, nn.Conv1d | nn.Conv2d)
+             and m.groups > 1 and m.in_channels == m.groups}
+    return [f"{name}.weight".lstrip(".") for name, _ in layers if name in keep]
+
+
 def _masks(scores: list[torch.Tensor], amount: float, scope: str) -> list[torch.Tensor]:
     if scope == "layer":
         return [_keep_top(s, amount) for s in scores]
@@ -207,6 +221,8 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
     if not named:
         raise UserError("this model has no weight matrices or convolution kernels to prune; "
                         "pick another model or technique.")
+    kept_whole = spared(model, step["spare"])
+    named = [(n, p) for n, p in named if n not in kept_whole] or named
     params = [p for _, p in named]
     method = step["method"]
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -234,8 +250,15 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
                           for n, p in named)
     notes = [f"Pruned {step['amount']:.0%} of the weights {how} {where}; sparsity: "
              f"{per_layer} (overall {sparsity(model):.1%})."]
+    if kept_whole:
+        shown = [n.removesuffix(".weight") for n in kept_whole]
+        shown = shown if len(shown) <= 6 else [*shown[:2], f"{len(shown) - 3} more", shown[-1]]
+        notes.append(f"Kept whole as sensitive (spare: auto; \"none\" prunes them too): the "
+                     f"first and last layers and the depthwise convolutions: "
+                     f"{', '.join(shown)}.")
     pruned = {id(p) for p in params}
-    kept = [n for n, p in model.named_parameters() if id(p) not in pruned]
+    kept = [n for n, p in model.named_parameters()
+            if id(p) not in pruned and n not in kept_whole]
     if kept:
         notes.append(f"Not pruned: {', '.join(kept)} (biases, and layers other than Linear "
                      f"and Conv, are kept whole).")
@@ -269,6 +292,10 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
         Param("scope", "str", "layer", "layer: each layer loses `amount`; global: one threshold "
               "across layers, so redundant layers lose more (not for structured)",
               choices=("layer", "global")),
+        Param("spare", "str", "auto", "auto: on a convolutional network, keep depthwise "
+              "convolutions and the first and last layers whole (the sensitive ones); none: "
+              "prune every Linear and Conv layer (not for structured)",
+              choices=("auto", "none")),
         Param("norm", "str", "l1", "structured: norm that ranks neurons and filters",
               choices=("l1", "l2")),
         Param("curvature", "str", "hessian", "obd: hessian (Hutchinson estimate of its "
