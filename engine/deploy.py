@@ -27,7 +27,7 @@ from engine.data import load_data
 from engine.errors import UserError
 from engine.export import onnx_bytes, ort_predict, ort_session, pack_weights
 from engine.latency import BUDGET_S, machine, time_calls, torch_latency
-from engine.metrics import predict, r2, score_outputs
+from engine.metrics import cosine, predict, r2, score_outputs
 from engine.models import set_training
 from engine.recipe import Recipe
 from engine.sections import resolve_sections
@@ -98,7 +98,10 @@ def _scores(out: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
     if task == "classification":
         return {"accuracy": score_outputs(out, y, task)}
     pred = out.reshape(y.shape)
-    return {"mse": float(((y - pred) ** 2).mean()), "r2": r2(y, pred)}
+    scores = {"mse": float(((y - pred) ** 2).mean()), "r2": r2(y, pred)}
+    if y.ndim == 2:  # a label-free teacher's output vectors
+        scores["cosine"] = cosine(torch.as_tensor(pred), torch.as_tensor(y))
+    return scores
 
 
 def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: int = 1,

@@ -78,10 +78,11 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
         if outcome.reference_onnx is not None:
             reference_timer = ort_call(outcome.reference_onnx, ctx.input_shape)
     metrics.update(outcome.metrics)
-    if ctx.data.labels == "teacher":  # accuracy on the teacher's own labels is agreement
-        for part in ("train", "val", "test"):
-            if f"{part}_accuracy" in metrics:
-                metrics[f"{part}_agreement"] = metrics.pop(f"{part}_accuracy")
+    if ctx.data.labels == "teacher":  # accuracy on the teacher's own labels is agreement,
+        for part in ("train", "val", "test"):  # and so is the cosine to its output vectors
+            for key in ("accuracy", "cosine"):
+                if f"{part}_{key}" in metrics:
+                    metrics[f"{part}_agreement"] = metrics.pop(f"{part}_{key}")
     metrics.update(runtime=outcome.runtime, chain=" -> ".join(chain) or "trained model",
                    notes=list(outcome.notes))
     if ctx.export_onnx:

@@ -43,7 +43,7 @@ def score_outputs(out: np.ndarray, y: np.ndarray, task: str) -> float:
     out = np.asarray(out)
     if task == "classification":
         return float((out.argmax(1) == y).mean())
-    return r2(y, out.reshape(len(y)))
+    return r2(y, out.reshape(y.shape))
 
 
 EVAL_INPUT_FLOATS = 2**21  # input values per evaluation batch: 8,192 table rows, but 14
@@ -72,7 +72,10 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
     pred = outs.reshape(y.shape)
     ss_res = float(((y - pred) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {"loss": loss, "mse": loss, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 0.0}
+    scores = {"loss": loss, "mse": loss, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 0.0}
+    if y.ndim == 2:  # vectors (a teacher's outputs): how closely each row follows
+        scores["cosine"] = cosine(pred, y)
+    return scores
 
 
 @torch.no_grad()
@@ -102,24 +105,38 @@ def score_key(metrics: dict) -> str | None:
 
 
 @torch.no_grad()
-def relabel(data: DataBundle, teacher: nn.Module, class_names: list[str] | None = None,
-            batch: int = 256) -> DataBundle:
-    """The data labelled by `teacher`'s own top-1 predictions (label-free evaluation: a
-    variant's accuracy on these labels is its agreement with the original model)."""
+def relabel(data: DataBundle, teacher: nn.Module, class_names: list[str] | None = None, *,
+            outputs: bool = False) -> DataBundle:
+    """The data labelled by `teacher` (label-free evaluation): by its top-1 predictions, so
+    that a variant's accuracy is its agreement with the original model; with `outputs`
+    (a model whose outputs are not classes: an embedder, a regressor) by its output vectors
+    themselves, a regression whose `cosine` is the agreement."""
     set_training(teacher, False)
     device = next(iter(teacher.parameters()), torch.zeros(())).device
+    batch = rows_per_batch(data.X_train.shape[1:])
 
-    def labels(X: np.ndarray) -> np.ndarray:
-        outs = [teacher(torch.as_tensor(X[i:i + batch], device=device)).float().argmax(1).cpu()
+    def run(X: np.ndarray) -> torch.Tensor:
+        outs = [teacher(torch.as_tensor(X[i:i + batch], device=device)).float().cpu()
                 for i in range(0, len(X), batch)]
-        return torch.cat(outs).numpy().astype(np.int64) if outs else np.zeros(0, np.int64)
+        return torch.cat(outs).flatten(1) if outs else torch.zeros(0, width)
 
-    width = int(teacher(torch.as_tensor(data.X_train[:1], device=device)).shape[1])
+    width = int(teacher(torch.as_tensor(data.X_train[:1], device=device)).flatten(1).shape[1])
+    if outputs:
+        parts = {f"y_{p}": run(getattr(data, f"X_{p}")).numpy() for p in ("train", "val", "test")}
+        return dataclasses.replace(data, **parts, task="regression", n_classes=0,
+                                   class_names=[], labels="teacher")
     names = class_names if class_names and len(class_names) == width else [
         str(i) for i in range(width)]
-    return dataclasses.replace(data, y_train=labels(data.X_train), y_val=labels(data.X_val),
-                               y_test=labels(data.X_test), task="classification",
-                               n_classes=width, class_names=names, labels="teacher")
+    parts = {f"y_{p}": run(getattr(data, f"X_{p}")).argmax(1).numpy().astype(np.int64)
+             for p in ("train", "val", "test")}
+    return dataclasses.replace(data, **parts, task="classification", n_classes=width,
+                               class_names=names, labels="teacher")
+
+
+def cosine(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cosine similarity of matching rows: how closely outputs follow the original's."""
+    return float(nn.functional.cosine_similarity(pred.flatten(1), y.flatten(1), dim=1,
+                                                 eps=1e-12).mean())
 
 
 def in_model_space(data: DataBundle, width: int, names: list[str] | None) -> DataBundle:

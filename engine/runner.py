@@ -106,7 +106,8 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
     if recipe.data.labels == "teacher":  # the original model's predictions are the labels
         width, names = own_outputs(recipe.model, data.input_shape)
         data = relabel(data, build_model(recipe.model, data.input_shape, width,
-                                         seed=recipe.seed), names)
+                                         seed=recipe.seed), names,
+                       outputs=recipe.data.task == "regression")
     elif recipe.data.label_space == "model":  # labels index the model's own outputs
         data = in_model_space(data, *own_outputs(recipe.model, data.input_shape,
                                                  pretrained=False))

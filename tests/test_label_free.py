@@ -139,3 +139,37 @@ def test_label_free_fine_tuning_matches_the_originals_whole_distribution(pretrai
     assert history["train_loss"][0] < 0.05
     ctx.baseline_model = None  # no original to match: cross-entropy on its top-1 labels
     assert ctx.finetune(copy.deepcopy(original), 1, variant="prune")["train_loss"][0] > 0.5
+
+
+def test_a_model_whose_outputs_are_not_classes_is_scored_by_cosine(pretrained, tmp_path):
+    """An embedder (here a small CNN giving 16-wide vectors, uploaded as .pt2) with
+    `data.task: "regression"`: the original's output vectors are the targets, fine-tuning
+    matches them, and `test_agreement` is the mean cosine similarity to them, in PyTorch,
+    in ONNX Runtime and in the deployed file."""
+    import torch
+    from torch import nn
+
+    from engine.models import save_model
+
+    X = np.load(pretrained / "unlabeled.npz")["X"]
+    torch.manual_seed(0)
+    embedder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 16))
+    save_model(embedder, X.shape[1:], tmp_path / "embedder.pt2")
+    result = engine.run({
+        "data": {"source": str(pretrained / "unlabeled.npz"), "labels": "teacher",
+                 "task": "regression", "standardize": False},
+        "model": {"source": str(tmp_path / "embedder.pt2")}, "train": {"epochs": 0},
+        "export": {"onnx": True},
+        "compress": [{"technique": "prune", "amount": 0.6, "spare": "none",
+                      "finetune_epochs": 1},
+                     {"technique": "quantize", "method": "static_int8",
+                      "calibration_rows": 32}]})
+    assert result["data"]["task"] == "regression" and result["data"]["n_out"] == 16
+    baseline, pruned, int8 = result["variants"]
+    assert baseline["metrics"]["test_agreement"] == pytest.approx(1.0, abs=1e-6)
+    for v in (pruned, int8):
+        assert "test_accuracy" not in v["metrics"] and "test_cosine" not in v["metrics"]
+        assert 0.0 < v["metrics"]["test_agreement"] < 1.0
+    assert int8["metrics"]["runtime"] == "onnxruntime"
+    assert baseline["metrics"]["deploy"]["onnx"]["cosine"] == pytest.approx(1.0, abs=1e-4)

@@ -49,8 +49,11 @@ class DataBundle:
 
     @property
     def n_outputs(self) -> int:
-        """The model's output width: one logit per class, or one value for regression."""
-        return self.n_classes if self.task == "classification" else 1
+        """The model's output width: one logit per class, one value for regression, or the
+        width of the vectors a label-free teacher gave as targets."""
+        if self.task == "classification":
+            return self.n_classes
+        return int(self.y_train.shape[1]) if self.y_train.ndim == 2 else 1
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -58,7 +61,8 @@ class DataBundle:
             "rows": {"train": len(self.y_train), "val": len(self.y_val),
                      "test": len(self.y_test)},
             "input_shape": list(self.input_shape), "n_features": self.n_features,
-            "n_raw_features": self.n_raw_features, "is_image": self.is_image}
+            "n_raw_features": self.n_raw_features, "is_image": self.is_image,
+            "n_out": self.n_outputs, "labels": self.labels}
         if self.encoding is not None:
             out["encoding"] = self.encoding
         if self.task == "classification":
