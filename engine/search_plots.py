@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
-from engine.plots import PALETTE
+from engine.plots import PALETTE, pareto
 
 if TYPE_CHECKING:  # a study's type only
     import optuna
@@ -100,3 +100,16 @@ def param_importances(study: optuna.Study, objectives: Sequence[str] = ("val_sco
                       yaxis_title="parameter", showlegend=len(fig.data) > 1)
     return _restyle(fig, "parameter importance (fANOVA)",
                     height=80 + 40 * rows * max(len(fig.data), 1))
+
+
+def trial_front(trials: Sequence[Mapping[str, Any]], objectives: Sequence[str]
+                ) -> go.Figure | None:
+    """The Pareto front of finished trials, as it grows, for a search on the validation
+    score and one cost (None for any other pair of objectives): `trials` are the run's
+    trial events, each with number, params and values."""
+    if len(objectives) != 2 or objectives[0] != "val_score":
+        return None
+    points = [{"name": f"trial {t['number']}", "technique": "trial", "chain": str(t["params"]),
+               objectives[0]: t["values"][0], objectives[1]: t["values"][1]}
+              for t in trials if t.get("values")]
+    return pareto(points, objectives[1], objectives[0], title="Pareto front of the trials")

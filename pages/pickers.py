@@ -60,7 +60,9 @@ def label_inputs(data: dict[str, Any]) -> None:
     for key, label, menu, help in (
             ("labels", "Labels", LABELS, "Label-free: a pretrained model and unlabeled "
              "samples (an NPZ with X alone, a ZIP of images in one folder); every variant is "
-             "scored by its top-1 agreement with the original model."),
+             "scored by its top-1 agreement with the original model, or, with Task "
+             "regression (an embedder: outputs that are not classes), by the mean cosine "
+             "similarity of its outputs to the original's."),
             ("label_space", "Integer labels", LABEL_SPACES, "Indices into the model's "
              "outputs: for a pretrained classifier whose labels are its own class ids "
              "(ImageNet's 1000, say); its head is kept.")):
