@@ -62,6 +62,7 @@ MODULES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "MaxPool1d": (nn.MaxPool1d, ("kernel_size", "stride", "padding")),
     "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding")),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
+    "ZeroPad2d": (nn.ZeroPad2d, ("padding",)),
     "ActivationFakeQuant": (ActivationFakeQuant, ("bits", "momentum")),
     "Sequential": (nn.Sequential, ()), "Factorized": (Factorized, ()),
     **{cls.__name__: (cls, (CONV_ARGS if "Conv" in cls.__name__ else

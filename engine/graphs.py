@@ -6,12 +6,16 @@ turns each leaf that is one linear, convolution or batch-norm call into the real
 `nn.Linear`, `nn.Conv1d/2d` or `nn.BatchNorm1d/2d` with the same weights, so pruning,
 low-rank, sharing, k-bit and QAT see and replace them like any layer, and BatchNorm trains
 again. The parent graphs call their children by name, so a replaced layer is simply used.
-The model keeps the program's bytes (`workbench_graph`) for its bundle.
+A convolution that pads its input first through a child (TensorFlow's "same" padding, as
+EfficientNet ports do) becomes the convolution with that padding when it is symmetric, else
+a `Sequential` of `ZeroPad2d` and the convolution (`pad`, `conv`). The model keeps the
+program's bytes (`workbench_graph`) for its bundle.
 """
 
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -36,12 +40,13 @@ def from_program(program: Any) -> GraphModel:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     net = torch.export.unflatten(program)
-    for name, sub in list(net.named_modules()):
-        if isinstance(sub, InterpreterModule) and not list(sub.children()):
-            layer = _real_layer(sub)
-            if layer is not None:
-                parent, _, leaf = name.rpartition(".")
-                setattr(net.get_submodule(parent) if parent else net, leaf, layer)
+    for name, sub in reversed(list(net.named_modules())):  # children before their parents
+        if not isinstance(sub, InterpreterModule):
+            continue
+        layer = _real_layer(sub) if not list(sub.children()) else _padded_conv(sub)
+        if layer is not None:
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, leaf, layer)
     for sub in net.modules():  # the symbolic shapes in node.meta cannot be deep-copied
         graph = getattr(sub, "graph", None)
         if graph is not None:
@@ -59,10 +64,46 @@ def load_program(data: bytes) -> GraphModel:
     return from_program(torch.export.load(io.BytesIO(data)))
 
 
-def _real_layer(sub: nn.Module) -> nn.Module | None:
+def _padded_conv(sub: nn.Module) -> nn.Module | None:
+    """A convolution whose input goes through one child first: a zero padding (as a
+    ZeroPad2d, found below) or nothing (an unused Identity-like child)."""
+    modules = [n for n in sub.graph.nodes if n.op == "call_module"]
+    conv = _real_layer(sub, allow_children=True)
+    if not isinstance(conv, nn.Conv2d) or len(modules) > 1:
+        return None
+    if not modules:  # the child is never called
+        return conv
+    pad = sub.get_submodule(str(modules[0].target))
+    if not isinstance(pad, nn.ZeroPad2d | nn.Identity):
+        return None
+    if isinstance(pad, nn.Identity) or conv.padding not in ((0, 0), "valid"):
+        return conv if isinstance(pad, nn.Identity) else None
+    left, right, top, bottom = pad.padding
+    if left == right and top == bottom:  # symmetric: the convolution's own padding
+        conv.padding = (top, left)
+        return conv
+    return nn.Sequential(OrderedDict(pad=pad, conv=conv))
+
+
+def _zero_pad(sub: nn.Module, calls: list[Any]) -> nn.Module | None:
+    """A leaf that only pads 2-D inputs with zeros, or passes them on, as a real module."""
+    if not calls:
+        return nn.Identity()
+    if len(calls) != 1 or calls[0].target != aten.pad.default:
+        return None
+    args = [*calls[0].args, "constant", 0.0][:4]
+    amounts, mode, value = args[1], args[2], args[3]
+    if len(amounts) != 4 or mode != "constant" or value not in (0, 0.0, None):
+        return None
+    return nn.ZeroPad2d(tuple(int(a) for a in amounts))
+
+
+def _real_layer(sub: nn.Module, *, allow_children: bool = False) -> nn.Module | None:
     calls = [n for n in sub.graph.nodes if n.op == "call_function"
              and n.target is not getattr]  # getitem of a batch-norm's outputs
     calls = [n for n in calls if "getitem" not in str(n.target)]
+    if not dict(sub.named_parameters(recurse=False)) and not allow_children:
+        return _zero_pad(sub, calls)
     if len(calls) != 1:
         return None
     call = calls[0]

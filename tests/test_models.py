@@ -65,6 +65,42 @@ def test_pt2_round_trip_and_fine_tune(tmp_path):
     assert result["variants"][0]["metrics"]["trainable_params"] == 8 * 3 + 3
 
 
+class SamePadConv(torch.nn.Conv2d):
+    """TensorFlow's "same" padding as EfficientNet ports write it: a padding child, then
+    the convolution."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1):
+        super().__init__(cin, cout, k, stride=stride, groups=groups, bias=False)
+        total = max(k - stride, 0)  # for an even input size
+        self.static_padding = torch.nn.ZeroPad2d((total // 2, total - total // 2,
+                                                  total // 2, total - total // 2))
+
+    def forward(self, x):
+        return self._conv_forward(self.static_padding(x), self.weight, self.bias)
+
+
+def test_a_pt2_convolution_that_pads_through_a_child_is_a_real_conv(tmp_path):
+    """EfficientNet-Lite's convolutions pad through a child module: each becomes a real
+    Conv2d (the padding folded in when symmetric, else a ZeroPad2d before it), so
+    pruning and every other technique see them, and the outputs stay the same."""
+    from engine.compress import prunable
+    from engine.models import set_training
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(SamePadConv(3, 8, 3, stride=2), torch.nn.ReLU(),
+                              SamePadConv(8, 8, 3, groups=8), SamePadConv(8, 4, 1),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    save_model(net, (3, 16, 16), tmp_path / "same.pt2")
+    loaded = build_model(ModelConfig(source=str(tmp_path / "same.pt2")), (3, 16, 16), 4, seed=0)
+    set_training(loaded, False)
+    x = torch.randn(5, 3, 16, 16)
+    assert torch.allclose(loaded(x), net(x), atol=1e-6)
+    names = [name for name, _ in prunable(loaded)]
+    assert names == ["0.conv", "2", "3"]  # stride 2 pads (0, 1, 0, 1): kept as a ZeroPad2d
+    assert isinstance(loaded.get_submodule("0.pad"), torch.nn.ZeroPad2d)
+    assert loaded.get_submodule("2").padding == (1, 1)  # symmetric: the conv's own
+
+
 def test_state_dict_upload_needs_its_architecture(tmp_path):
     model = build_model(ModelConfig(source="builtin:mlp", hidden=(8,)), (4,), 3, seed=1)
     torch.save(model.state_dict(), tmp_path / "w.pt")
