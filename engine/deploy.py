@@ -27,7 +27,7 @@ from engine.data import load_data
 from engine.errors import UserError
 from engine.export import onnx_bytes, ort_predict, ort_session, pack_weights
 from engine.latency import BUDGET_S, machine, time_calls, torch_latency
-from engine.metrics import cosine, predict, r2, score_outputs
+from engine.metrics import cosine, predict, r2, rows_per_batch, score_outputs
 from engine.models import set_training
 from engine.recipe import Recipe
 from engine.sections import resolve_sections
@@ -106,9 +106,12 @@ def _scores(out: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
 
 def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: int = 1,
            batch: int = 256) -> dict[str, Any]:
-    """Check, evaluate and time an exported file; with `model`, compare it with PyTorch."""
+    """Check, evaluate and time an exported file; with `model`, compare it with PyTorch.
+    Throughput is timed at `batch` rows, fewer for large samples (an evaluation batch's
+    bound: 13 photos of 224x224, where 256 took minutes a call and gigabytes)."""
     proto = onnx.load_from_string(file)
     X_raw, y = data.X_test_raw, data.y_test
+    batch = min(batch, rows_per_batch(X_raw.shape[1:]))
     session = ort_session(file, threads=threads)
     out = ort_predict(session, X_raw)
     info: dict[str, Any] = {
