@@ -85,6 +85,8 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
                     metrics[f"{part}_agreement"] = metrics.pop(f"{part}_{key}")
     metrics.update(runtime=outcome.runtime, chain=" -> ".join(chain) or "trained model",
                    notes=list(outcome.notes))
+    if metrics.get("test_agreement", 1.0) < COLLAPSED:
+        metrics["notes"].append(collapsed(name, metrics["test_agreement"], ctx.task))
     if ctx.export_onnx:
         metrics["deploy"] = _deploy(name, outcome, ctx, folder)
         base = (reference or {}).get("metrics", {}).get("deploy")
@@ -141,6 +143,20 @@ def _deploy(name: str, outcome: StepResult, ctx: CompressContext,
         info = deploy.report(file, ctx.data)
     (folder / name / "model.onnx").write_bytes(file)
     return {**info, "file": f"{name}/model.onnx"}
+
+
+COLLAPSED = 0.5  # a label-free variant below this agreement has lost the original's behaviour
+
+
+def collapsed(name: str, agreement: float, task: str) -> str:
+    """A variant that no longer behaves like the original model, in one sentence."""
+    if task == "classification":
+        figure = (f"its top-1 predictions match the original's on only {agreement:.0%} of "
+                  f"the test rows")
+    else:
+        figure = f"its outputs' mean cosine similarity to the original's is only {agreement:.2f}"
+    return (f"{name} has collapsed: {figure}; fine-tune it longer, or compress less (a "
+            f"smaller amount, more bits, a larger rank).")
 
 
 def onnx_not_smaller(name: str, size: int, baseline: int) -> str:

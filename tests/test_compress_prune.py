@@ -111,7 +111,7 @@ def test_sparsity_equals_the_amount_and_survives_fine_tuning(mlp, method, curvat
 def test_conv_kernels_are_pruned_too(cnn, method, curvature):
     model, ctx = cnn
     result = run(model, ctx, method=method, curvature=curvature, amount=0.6, finetune_epochs=1,
-                 spare="none")
+                 spare="none", scope="layer")
     zeros = layer_zeros(result.model)
     assert {"conv1", "conv2", "out"} <= zeros.keys()
     assert all(z == round(0.6 * n) for z, n in zeros.values()), zeros
@@ -121,7 +121,7 @@ def test_a_convolutional_networks_sensitive_layers_are_spared_unless_asked(cnn):
     """spare: auto keeps the stem (it sees raw pixels), the classifier and any depthwise
     convolution whole on a CNN, and says so; the layers between lose the amount."""
     model, ctx = cnn
-    result = run(model, ctx, amount=0.6, finetune_epochs=0)
+    result = run(model, ctx, amount=0.6, finetune_epochs=0, scope="layer")
     zeros = layer_zeros(result.model)
     assert zeros["conv1"][0] == zeros["out"][0] == 0
     middle = {k: v for k, v in zeros.items() if k not in ("conv1", "out")}
@@ -154,14 +154,17 @@ def test_every_criterion_beats_random_before_fine_tuning(mlp):
 
 def test_magnitude_at_90_percent_keeps_accuracy_after_fine_tuning():
     # wider than the fixture's 64-32: at 90% per layer, the 10x32 output layer would keep
-    # 3 weights per class; Han et al.'s 90%+ results are on nets with this much redundancy
+    # 3 weights per class; Han et al.'s 90%+ results are on nets with this much redundancy.
+    # Across seeds 90% ends 0 to 3.6 points down after 10 epochs (README, "Pruning's
+    # defaults"): the one-point target of issue 18 is not met reliably yet
     model, ctx = _baseline("mlp", hidden=[256, 128])
     base = ctx.evaluate(model)["accuracy"]
     raw = ctx.evaluate(run(model, ctx, amount=0.9, finetune_epochs=0).model)["accuracy"]
-    tuned = run(model, ctx, amount=0.9, finetune_epochs=5).model
+    tuned = run(model, ctx, amount=0.9, finetune_epochs=10).model
     acc = ctx.evaluate(tuned)["accuracy"]
     print(f"digits mlp test accuracy: baseline {base:.3f}, 90% magnitude-pruned {raw:.3f}, "
-          f"after 5 fine-tuning epochs {acc:.3f} (sparsity {sparsity(tuned):.3f})")
+          f"after 10 fine-tuning epochs {acc:.3f} (sparsity {sparsity(tuned):.3f})")
+    assert sparsity(tuned) == pytest.approx(0.9, abs=1e-3)
     assert acc >= base - 0.04
 
 
@@ -263,7 +266,8 @@ def test_gradual_follows_the_cubic_schedule(mlp):
         seen.append((sparsity(net), epochs))
         return finetune(net, epochs, **kw)
     ctx.finetune = recording
-    result = run(model, ctx, schedule="gradual", steps=4, amount=0.8, finetune_epochs=5)
+    result = run(model, ctx, schedule="gradual", steps=4, amount=0.8, finetune_epochs=5,
+                 scope="layer")
     assert [s for s, _ in seen] == pytest.approx(cubic_schedule(0.8, 4), abs=2e-3)
     assert [e for _, e in seen] == [1, 1, 1, 2]
     assert result.history["epoch"] == [1, 2, 3, 4, 5]

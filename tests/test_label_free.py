@@ -173,3 +173,15 @@ def test_a_model_whose_outputs_are_not_classes_is_scored_by_cosine(pretrained, t
         assert 0.0 < v["metrics"]["test_agreement"] < 1.0
     assert int8["metrics"]["runtime"] == "onnxruntime"
     assert baseline["metrics"]["deploy"]["onnx"]["cosine"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_collapsed_variant_says_so():
+    from engine.measure import COLLAPSED, collapsed
+
+    assert COLLAPSED == 0.5
+    assert collapsed("prune-magnitude", 0.31, "classification") == (
+        "prune-magnitude has collapsed: its top-1 predictions match the original's on only "
+        "31% of the test rows; fine-tune it longer, or compress less (a smaller amount, more "
+        "bits, a larger rank).")
+    assert "cosine similarity to the original's is only 0.42" in collapsed("x", 0.42,
+                                                                            "regression")

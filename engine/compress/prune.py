@@ -289,9 +289,10 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
               choices=("magnitude", "random", "structured", "obd")),
         Param("amount", "float", 0.8, "fraction of weights removed (structured: of each hidden "
               "layer's neurons or filters)", low=0.0, high=0.99),
-        Param("scope", "str", "layer", "layer: each layer loses `amount`; global: one threshold "
-              "across layers, so redundant layers lose more (not for structured)",
-              choices=("layer", "global")),
+        Param("scope", "str", "global", "global: one threshold across layers, so redundant "
+              "layers lose more and sensitive ones less (90% magnitude pruning of the digits "
+              "MLP: +0.0 points after 10 epochs, -1.4 per layer); layer: each layer loses "
+              "`amount` (not for structured)", choices=("layer", "global")),
         Param("spare", "str", "auto", "auto: on a convolutional network, keep depthwise "
               "convolutions and the first and last layers whole (the sensitive ones); none: "
               "prune every Linear and Conv layer (not for structured)",

@@ -46,7 +46,7 @@ TECHNIQUES: list[tuple[str, dict]] = [
       "finetune_epochs": 2}),
     ("magnitude 50% per layer, nothing spared + 2 epochs",
      {"technique": "prune", "method": "magnitude", "amount": 0.5, "spare": "none",
-      "finetune_epochs": 2}),
+      "scope": "layer", "finetune_epochs": 2}),
     ("OBD 50% global (Fisher) + 2 epochs",
      {"technique": "prune", "method": "obd", "curvature": "fisher", "amount": 0.5,
       "scope": "global", "finetune_epochs": 2}),
@@ -129,6 +129,7 @@ def in_fresh_process(recipe: dict, out_dir: str) -> dict:
 
 
 def measure(quick: bool = False) -> dict:
+    os.environ.setdefault("WORKBENCH_UPLOAD_LIMIT_MB", "2000")  # 600 photos are 345 MB
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pt2_bytes = save_lite0(folder / "lite0.pt2")

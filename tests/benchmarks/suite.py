@@ -12,7 +12,10 @@ Prints Markdown tables headed by the machine's description:
    health answer, to `/` answering, and (with Playwright and Chromium) to the first page's
    heading in a browser, plus page switches there;
 5. real architectures (ResNet-18, MobileNetV2) in ONNX Runtime: float32, static int8 and
-   structured 50% (bench_models.py).
+   structured 50% (bench_models.py);
+6. a pretrained CNN (EfficientNet-Lite0 with its ImageNet weights, as an uploaded .pt2)
+   through every technique, label-free: agreement, size, speed, run time and peak memory
+   (bench_pretrained.py; not in the default set: it takes about an hour on two cores).
 
 Each figure is a median over alternating repeats; the thread count is set on purpose
 (`--threads`, default 1: on a shared 2-core machine a second thread mostly spin-waits).
@@ -202,6 +205,13 @@ def models_section(quick: bool) -> str:
             + markdown(rows, quick))
 
 
+def pretrained_section(quick: bool) -> str:
+    from bench_pretrained import markdown, measure
+
+    return ("**6. A pretrained CNN, label-free** (EfficientNet-Lite0, ImageNet weights, "
+            "bench_pretrained.py):\n\n" + markdown(measure(quick)))
+
+
 # --- 4. the app ---------------------------------------------------------------------------
 
 APPTEST = textwrap.dedent("""
@@ -377,6 +387,7 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = (
         "inference": lambda: inference_section(quick),
         "app": app_section,
         "models": lambda: models_section(quick),
+        "pretrained": lambda: pretrained_section(quick),
     }
     for name in sections:
         start = time.perf_counter()
@@ -390,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--only", nargs="+",
-                        choices=["epoch", "ensemble", "inference", "app", "models"],
+                        choices=["epoch", "ensemble", "inference", "app", "models",
+                                 "pretrained"],
                         help="run only these sections")
     args = parser.parse_args(argv)
     run(args.quick, args.threads, tuple(args.only or ("epoch", "ensemble", "inference",
