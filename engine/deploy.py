@@ -69,6 +69,9 @@ def with_preprocessing(model_onnx: bytes, data: Any) -> bytes:
     back = compose.add_prefix(back, "model_")
     if back.ir_version != front.ir_version:
         front.ir_version = back.ir_version
+    versions = {op.domain or "ai.onnx": op.version for op in back.opset_import}
+    for op in front.opset_import:  # a 4-bit file is opset 21: the scaling's few ops agree
+        op.version = max(op.version, versions.get(op.domain or "ai.onnx", op.version))
     merged = compose.merge_models(front, back, io_map=[("pre_output", "model_input")])
     merged.graph.input[0].name = "input"
     merged.graph.output[0].name = "output"

@@ -83,12 +83,13 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
           tensors: dict[str, torch.Tensor] | None = None,
           after_step: Callable[[nn.Module], None] | None = None,
           loss_override: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-          | None = None) -> TrainResult:
+          | None = None, frozen_norms: bool = False) -> TrainResult:
     """Train `model` in place on `data` as `cfg` says; return the history and how it ended.
 
     Compression hooks in here: `after_step(model)` runs after every optimizer step (to
-    re-apply a pruning mask or a weight-sharing constraint), and `loss_override(out, xb,
-    yb)` replaces the task loss (distillation)."""
+    re-apply a pruning mask or a weight-sharing constraint), `loss_override(out, xb, yb)`
+    replaces the task loss (distillation), and `frozen_norms` keeps every BatchNorm in
+    eval mode (its running statistics used and kept, its scale and shift still trained)."""
     t = tensors or to_tensors(data, device)
     X, y = t["X_train"], t["y_train"]
     n = len(X)
@@ -166,6 +167,10 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch
         for g in optimizer.param_groups:
             g["lr"] = lr
         set_training(model, True)
+        if frozen_norms:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         order = torch.randperm(n, generator=gen, device=device) if batch < n else None
         loss_sum = torch.zeros((), device=device)
         hits = torch.zeros((), device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -125,6 +126,12 @@ def test_the_shipped_onnx_file_carries_sharing_k_bit_and_fp16(tmp_path):
     assert any("no smaller than the baseline's" in n for n in pruned["metrics"]["notes"])
     for v in packed:
         assert size[v["name"]] < 0.7 * size[base["name"]], (v["name"], size)
+    for name in ("share", "quantize-uniform"):  # 4 bits: uint4 levels, two to a byte
+        proto = onnx.load(tmp_path / f"{name}/model.onnx")
+        kinds = {t.data_type for t in proto.graph.initializer}
+        assert onnx.TensorProto.UINT4 in kinds and onnx.TensorProto.UINT8 not in kinds, name
+        assert size[name] < 0.45 * size[base["name"]], size  # weights 8x smaller, the
+        #                                                        graph's overhead stays
         assert v["metrics"]["deploy"]["parity_ok"], v["name"]
         assert not any("no smaller" in n for n in v["metrics"]["notes"])
 

@@ -111,8 +111,8 @@ def test_labels_in_the_models_own_space_are_not_renumbered(pretrained):
 def test_label_free_fine_tuning_matches_the_originals_whole_distribution(pretrained):
     """Without labels, fine-tuning's loss is the KL divergence to the original model's
     outputs (distillation from it), not cross-entropy on its top-1 labels: the original
-    itself has almost none (BatchNorm's batch statistics in training are the difference),
-    though its top-1 labels are far from its own probabilities."""
+    itself has almost none, though its top-1 labels are far from its own probabilities.
+    A model being recovered keeps its BatchNorm statistics; a fresh student does not."""
     import copy
 
     import torch
@@ -135,8 +135,14 @@ def test_label_free_fine_tuning_matches_the_originals_whole_distribution(pretrai
                           input_shape=data.input_shape, n_out=4, train_cfg=recipe.train,
                           model_cfg=recipe.model, data=data, device=dev, seed=0,
                           baseline_model=original)
-    history = ctx.finetune(copy.deepcopy(original), 1, variant="prune")
+    recovered = copy.deepcopy(original)
+    history = ctx.finetune(recovered, 1, variant="prune")
     assert history["train_loss"][0] < 0.05
+    stats = [(n, b) for n, b in original.named_buffers() if n.endswith("running_mean")]
+    assert stats and all(torch.equal(b, recovered.get_buffer(n)) for n, b in stats)
+    fresh = copy.deepcopy(original)  # a distillation student learns its own statistics
+    ctx.finetune(fresh, 1, variant="distill", fresh=True)
+    assert not all(torch.equal(b, fresh.get_buffer(n)) for n, b in stats)
     ctx.baseline_model = None  # no original to match: cross-entropy on its top-1 labels
     assert ctx.finetune(copy.deepcopy(original), 1, variant="prune")["train_loss"][0] > 0.5
 

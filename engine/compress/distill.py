@@ -164,7 +164,8 @@ def distill(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
             return hinton_loss(out, t_out, yb, **soft) + step["beta"] * hint
 
     try:
-        history = ctx.finetune(trained, step["epochs"], variant="distill", loss_fn=loss_fn)
+        history = ctx.finetune(trained, step["epochs"], variant="distill", loss_fn=loss_fn,
+                               fresh=True)
     finally:
         for h in hooks:
             h.remove()

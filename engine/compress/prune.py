@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.channels import structured
 from engine.errors import UserError
-from engine.metrics import loss_fn
+from engine.metrics import loss_fn, rows_per_batch
 from engine.models import set_training
 from engine.registry import Param
 
@@ -116,7 +116,9 @@ def _curvature(model: nn.Module, named: list[tuple[str, nn.Parameter]], kind: st
         per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
         fisher = [torch.zeros_like(p) for p in params]
         # a chunk's per-example gradients cost chunk x weights floats: kept under the budget
-        chunk = max(1, min(128, CURVATURE_MEMORY // (4 * sum(p.numel() for p in params))))
+        # and its activations like an evaluation batch's (13 photos of 224x224, not 128)
+        chunk = max(1, min(128, rows_per_batch(X.shape[1:]),
+                           CURVATURE_MEMORY // (4 * sum(p.numel() for p in params))))
         for t, weight in _fisher_labels(model, X, y, ctx.task, gen):
             for i in range(0, len(X), chunk):
                 with sdpa_kernel(SDPBackend.MATH):
@@ -130,9 +132,10 @@ def _curvature(model: nn.Module, named: list[tuple[str, nn.Parameter]], kind: st
     # (the double backward keeps two sets of activations: one batch's, not all 1,024's);
     # attention through the math kernel, the one with second derivatives
     diag = [torch.zeros_like(p) for p in params]
+    size = max(1, min(CURVATURE_BATCH, rows_per_batch(X.shape[1:]) // 2))  # large samples
     with sdpa_kernel(SDPBackend.MATH):
-        for i in range(0, len(X), CURVATURE_BATCH):
-            xb, yb = X[i:i + CURVATURE_BATCH], y[i:i + CURVATURE_BATCH]
+        for i in range(0, len(X), size):
+            xb, yb = X[i:i + size], y[i:i + size]
             share = len(xb) / len(X)
             grads = torch.autograd.grad(criterion(model(xb), yb), params, create_graph=True)
             for _ in range(HUTCHINSON_SAMPLES):
@@ -289,10 +292,11 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
               choices=("magnitude", "random", "structured", "obd")),
         Param("amount", "float", 0.8, "fraction of weights removed (structured: of each hidden "
               "layer's neurons or filters)", low=0.0, high=0.99),
-        Param("scope", "str", "global", "global: one threshold across layers, so redundant "
-              "layers lose more and sensitive ones less (90% magnitude pruning of the digits "
-              "MLP: +0.0 points after 10 epochs, -1.4 per layer); layer: each layer loses "
-              "`amount` (not for structured)", choices=("layer", "global")),
+        Param("scope", "str", "layer", "layer: each layer loses `amount`; global: one "
+              "threshold across layers, so layers with small weights lose more (not for "
+              "structured; on a network with BatchNorm the layers' weight scales are "
+              "arbitrary, and global magnitude pruning can empty one)",
+              choices=("layer", "global")),
         Param("spare", "str", "auto", "auto: on a convolutional network, keep depthwise "
               "convolutions and the first and last layers whole (the sensitive ones); none: "
               "prune every Linear and Conv layer (not for structured)",

@@ -38,18 +38,19 @@ SIZE = 224
 # (label, compress step): each runs alone, from the baseline; label-free fine-tuning
 # distils from the original (engine.compress.base.CompressContext.finetune)
 TECHNIQUES: list[tuple[str, dict]] = [
-    ("magnitude 50% global, no fine-tuning",
-     {"technique": "prune", "method": "magnitude", "amount": 0.5, "scope": "global",
-      "finetune_epochs": 0}),
+    ("magnitude 50% per layer, no fine-tuning",
+     {"technique": "prune", "method": "magnitude", "amount": 0.5, "finetune_epochs": 0}),
+    ("magnitude 50% per layer + 2 epochs",
+     {"technique": "prune", "method": "magnitude", "amount": 0.5, "finetune_epochs": 2}),
     ("magnitude 50% global + 2 epochs",
      {"technique": "prune", "method": "magnitude", "amount": 0.5, "scope": "global",
       "finetune_epochs": 2}),
     ("magnitude 50% per layer, nothing spared + 2 epochs",
      {"technique": "prune", "method": "magnitude", "amount": 0.5, "spare": "none",
-      "scope": "layer", "finetune_epochs": 2}),
-    ("OBD 50% global (Fisher) + 2 epochs",
+      "finetune_epochs": 2}),
+    ("OBD 50% per layer (Fisher) + 2 epochs",
      {"technique": "prune", "method": "obd", "curvature": "fisher", "amount": 0.5,
-      "scope": "global", "finetune_epochs": 2}),
+      "finetune_epochs": 2}),
     ("structured 30% of channels + 2 epochs",
      {"technique": "prune", "method": "structured", "amount": 0.3, "finetune_epochs": 2}),
     ("static int8 (ONNX Runtime)",
@@ -66,7 +67,7 @@ TECHNIQUES: list[tuple[str, dict]] = [
       "share_epochs": 1}),
     ("distillation at width 0.5", {"technique": "distill", "epochs": 2}),
 ]
-QUICK = {"magnitude 50% global + 2 epochs", "static int8 (ONNX Runtime)", "fp16",
+QUICK = {"magnitude 50% per layer + 2 epochs", "static int8 (ONNX Runtime)", "fp16",
          "distillation at width 0.5"}
 
 
@@ -143,8 +144,10 @@ def measure(quick: bool = False) -> dict:
                                 str(folder / "baseline"))
         bundle = str(folder / "baseline" / "baseline")
         rows = []
-        for label, step in TECHNIQUES:
-            if quick and label not in QUICK:
+        picked = os.environ.get("BENCH_ROWS")  # "0,1,4": only these rows of TECHNIQUES
+        for i, (label, step) in enumerate(TECHNIQUES):
+            if (quick and label not in QUICK) or (picked and str(i) not in
+                                                  picked.split(",")):
                 continue
             try:
                 run = in_fresh_process({"data": data, "model": {"source": bundle},
