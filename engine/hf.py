@@ -39,7 +39,10 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str]] = {
     "efficientnet-tiny": ("efficientnet", {"width_coefficient": 0.25, "depth_coefficient": 0.25,
                                            "hidden_dim": 320},
                           "EfficientNet at width 0.25: MBConv with squeeze-excitation"),
-    "efficientnet-b0": ("efficientnet", {},
+    # transformers' EfficientNetConfig() is B7 (width 2.0, depth 3.1, 600 px, 66 M weights)
+    "efficientnet-b0": ("efficientnet", {"width_coefficient": 1.0, "depth_coefficient": 1.0,
+                                         "image_size": 224, "dropout_rate": 0.2,
+                                         "hidden_dim": 1280},
                         "EfficientNet-B0 as published: 5.3 M weights, about 20 MB"),
     "convnext-tiny": ("convnext", {"hidden_sizes": [24, 48, 96, 192], "depths": [1, 1, 2, 1]},
                       "ConvNeXt, widths 24-192: depthwise 7x7, LayerNorm, GELU"),
