@@ -46,22 +46,33 @@ def test_the_uploaded_graph_shows_every_layer_and_predicts_as_published(lite0):
     assert top == 652  # ImageNet's "military uniform": the weights are the real ones
 
 
-def test_label_free_pruning_and_int8_on_the_pretrained_model(lite0):
+def _run(lite0, step: dict) -> tuple[dict, dict]:
     result = engine.run({
         "data": {"source": str(lite0 / "crops.npz"), "labels": "teacher",
                  "standardize": False, "test_fraction": 0.5, "val_fraction": 0.1},
         "model": {"source": str(lite0 / "lite0.pt2")}, "train": {"epochs": 0},
-        "compress": [{"technique": "prune", "amount": 0.5, "scope": "global",
-                      "finetune_epochs": 0},
-                     {"technique": "quantize", "method": "static_int8",
-                      "calibration_rows": 16}]})
-    baseline, pruned, int8 = result["variants"]
+        "compress": [step]})
+    baseline, variant = result["variants"]
     assert baseline["metrics"]["test_agreement"] == 1.0
-    notes = " ".join(pruned["metrics"]["notes"])
+    return baseline["metrics"], variant["metrics"]
+
+
+def test_label_free_pruning_spares_the_sensitive_layers_and_says_when_it_collapsed(lite0):
+    """Without fine-tuning, 50% magnitude pruning of this BatchNorm network collapses (the
+    README's table: 0.00 agreement); the run must say so whenever it falls below 0.5."""
+    from engine.measure import COLLAPSED
+
+    base, pruned = _run(lite0, {"technique": "prune", "amount": 0.5, "finetune_epochs": 0})
+    notes = " ".join(pruned["notes"])
     assert "Kept whole as sensitive" in notes and "_conv_stem" in notes and "_fc" in notes
-    assert "_blocks.15._project_conv" in notes  # the pointwise convolutions were pruned
-    assert pruned["metrics"]["nonzero_params"] < 0.75 * baseline["metrics"]["params"]
-    assert int8["metrics"]["runtime"] == "onnxruntime"
-    assert int8["metrics"]["size_bytes"] < baseline["metrics"]["size_bytes"] / 3
-    for v in (pruned, int8):
-        assert 0.5 <= v["metrics"]["test_agreement"] <= 1.0
+    assert "_blocks.15._project_conv 50.0%" in notes  # the pointwise convolutions went
+    assert pruned["nonzero_params"] < 0.75 * base["params"]
+    assert (pruned["test_agreement"] < COLLAPSED) == ("has collapsed" in notes)
+
+
+def test_static_int8_keeps_the_pretrained_models_predictions(lite0):
+    base, int8 = _run(lite0, {"technique": "quantize", "method": "static_int8",
+                              "calibration_rows": 16})
+    assert int8["runtime"] == "onnxruntime"
+    assert int8["size_bytes"] < base["size_bytes"] / 3
+    assert int8["test_agreement"] >= 0.6  # 0.90 on 150 crops with 128 calibration rows
