@@ -26,6 +26,7 @@ import threading
 from typing import Any
 
 from engine import jobs
+from engine.optimizers import OPTIMIZERS
 from engine.recipe import Recipe
 from engine.runner import resolve
 from engine.store import ACTIVE, Store
@@ -55,6 +56,18 @@ STEPS: list[tuple[str, dict[str, Any]]] = [
                           "share_epochs": 5}),
 ]
 RACE = ["sgd", "momentum", "adam"]  # each at its own default learning rate
+RACE_SCHEDULES = ["constant", "step", "cosine"]
+
+
+def race_entrant(train: dict[str, Any], vary: str, choice: str) -> dict[str, Any]:
+    """The training section of one entrant in a race that varies `vary` ("optimizer" or
+    "schedule"): a schedule from the same learning rate, or an optimizer at its own default
+    rate and options (full batch for one that needs a closure)."""
+    if vary == "schedule":
+        return dict(train, schedule={"name": choice})
+    closure = OPTIMIZERS.get(choice).extra.get("closure")
+    return dict(train, optimizer=choice, lr=None, optimizer_options={},
+                batch_size="full" if closure else train["batch_size"])
 
 # the reduced showcase for tests: iris, a tiny MLP, an epoch or two per stage
 QUICK_BASE: dict[str, Any] = {

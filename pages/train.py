@@ -7,15 +7,13 @@ import streamlit as st
 from engine import plots
 from engine.optimizers import OPTIMIZERS
 from engine.recipe import PRECISIONS
-from engine.registry import Param
-from engine.regularization import REGULARIZERS
 from engine.runner import resolve
 from engine.schedules import SCHEDULES, preview
-from engine.showcase import RACE
+from engine.showcase import race_entrant
+from pages import train_inputs
 from pages.common import (
     default_sections,
     describe,
-    param_input,
     recipe_download,
     registry_choice,
     selection,
@@ -24,12 +22,6 @@ from pages.common import (
 )
 from pages.live import onnx_only, watch
 from pages.workspace import remember
-
-
-def regularizer(name: str, param: str | None = None) -> Param:
-    """A regularizer's registry parameter: its default, bounds and help."""
-    return REGULARIZERS.get(name).param(param or name)
-
 
 st.title("Train")
 sel = selection()
@@ -76,33 +68,14 @@ with sched_col:
                                  min(int(warmup), epochs - 1), key="tr_warmup"))
     schedule = {"name": sched_name, "warmup_epochs": warmup, **sched_opts}
 with reg_col:
-    st.subheader("Regularization")
-    l1 = param_input(regularizer("l1"), "tr_l1", cfg["l1"], label="L1 penalty")
-    l2 = param_input(regularizer("l2"), "tr_l2", cfg["l2"], label="L2 penalty (coupled)")
-    wd = param_input(regularizer("weight_decay"), "tr_wd", cfg["weight_decay"],
-                     label="Weight decay (decoupled)")
-    drop = regularizer("dropout")
-    dropout = st.slider("Dropout", float(drop.low), float(drop.high),
-                        float(sel["model"]["dropout"]), 0.05, key="tr_dropout", help=drop.help)
-    stopping = st.checkbox("Early stopping", cfg["early_stopping"] is not None, key="tr_es")
-    wait = regularizer("early_stopping", "patience")
-    patience = int(st.number_input(
-        "Patience (epochs)", min_value=int(wait.low), help=wait.help,
-        max_value=int(wait.high) if wait.high is not None else None,
-        value=int((cfg["early_stopping"] or defaults["early_stopping"])["patience"]),
-        key="tr_patience", disabled=not stopping))
-    clip = st.checkbox("Gradient clipping", cfg["grad_clip"] is not None, key="tr_clip")
-    clip_norm = st.number_input("Max gradient norm", 1e-4, 1e4, float(cfg["grad_clip"] or 1.0),
-                                format="%g", key="tr_clip_norm", disabled=not clip)
-    seed = int(st.number_input("Seed", 0, 2**31 - 1, default_sections()["seed"],
-                               key="tr_seed"))
+    reg = train_inputs.regularization(cfg, sel["model"], defaults)
 
 cfg.update(optimizer=name, optimizer_options=options, lr=lr, momentum=None,  # an option now
-           batch_size=batch, epochs=epochs, schedule=schedule, l1=l1, l2=l2, weight_decay=wd,
-           precision=precision, compile=compiled,
-           early_stopping={**defaults["early_stopping"], "patience": patience}
-           if stopping else None, grad_clip=clip_norm if clip else None)
-raw = {"seed": seed, "data": sel["data"], "model": {**sel["model"], "dropout": dropout},
+           batch_size=batch, epochs=epochs, schedule=schedule, precision=precision,
+           compile=compiled, **{k: reg[k] for k in ("l1", "l2", "weight_decay",
+                                                     "early_stopping", "grad_clip")})
+raw = {"seed": reg["seed"], "data": sel["data"], "model": {**sel["model"],
+                                                        "dropout": reg["dropout"]},
        "train": cfg}
 try:
     recipe = resolve(raw)
@@ -113,16 +86,7 @@ except Exception as exc:
     recipe = None
     show_error(exc)
 
-race = st.toggle("Race: the same model with several optimizers or schedules, side by side",
-                 key="tr_race")
-if race:
-    race_kind = st.radio("Vary", ["optimizer", "schedule"], horizontal=True, key="tr_race_kind")
-    pool = OPTIMIZERS.names() if race_kind == "optimizer" else SCHEDULES.names()
-    picks = RACE if race_kind == "optimizer" else ["constant", "step", "cosine"]
-    chosen = st.multiselect(f"{race_kind.capitalize()}s to race", pool, key="tr_race_pick",
-                            default=[n for n in picks if n in pool])
-    st.caption("Each optimizer uses its own default learning rate and batch size in a race." if
-               race_kind == "optimizer" else "Every schedule starts from the learning rate above.")
+race = train_inputs.race()
 
 run_col, dl_col = st.columns([1, 4])
 if recipe is not None:
@@ -130,16 +94,11 @@ if recipe is not None:
         recipe_download(recipe.to_dict(), key="tr_download")
     if run_col.button("Run", type="primary", key="tr_run", icon=":material/play_arrow:"):
         try:
-            if race and chosen:
-                group = uuid.uuid4().hex[:8]
-                ids = []
-                for choice in chosen:
-                    train = dict(cfg, schedule={"name": choice}) if race_kind == "schedule" \
-                        else dict(cfg, optimizer=choice, lr=None, optimizer_options={},
-                                  batch_size="full" if OPTIMIZERS.get(choice).extra.get(
-                                      "closure") else cfg["batch_size"])
-                    ids.append(submit({**raw, "train": train}, group=group, threads=1,
-                                      name=f"{recipe.title()} · {choice}"))
+            if race:
+                group, (vary, chosen) = uuid.uuid4().hex[:8], race
+                ids = [submit({**raw, "train": race_entrant(cfg, vary, choice)}, group=group,
+                              threads=1, name=f"{recipe.title()} · {choice}")
+                       for choice in chosen]
             else:
                 ids = [submit(recipe, name=f"{recipe.title()} · {name}")]
             remember("watch", ids)
