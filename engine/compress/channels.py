@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.compress.base import CompressContext, clone, prunable
 from engine.compress.capabilities import structured_refusal
+from engine.compress.correct import correct_step
 from engine.errors import UserError
 
 Pruned = tuple[nn.Module, list[dict[str, list[float]]], list[str]]
@@ -154,16 +155,21 @@ def _fold_constant(nxt: nn.Module, between: list[nn.Module], cols: torch.Tensor)
     nxt.bias += float(a) * nxt.weight[:, gone].flatten(1).sum(1)
 
 
+_WHEN = "before fine-tuning (layers whose width changed keep theirs)"
+
+
 def _any_structured(model: nn.Module, step: dict, ctx: CompressContext,
                     plan: list[tuple[float, int]]) -> Pruned:
     """Any architecture: Torch-Pruning's groups, step by step (each step's ratio is of the
     channels left, so the steps reach the planned fractions of the original widths)."""
-    histories, notes, done = [], [], 0.0
+    histories, notes, done, reference = [], [], 0.0, model
     for amount, epochs in plan:
         model, notes = channel_prune(model, 1 - (1 - amount) / (1 - done), step["norm"], ctx)
         done = amount
+        corrected = correct_step(model, reference, step, ctx, scale_weights=True,
+                                 when=_WHEN)
         histories.append(ctx.finetune(model, epochs, variant="prune"))
-    return model, histories, notes
+    return model, histories, notes + corrected
 
 
 def structured(model: nn.Module, step: dict, ctx: CompressContext,
@@ -180,9 +186,10 @@ def structured(model: nn.Module, step: dict, ctx: CompressContext,
             "nothing to remove; the model is unchanged."]
     widths = {name: layer.weight.shape[0] for name, layer, _ in chain[:-1]}
     before = sum(p.numel() for p in model.parameters())
-    histories = []
+    histories, reference, corrected = [], model, []
     for amount, epochs in plan:
         model, _ = structured_prune(model, amount, step["norm"], widths=widths)
+        corrected = correct_step(model, reference, step, ctx, scale_weights=True, when=_WHEN)
         histories.append(ctx.finetune(model, epochs, variant="prune"))
     after = sum(p.numel() for p in model.parameters())
     sizes = ", ".join(f"{n} {w} → {model.get_submodule(n).weight.shape[0]}"
@@ -190,7 +197,8 @@ def structured(model: nn.Module, step: dict, ctx: CompressContext,
     notes = [f"Removed {step['amount']:.0%} of each hidden layer's neurons or filters (lowest "
              f"{step['norm'].upper()} norm of incoming weights): {sizes}; the output layer "
              f"{chain[-1][0]} keeps all {chain[-1][1].weight.shape[0]} outputs.",
-             f"Parameters: {before:,} → {after:,} ({1 - after / before:.1%} fewer)."]
+             f"Parameters: {before:,} → {after:,} ({1 - after / before:.1%} fewer).",
+             *corrected]
     if step["scope"] == "global":
         notes.append("The scope setting applies to unstructured methods only; structured "
                      "pruning removes the same fraction from every hidden layer.")

@@ -22,6 +22,7 @@ from torch import nn
 from engine.architectures import LAYER_ATTRS, Factorized
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.capabilities import flat_graph
+from engine.compress.correct import CORRECT, correct_step
 from engine.errors import UserError
 from engine.registry import Param
 
@@ -114,6 +115,7 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
         Param("energy", "float", 0.0, "when above 0: per layer, the smallest rank keeping "
               "this fraction of the squared singular values (overrides rank_fraction)",
               low=0.0, high=0.9999),
+        CORRECT,
         Param("finetune_epochs", "int", 3, "fine-tuning epochs after factorizing",
               low=0, high=1000),
     ))
@@ -159,5 +161,7 @@ def lowrank(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
         notes.append("No layer was factorized, so the model was not fine-tuned; lower "
                      "rank_fraction (or energy) until a rank saves parameters.")
         return StepResult(model=compact, notes=notes)
+    notes += correct_step(compact, model, step, ctx, scale_weights=True,
+                          when="before fine-tuning")
     history = ctx.finetune(compact, step["finetune_epochs"], variant="lowrank")
     return StepResult(model=compact, history=history or None, notes=notes)

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.channels import structured
+from engine.compress.correct import CORRECT, correct_step
 from engine.errors import UserError
 from engine.metrics import loss_fn, rows_per_batch
 from engine.models import set_training
@@ -219,7 +220,7 @@ def _merge(histories: list[dict[str, list[float]]]) -> dict[str, list[float]] | 
 
 
 def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
-                  plan: list[tuple[float, int]]) -> StepResult:
+                  plan: list[tuple[float, int]], reference: nn.Module) -> StepResult:
     named = _weights(model)
     if not named:
         raise UserError("this model has no weight matrices or convolution kernels to prune; "
@@ -244,6 +245,8 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
             masks = _masks(scores, amount, step["scope"])
         reapply = _masker(params, masks)
         reapply(model)
+        corrected = correct_step(model, reference, step, ctx, scale_weights=True,
+                                 when="before fine-tuning")
         histories.append(ctx.finetune(model, epochs, variant="prune", after_step=reapply))
 
     how = {"magnitude": "by magnitude", "random": "at random",
@@ -259,6 +262,7 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
         notes.append(f"Kept whole as sensitive (spare: auto; \"none\" prunes them too): the "
                      f"first and last layers and the depthwise convolutions: "
                      f"{', '.join(shown)}.")
+    notes += corrected  # the last step's
     pruned = {id(p) for p in params}
     kept = [n for n, p in model.named_parameters()
             if id(p) not in pruned and n not in kept_whole]
@@ -310,6 +314,7 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
               "prune in steps along a cubic curve, fine-tuning between steps",
               choices=("oneshot", "gradual")),
         Param("steps", "int", 4, "gradual: number of pruning steps", low=1, high=50),
+        CORRECT,
         Param("finetune_epochs", "int", 5, "epochs of fine-tuning in all (gradual: spread over "
               "the steps, at least 1 each)", low=0, high=1000),
     ))
@@ -322,4 +327,4 @@ def prune(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
         pruned, histories, notes = structured(model, step, ctx, plan)
         return StepResult(model=pruned, history=_merge(histories),
                           notes=notes + _plan_notes(plan))
-    return _unstructured(clone(model), step, ctx, plan)
+    return _unstructured(clone(model), step, ctx, plan, model)

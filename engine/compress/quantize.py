@@ -14,6 +14,7 @@ Exact zeros stay exact zeros in every method, so pruning survives a later quanti
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.capabilities import flat_graph
+from engine.compress.correct import CORRECT, correct_step
 from engine.compress.onnx_int8 import CALIBRATION_BATCH, onnx_int8
 from engine.errors import UserError
 from engine.models import set_training
@@ -55,6 +57,8 @@ ONNX_METHODS = ("dynamic_int8", "static_int8")  # yield ONNX Runtime models: las
         Param("finetune_epochs", "int", 3, "fine-tuning epochs with a straight-through "
               "estimator (qat; uniform/log: 0 quantizes without fine-tuning)",
               low=0, high=1000),
+        dataclasses.replace(CORRECT, help="uniform, log, qat: after quantizing, " + CORRECT.help
+                            + " (weights stay on their grid: biases and BatchNorms carry it)"),
     ), terminal_methods=ONNX_METHODS)
 def quantize(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     """Quantize a copy of `model` as `step["method"]` says; `model` is unchanged."""
@@ -94,6 +98,7 @@ def _weights(model: nn.Module, step: dict, ctx: CompressContext, *,
     with torch.no_grad():
         for _, layer in layers:
             layer.weight.copy_(quantize_tensor(layer.weight, bits, scheme, per_channel))
+    later += correct_step(out, model, step, ctx, scale_weights=False, when="after quantizing")
     grid = "powers of two" if scheme == "log" else "an affine grid"
     notes = [f"{bits}-bit weights on {grid}, one grid per "
              f"{'output channel' if per_channel else 'tensor'}; biases stay float32; "

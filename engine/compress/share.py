@@ -24,6 +24,7 @@ from torch import nn
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.capabilities import flat_graph
+from engine.compress.correct import CORRECT, correct_step
 from engine.errors import UserError
 from engine.registry import Param
 
@@ -96,6 +97,7 @@ def share_layer(weight: torch.Tensor, bits: int) -> _Clusters | None:
     params=(
         Param("bits", "int", 5, "index width: 2^bits shared values per layer", low=1, high=8),
         Param("huffman", "bool", True, "Huffman-code the cluster indices in the shipped file"),
+        CORRECT,
         Param("finetune_epochs", "int", 3, "epochs of centroid fine-tuning", low=0, high=1000),
     ))
 def share(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
@@ -121,10 +123,12 @@ def share(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
         for c in clusters:
             c.snap()
 
+    notes += correct_step(shared, model, step, ctx, scale_weights=False,
+                          when="before fine-tuning")
     history = ctx.finetune(shared, step["finetune_epochs"], variant="share",
                            after_step=snap_all)
     coding = "Huffman-coded" if step["huffman"] else "fixed-width"
     notes.append(f"Each weight is stored as a {coding} index of at most {step['bits']} bits "
-                 f"into its layer's codebook; biases are kept as they are.")
+                 f"into its layer's codebook; biases stay float32.")
     return StepResult(model=shared, history=history or None, notes=notes,
                       huffman=step["huffman"])
