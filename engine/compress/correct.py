@@ -171,8 +171,9 @@ def correct_step(model: nn.Module, reference: nn.Module, step: dict, ctx: Compre
     X = ctx.tensors["X_train"]
     corrected = match_statistics(model, reference, X, scale_weights=scale_weights)
     if corrected == 0:
-        return ["Output statistics not corrected: this model has no BatchNorm and no Linear "
-                "or Conv layer with a bias to carry the correction."]
+        return ["Output statistics not corrected: this model shows no BatchNorm and no "
+                "Linear or Conv layer with a bias to carry the correction (a torch.export "
+                "graph hides its layers' types)."]
     what = "mean and std" if scale_weights else "mean (std where a BatchNorm carries it)"
     return [f"Corrected the outputs of {corrected} layers to the uncompressed model's {what} "
             f"per channel on {min(len(X), CALIBRATION_ROWS)} training rows, {when} "
