@@ -81,9 +81,9 @@ class _Moments:
 
 @torch.no_grad()
 def match_statistics(model: nn.Module, reference: nn.Module, X: torch.Tensor, *,
-                     scale_weights: bool = True, rows: int = CALIBRATION_ROWS) -> int:
+                     scale_weights: bool = True) -> int:
     """Correct `model` in place so that its layers' output channels have `reference`'s mean
-    and std on the first `rows` rows of `X` (module names must match: `model` is a
+    and std on the first CALIBRATION_ROWS rows of `X` (module names must match: `model` is a
     compressed copy of `reference`). Without `scale_weights` only biases and BatchNorm
     affines change (the std is matched only where a BatchNorm can carry it). Returns how
     many modules were corrected (0: none the model has, such as a torch.export graph's
@@ -94,7 +94,7 @@ def match_statistics(model: nn.Module, reference: nn.Module, X: torch.Tensor, *,
                and _width(ref_modules[n]) == _width(m)}
     if not targets or len(X) == 0:
         return 0
-    X = X[:rows]
+    X = X[:CALIBRATION_ROWS]
     chunk = max(2, rows_per_batch(X.shape[1:]))
     ref_stats = {n: _Moments() for n in targets}
     new_stats = {n: _Moments() for n in targets}
@@ -166,7 +166,7 @@ def correct_step(model: nn.Module, reference: nn.Module, step: dict, ctx: Compre
     """A technique's `correct` setting applied to its compressed `model` against the
     `reference` it started from; the sentence the run shows (none for `correct: none`).
     `when` says where in the technique it happened ("before fine-tuning")."""
-    if step.get("correct", "none") != "stats":
+    if step["correct"] != "stats":
         return []
     X = ctx.tensors["X_train"]
     corrected = match_statistics(model, reference, X, scale_weights=scale_weights)

@@ -122,9 +122,9 @@ def _curvature(model: nn.Module, named: list[tuple[str, nn.Parameter]], kind: st
         fisher = [torch.zeros_like(p) for p in params]
         # a chunk's per-example gradients cost chunk x weights floats: kept under the budget
         # and its activations like an evaluation batch's (13 photos of 224x224, not 128)
-        chunk = max(1, min(128, rows_per_batch(X.shape[1:]),
-                           CURVATURE_MEMORY // (4 * sum(p.numel() for p in params))))
-        one_by_one = rows_per_batch(X.shape[1:]) < LOOP_BELOW
+        fits = rows_per_batch(X.shape[1:])
+        chunk = max(1, min(128, fits, CURVATURE_MEMORY // (4 * sum(p.numel() for p in params))))
+        one_by_one = fits < LOOP_BELOW
         for t, weight in _fisher_labels(model, X, y, ctx.task, gen):
             if one_by_one:  # large samples: plain backward passes, one example each
                 for i in range(len(X)):
