@@ -128,3 +128,39 @@ def test_sharing_and_k_bit_keep_their_values_when_corrected():
                 assert max(len(torch.unique(row)) for row in a) <= levels
             else:
                 assert not torch.equal(a, b), name
+
+
+def test_structured_pruning_corrects_a_narrowed_batchnorm_by_the_channels_it_kept(data):
+    """Torch-Pruning slices a BatchNorm's running statistics, so they tell which of the
+    original's channels a narrowed layer kept; its outputs get those channels' moments.
+    A fresh BatchNorm (every channel's statistics alike) cannot tell, and is left alone."""
+    from types import SimpleNamespace
+
+    from engine.compress.channels import channel_prune
+    from engine.compress.correct import _kept_channels
+
+    fresh = _bn_net()
+    reference = copy.deepcopy(fresh).train()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # the cumulative average over what it sees
+    with torch.no_grad():
+        reference(data)
+    reference.eval()
+    ctx = SimpleNamespace(input_shape=(3, 12, 12))
+    pruned, _ = channel_prune(reference, 0.5, "l1", ctx)
+    kept = _kept_channels(reference[1], pruned[1])
+    assert kept is not None and len(kept) == 8 and bool((kept.diff() > 0).all())
+    assert torch.equal(pruned[1].running_mean, reference[1].running_mean[kept])
+    # the second BatchNorm lost half its inputs: its outputs moved, and come back
+    kept = _kept_channels(reference[4], pruned[4])
+    ref_mean, ref_std = (t[kept] for t in _moments(reference, 4, data))
+    _, before = _moments(pruned, 4, data)
+    assert match_statistics(pruned, reference, data) == 4  # three narrowed BatchNorms, the Linear
+    mean, std = _moments(pruned, 4, data)
+    assert torch.allclose(mean, ref_mean, atol=1e-4 * ref_std.max())
+    assert torch.allclose(std, ref_std, rtol=1e-4, atol=1e-6)
+    assert (before - ref_std).abs().mean() > 5 * (std - ref_std).abs().mean()
+    narrowed, _ = channel_prune(fresh, 0.5, "l1", ctx)
+    assert _kept_channels(fresh[1], narrowed[1]) is None
+    assert match_statistics(narrowed, fresh, data) == 1  # only the Linear keeps its width

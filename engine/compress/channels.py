@@ -155,7 +155,8 @@ def _fold_constant(nxt: nn.Module, between: list[nn.Module], cols: torch.Tensor)
     nxt.bias += float(a) * nxt.weight[:, gone].flatten(1).sum(1)
 
 
-_WHEN = "before fine-tuning (layers whose width changed keep theirs)"
+_WHEN = ("before fine-tuning (a narrowed layer is corrected where its BatchNorm shows which "
+         "channels it kept)")
 
 
 def _any_structured(model: nn.Module, step: dict, ctx: CompressContext,

@@ -88,10 +88,10 @@ def match_statistics(model: nn.Module, reference: nn.Module, X: torch.Tensor, *,
     affines change (the std is matched only where a BatchNorm can carry it). Returns how
     many modules were corrected (0: none the model has, such as a torch.export graph's
     hidden layers)."""
-    targets = _targets(model)
     ref_modules = dict(reference.named_modules())
-    targets = {n: m for n, m in targets.items() if n in ref_modules
-               and _width(ref_modules[n]) == _width(m)}
+    kept = {n: _kept_channels(ref_modules[n], m) for n, m in _targets(model).items()
+            if n in ref_modules}
+    targets = {n: m for n, m in _targets(model).items() if kept.get(n) is not None}
     if not targets or len(X) == 0:
         return 0
     X = X[:CALIBRATION_ROWS]
@@ -118,7 +118,7 @@ def match_statistics(model: nn.Module, reference: nn.Module, X: torch.Tensor, *,
         return hook
 
     def _affine(name: str, module: nn.Module) -> tuple[torch.Tensor, ...]:
-        mean_ref, std_ref = ref_stats[name].mean_std()
+        mean_ref, std_ref = (t[kept[name]] for t in ref_stats[name].mean_std())
         mean_new, std_new = new_stats[name].mean_std()
         if isinstance(module, _NORMS) or scale_weights:
             ratio = (std_ref / std_new.clamp_min(EPS)).clamp(*RATIO)
@@ -153,8 +153,35 @@ def _hooked_pass(model: nn.Module, hooks: dict[nn.Module, Callable[..., object]]
             h.remove()
 
 
+def _kept_channels(ref: nn.Module, module: nn.Module) -> torch.Tensor | None:
+    """Which of `ref`'s output channels `module` still has, in order: all of them at the
+    same width; after structured pruning, a BatchNorm's channels are found by their running
+    statistics, which Torch-Pruning slices and frozen fine-tuning leaves as they were. None
+    when that cannot tell (another layer narrowed, or channels whose statistics repeat, as
+    in a fresh random init)."""
+    width, ref_width = _width(module), _width(ref)
+    if width == ref_width:
+        return torch.arange(width)
+    if not isinstance(module, _NORMS) or not isinstance(ref, _NORMS) or width > ref_width \
+            or module.running_mean is None or ref.running_mean is None:
+        return None
+    pairs = torch.stack([ref.running_mean, ref.running_var], 1)
+    if len(torch.unique(pairs, dim=0)) < ref_width:
+        return None
+    ref_pairs = list(zip(ref.running_mean.tolist(), ref.running_var.tolist(), strict=True))
+    found, j = [], 0
+    for pair in zip(module.running_mean.tolist(), module.running_var.tolist(), strict=True):
+        while j < ref_width and ref_pairs[j] != pair:
+            j += 1
+        if j == ref_width:
+            return None
+        found.append(j)
+        j += 1
+    return torch.tensor(found)
+
+
 def _width(module: nn.Module) -> int:
-    """Output channels (structured pruning narrows them, and then they do not match)."""
+    """Output channels (structured pruning narrows them)."""
     for attr in ("out_features", "out_channels", "num_features"):
         if hasattr(module, attr):
             return int(getattr(module, attr))
