@@ -91,7 +91,8 @@ def match_statistics(model: nn.Module, reference: nn.Module, X: torch.Tensor, *,
     ref_modules = dict(reference.named_modules())
     kept = {n: _kept_channels(ref_modules[n], m) for n, m in _targets(model).items()
             if n in ref_modules}
-    targets = {n: m for n, m in _targets(model).items() if kept.get(n) is not None}
+    kept = {n: k for n, k in kept.items() if k is not None}
+    targets = {n: m for n, m in model.named_modules() if n in kept}
     if not targets or len(X) == 0:
         return 0
     X = X[:CALIBRATION_ROWS]
@@ -165,10 +166,9 @@ def _kept_channels(ref: nn.Module, module: nn.Module) -> torch.Tensor | None:
     if not isinstance(module, _NORMS) or not isinstance(ref, _NORMS) or width > ref_width \
             or module.running_mean is None or ref.running_mean is None:
         return None
-    pairs = torch.stack([ref.running_mean, ref.running_var], 1)
-    if len(torch.unique(pairs, dim=0)) < ref_width:
-        return None
     ref_pairs = list(zip(ref.running_mean.tolist(), ref.running_var.tolist(), strict=True))
+    if len(set(ref_pairs)) < ref_width:
+        return None
     found, j = [], 0
     for pair in zip(module.running_mean.tolist(), module.running_var.tolist(), strict=True):
         while j < ref_width and ref_pairs[j] != pair:
