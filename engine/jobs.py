@@ -95,8 +95,16 @@ def cancel(run_id: str, *, store: Store | None = None, grace_s: float = 10.0) ->
     """Ask the run to stop and wait (up to `grace_s`) until it has. A queued run with no
     live worker is cancelled at once; a worker that has not stopped within `grace_s`
     (a long epoch, a hang) is killed and the run marked cancelled. Finished runs are left
-    as they are; a worker on another host is only asked."""
+    as they are; a worker on another host is only asked. With `grace_s <= 0` a worker in
+    reach is killed before it is asked, so it cannot end itself first (the run then says
+    it was killed)."""
     store = store or Store()
+    if grace_s <= 0:
+        run = store.get_run(run_id)
+        if run is not None and run["status"] in ACTIVE and _alive(run) and _kill(run):
+            store.finish_run(run_id, "cancelled", error=f"{CANCELLED_MESSAGE}; killed at "
+                                                        "once (no grace period)")
+            return
     store.request_cancel(run_id)
     deadline = time.monotonic() + grace_s
     while True:
@@ -109,10 +117,16 @@ def cancel(run_id: str, *, store: Store | None = None, grace_s: float = 10.0) ->
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
-    if not _backend_of(run).kill(run) and not _BACKENDS["local"].kill(run):
+    if not _kill(run):
         return  # out of reach (another host): its worker sees the flag at its next event
     store.finish_run(run_id, "cancelled", error=f"{CANCELLED_MESSAGE}; the worker did not "
                                                 f"stop within {grace_s:g} s and was killed")
+
+
+def _kill(run: dict[str, Any]) -> bool:
+    """Kill the run's worker through its backend (or as a local process); False when it
+    is out of this process's reach."""
+    return _backend_of(run).kill(run) or _BACKENDS["local"].kill(run)
 
 
 def reap(store: Store | None = None, *, hang_timeout_s: float | None = None) -> list[str]:
