@@ -178,7 +178,8 @@ def _context(recipe: Recipe, data: Any, tensors: dict[str, torch.Tensor],
              device: torch.device, n_out: int, emit: ProgressFn) -> CompressContext:
     return CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
                            n_out=n_out, train_cfg=recipe.train, model_cfg=recipe.model,
-                           data=data, device=device, seed=recipe.seed, on_progress=emit)
+                           data=data, device=device, seed=recipe.seed, on_progress=emit,
+                           augment=recipe.data.augment)
 
 
 def _compress_chain(recipe: Recipe, model: torch.nn.Module, ctx: Any, folder: Path,

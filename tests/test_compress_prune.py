@@ -65,7 +65,7 @@ def masked_copy(model: nn.Module, kept: dict[str, torch.Tensor]) -> nn.Module:
 @pytest.mark.parametrize("options", [
     {"method": "magnitude"}, {"method": "random", "scope": "global"},
     {"method": "obd", "curvature": "fisher"}, {"method": "obd", "curvature": "hessian"},
-    {"method": "structured"},
+    {"method": "obs"}, {"method": "magnitude", "reconstruct": "obs"}, {"method": "structured"},
     {"method": "magnitude", "schedule": "gradual", "steps": 2},
 ], ids=lambda o: "-".join(map(str, o.values())))
 def test_returns_a_new_model_and_leaves_the_input_unchanged(mlp, options):
@@ -80,7 +80,8 @@ def test_returns_a_new_model_and_leaves_the_input_unchanged(mlp, options):
 
 
 @pytest.mark.parametrize("method,curvature", [("magnitude", "fisher"), ("random", "fisher"),
-                                              ("obd", "fisher"), ("obd", "hessian")])
+                                              ("obd", "fisher"), ("obd", "hessian"),
+                                              ("obs", "fisher")])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_sparsity_equals_the_amount_and_survives_fine_tuning(mlp, method, curvature, scope):
     model, ctx = mlp

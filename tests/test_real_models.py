@@ -40,6 +40,7 @@ SETTINGS = {
     ("prune", "magnitude"): {"amount": 0.5, "finetune_epochs": 0},
     ("prune", "random"): {"amount": 0.5, "finetune_epochs": 0},
     ("prune", "obd"): {"amount": 0.5, "finetune_epochs": 0},
+    ("prune", "obs"): {"amount": 0.5, "finetune_epochs": 0},
     ("prune", "structured"): {"amount": 0.5, "finetune_epochs": 0},
     ("lowrank", "svd"): {"finetune_epochs": 0}, ("lowrank", "nmf"): {"finetune_epochs": 0},
     ("share", None): {"bits": 4, "finetune_epochs": 0},

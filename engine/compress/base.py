@@ -21,7 +21,7 @@ from torch.nn.functional import cross_entropy, kl_div, log_softmax, mse_loss
 from engine.data import DataBundle
 from engine.metrics import evaluate
 from engine.models import set_training
-from engine.recipe import ModelConfig, TrainConfig
+from engine.recipe import AugmentConfig, ModelConfig, TrainConfig
 from engine.registry import Registry
 from engine.train import train
 
@@ -76,6 +76,7 @@ class CompressContext:
     on_progress: Callable[[dict[str, Any]], None] = lambda event: None
     baseline_model: nn.Module | None = None  # the trained model, the latency reference
     export_onnx: bool = False  # export every variant for deployment (recipe export.onnx)
+    augment: AugmentConfig | None = None  # the recipe's data.augment: fine-tuning uses it too
 
     def finetune(self, model: nn.Module, epochs: int, *, variant: str,
                  lr: float | None = None,
@@ -88,8 +89,10 @@ class CompressContext:
         (distillation: `out` is the model's output on the batch `xb`). A model being
         recovered keeps its BatchNorm statistics (small, narrow fine-tuning batches
         overwrote a pretrained CNN's: 5-bit sharing of EfficientNet-Lite0 fell to 0.15
-        agreement); a `fresh` one (a distillation student) learns its own. Returns the
-        history. Zero epochs return an empty history."""
+        agreement); a `fresh` one (a distillation student) learns its own. Image batches
+        are augmented as the recipe's `data.augment` says, as in training (label-free, the
+        original is asked about the same augmented batch, so more crops cost nothing).
+        Returns the history. Zero epochs return an empty history."""
         if epochs <= 0:
             return {}
         if loss_fn is None and self.data.labels == "teacher" and self.baseline_model is not None:
@@ -97,7 +100,8 @@ class CompressContext:
         cfg = dataclasses.replace(self.train_cfg, epochs=epochs, early_stopping=None,
                                   schedule=None, lr=lr or self.train_cfg.lr, freeze=())
         result = train(model, self.data, cfg, device=self.device, seed=self.seed,
-                       tensors=self.tensors, after_step=after_step, loss_override=loss_fn,
+                       augment_cfg=self.augment, tensors=self.tensors,
+                       after_step=after_step, loss_override=loss_fn,
                        frozen_norms=not fresh,
                        on_progress=lambda e: self.on_progress({**e, "variant": variant}))
         return result.history

@@ -32,7 +32,8 @@ ONNX_ONLY = ("an ONNX model runs in ONNX Runtime only: it can be evaluated and i
 
 # every technique and method the table reports, in menu order
 ROWS = (("train", None), ("prune", "magnitude"), ("prune", "random"), ("prune", "obd"),
-        ("prune", "structured"), ("lowrank", "svd"), ("lowrank", "nmf"), ("share", None),
+        ("prune", "obs"), ("prune", "structured"), ("lowrank", "svd"), ("lowrank", "nmf"),
+        ("share", None),
         ("quantize", "uniform"), ("quantize", "log"), ("quantize", "qat"),
         ("quantize", "fp16"), ("quantize", "dynamic_int8"), ("quantize", "static_int8"),
         ("distill", None), ("deep_compression", None), ("export", "onnx"))
@@ -71,7 +72,7 @@ def capabilities(model: nn.Module) -> list[dict[str, Any]]:
         ("prune", "structured"): structured_refusal(model),
         ("distill", None): None if builder in ("builtin", "hf") else NO_STUDENT,
     }
-    for method in ("magnitude", "random", "obd"):
+    for method in ("magnitude", "random", "obd", "obs"):
         refusals["prune", method] = None if weights else (
             "this model has no weight matrices or convolution kernels to prune; pick "
             "another model or technique.")
@@ -81,6 +82,8 @@ def capabilities(model: nn.Module) -> list[dict[str, Any]]:
                                   ("quantize", "qat"), ("deep_compression", None)):
             name = technique if method is None else f"{technique} {method}"
             refusals[technique, method] = flat_graph(name)
+        if weights:  # its layer-wise solver reads each layer's inputs
+            refusals["prune", "obs"] = flat_graph("obs pruning", "magnitude or obd pruning")
     rows = []
     for technique, method in ROWS:
         why = refusals.get((technique, method))

@@ -4,7 +4,10 @@ Unstructured methods score every weight of the Linear and Conv layers and zero t
 `amount` fraction, per layer or under one global threshold: by magnitude (Han et al. 2015),
 at random (the control any pruning criterion should beat), or by Optimal Brain Damage
 saliency 0.5·h_ii·w_i² (LeCun et al. 1990) with a diagonal curvature h from the empirical
-Fisher or a Hutchinson estimate of the Hessian. Fine-tuning re-applies the masks after every
+Fisher or a Hutchinson estimate of the Hessian, or layer by layer as Optimal Brain Surgeon
+(`obs`, Hassibi & Stork 1993, with SparseGPT's solver: `engine.compress.reconstruct`), which
+also updates the weights each layer keeps; `reconstruct: obs` gives any other mask that
+update. Fine-tuning re-applies the masks after every
 optimizer step, so the result is a plain dense model with exact zeros.
 `structured` removes the hidden neurons and filters whose incoming weights have the smallest
 norm (Li et al. 2017), building physically smaller layers (`engine.compress.channels`: the
@@ -24,8 +27,10 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.capabilities import flat_graph
 from engine.compress.channels import structured
 from engine.compress.correct import CORRECT, correct_step
+from engine.compress.reconstruct import RECONSTRUCT_ROWS, reconstruct
 from engine.errors import UserError
 from engine.metrics import loss_fn, rows_per_batch
 from engine.models import set_training
@@ -240,6 +245,8 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
     if not named:
         raise UserError("this model has no weight matrices or convolution kernels to prune; "
                         "pick another model or technique.")
+    if step["method"] == "obs" and not prunable(model):
+        raise UserError(flat_graph("obs pruning", "magnitude or obd pruning"))
     kept_whole = spared(model, step["spare"])
     named = [(n, p) for n, p in named if n not in kept_whole] or named
     params = [p for _, p in named]
@@ -254,10 +261,13 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
         if method == "obd":  # its saliency is re-estimated on the way
             masks = _obd_masks(model, named, step, ctx, masks, amount)
         else:
-            scores = [p.detach().abs() for p in params] if method == "magnitude" else fixed
+            # obs: magnitude says how many each block of columns loses, OBS chooses which
+            scores = fixed if method == "random" else [p.detach().abs() for p in params]
             # a weight pruned at an earlier step stays pruned
             scores = [s.masked_fill(~m, -math.inf) for s, m in zip(scores, masks, strict=True)]
             masks = _masks(scores, amount, step["scope"])
+        if step["reconstruct"] == "obs" or method == "obs":  # before the masks zero them
+            rebuilt = _reconstruct(model, named, masks, ctx, choose=method == "obs")
         reapply = _masker(params, masks)
         reapply(model)
         corrected = correct_step(model, reference, step, ctx, scale_weights=True,
@@ -265,6 +275,7 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
         histories.append(ctx.finetune(model, epochs, variant="prune", after_step=reapply))
 
     how = {"magnitude": "by magnitude", "random": "at random",
+           "obs": "by Optimal Brain Surgeon saliency (SparseGPT's layer-wise solver)",
            "obd": f"by Optimal Brain Damage saliency ({step['curvature']} curvature)"}[method]
     where = "in each layer" if step["scope"] == "layer" else "under one global threshold"
     per_layer = ", ".join(f"{n.removesuffix('.weight')} {float((p == 0).float().mean()):.1%}"
@@ -277,6 +288,8 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
         notes.append(f"Kept whole as sensitive (spare: auto; \"none\" prunes them too): the "
                      f"first and last layers and the depthwise convolutions: "
                      f"{', '.join(shown)}.")
+    if step["reconstruct"] == "obs" or method == "obs":
+        notes.append(rebuilt)  # the last step's
     notes += corrected  # the last step's
     pruned = {id(p) for p in params}
     kept = [n for n, p in model.named_parameters()
@@ -288,6 +301,25 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
         notes.append("This model's layer types are hidden (a torch.export graph), so every "
                      "parameter named weight with 2 or more dimensions was pruned.")
     return StepResult(model=model, history=_merge(histories), notes=notes + _plan_notes(plan))
+
+
+def _reconstruct(model: nn.Module, named: list[tuple[str, nn.Parameter]],
+                 masks: list[torch.Tensor], ctx: CompressContext, *, choose: bool) -> str:
+    """`reconstruct: obs` (or method obs, which `choose`s the masks too) on the layers
+    being pruned; the sentence the run shows."""
+    by_weight = {id(layer.weight): layer for _, layer in prunable(model)}
+    layers = [by_weight.get(id(p)) for _, p in named]
+    if any(layer is None for layer in layers):
+        return ("Not reconstructed: this model's layer types are hidden (a torch.export "
+                "graph), so their inputs cannot be read; the masks alone were applied.")
+    X = ctx.tensors["X_train"]
+    done = reconstruct(model, layers, masks, X, choose=choose)
+    chose = ("chose which weights to zero by Optimal Brain Surgeon saliency and " if choose
+             else "")
+    return (f"Layer by layer, {chose}reconstructed {done} of {len(layers)} pruned layers "
+            f"(Optimal Brain Surgeon "
+            f"updates of the weights they keep) to reproduce their outputs on "
+            f"{min(len(X), RECONSTRUCT_ROWS)} training rows, before fine-tuning.")
 
 
 def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
@@ -302,13 +334,16 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
 
 
 @COMPRESSORS.register(
-    "prune", "Pruning: zero the least important weights (by magnitude, at random or by "
-    "Optimal Brain Damage saliency) or remove whole neurons and filters, then fine-tune.",
+    "prune", "Pruning: zero the least important weights (by magnitude, at random, by "
+    "Optimal Brain Damage saliency or layer by layer as Optimal Brain Surgeon) or remove "
+    "whole neurons and filters, then fine-tune.",
     params=(
         Param("method", "str", "magnitude", "magnitude: smallest |w| go; random: a control; "
               "structured: remove whole neurons/filters (smaller, faster layers); obd: "
-              "smallest curvature-weighted saliency 0.5·h·w² go",
-              choices=("magnitude", "random", "structured", "obd")),
+              "smallest curvature-weighted saliency 0.5·h·w² go; obs: Optimal Brain "
+              "Surgeon, layer by layer: the weights whose removal its inputs' covariance "
+              "says costs least go, and the kept ones are updated to make up for them",
+              choices=("magnitude", "random", "structured", "obd", "obs")),
         Param("amount", "float", 0.8, "fraction of weights removed (structured: of each hidden "
               "layer's neurons or filters)", low=0.0, high=0.99),
         Param("scope", "str", "layer", "layer: each layer loses `amount`; global: one "
@@ -325,6 +360,11 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
         Param("curvature", "str", "hessian", "obd: hessian (Hutchinson estimate of its "
               "diagonal) or fisher (the true Fisher: squared gradients at labels drawn from "
               "the model)", choices=("hessian", "fisher")),
+        Param("reconstruct", "str", "none", "obs: after the mask is chosen, update each "
+              "layer's kept weights (Optimal Brain Surgeon, solved as SparseGPT does) so its "
+              "outputs on training rows stay as before: recovers much of what pruning cost "
+              "before any fine-tuning, no labels needed (not for structured); none: only "
+              "zero the weights", choices=("none", "obs")),
         Param("schedule", "str", "oneshot", "oneshot: prune once then fine-tune; gradual: "
               "prune in steps along a cubic curve, fine-tuning between steps",
               choices=("oneshot", "gradual")),
@@ -340,6 +380,10 @@ def prune(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
                     strict=True))
     if step["method"] == "structured":  # copies first, like every method
         pruned, histories, notes = structured(model, step, ctx, plan)
+        if step["reconstruct"] != "none":
+            notes.append("The reconstruct setting applies to unstructured methods only; "
+                         "structured pruning removes whole channels, leaving no kept "
+                         "weights of theirs to update.")
         return StepResult(model=pruned, history=_merge(histories),
                           notes=notes + _plan_notes(plan))
     return _unstructured(clone(model), step, ctx, plan, model)

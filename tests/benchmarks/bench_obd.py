@@ -1,4 +1,4 @@
-"""OBD against magnitude and random pruning on the digits MLP (64-256-128-10, 15 epochs of
+"""OBD and OBS against magnitude and random pruning on the digits MLP (64-256-128-10, 15 epochs of
 Adam), at 50% and 90%, per layer and under one global threshold (the default), with and
 without 10 epochs of fine-tuning: the change in test accuracy, in points.
 
@@ -17,7 +17,8 @@ from engine.compress import COMPRESSORS
 from tests.helpers import trained_context
 
 CRITERIA = [("magnitude", {}), ("random", {}), ("obd", {"curvature": "hessian"}),
-            ("obd", {"curvature": "fisher"})]
+            ("obd", {"curvature": "fisher"}), ("obs", {}),
+            ("magnitude", {"reconstruct": "obs"})]
 
 
 def main() -> None:
@@ -28,7 +29,8 @@ def main() -> None:
     prune = COMPRESSORS.get("prune")
     print(f"baseline test accuracy {base:.4f}\n")
     print("| scope | pruned | fine-tuning | " + " | ".join(
-        m + (f" ({o['curvature']})" if o else "") for m, o in CRITERIA) + " |")
+        m + "".join(f" ({v})" if k == "curvature" else " + OBS reconstruction"
+                    for k, v in o.items()) for m, o in CRITERIA) + " |")
     print("|---|---|---:|" + "---:|" * len(CRITERIA))
     for scope in ("layer", "global"):
         for amount in (0.5, 0.9):

@@ -52,6 +52,11 @@ TECHNIQUES: list[tuple[str, dict]] = [
     ("magnitude 50% global, gradual in 4 steps + 4 epochs",
      {"technique": "prune", "method": "magnitude", "amount": 0.5, "scope": "global",
       "schedule": "gradual", "steps": 4, "finetune_epochs": 4}),
+    ("OBS 50% per layer (layer-wise Optimal Brain Surgeon), no fine-tuning",
+     {"technique": "prune", "method": "obs", "amount": 0.5, "finetune_epochs": 0}),
+    ("magnitude 50% global + OBS reconstruction + 4 epochs, augmented",
+     {"technique": "prune", "method": "magnitude", "amount": 0.5, "scope": "global",
+      "reconstruct": "obs", "finetune_epochs": 4}),
     ("magnitude 50% per layer, nothing spared + 2 epochs",
      {"technique": "prune", "method": "magnitude", "amount": 0.5, "spare": "none",
       "finetune_epochs": 2}),
@@ -74,6 +79,10 @@ TECHNIQUES: list[tuple[str, dict]] = [
       "share_epochs": 1}),
     ("distillation at width 0.5", {"technique": "distill", "epochs": 2}),
 ]
+# rows whose fine-tuning sees randomly flipped and shifted crops (data.augment): the
+# original labels each augmented batch afresh, so the 1,000 crops stop being all it sees
+AUGMENTED = {"magnitude 50% global + OBS reconstruction + 4 epochs, augmented"}
+AUGMENT = {"flip": True, "shift": 16}
 QUICK = {"magnitude 50% per layer + 2 epochs", "static int8 (ONNX Runtime)", "fp16",
          "distillation at width 0.5"}
 
@@ -182,7 +191,9 @@ def measure(quick: bool = False) -> dict:
                                                   picked.split(",")):
                 continue
             try:
-                run = in_fresh_process({"data": data, "model": {"source": bundle},
+                run = in_fresh_process({"data": {**data, **({"augment": AUGMENT}
+                                                           if label in AUGMENTED else {})},
+                                        "model": {"source": bundle},
                                         "train": train, "compress": [step]},
                                        str(folder / f"v{len(rows)}"))
             except Exception as exc:  # a refusal is a row too: its sentence is the figure
