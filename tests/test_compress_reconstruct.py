@@ -135,3 +135,18 @@ def test_a_graph_with_hidden_layer_types_says_it_was_not_reconstructed(mlp):
                for n in result.notes)
     with pytest.raises(UserError, match="so obs pruning has no Linear or Conv layer"):
         _pruned(graph, ctx, method="obs")
+
+
+def test_the_batched_solve_survives_onemkls_two_thread_bug():
+    """torch's CPU build failed or hung on this batched solve with 2 threads
+    (pytorch/pytorch#142815; test_real_models hung in it); the refit solves on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        A = torch.eye(151).unsqueeze(0).repeat(2, 1, 1).contiguous()
+        x = module._solve_one_thread(A, torch.ones(2, 151, 1))
+        assert torch.equal(x, torch.ones(2, 151, 1)) and torch.get_num_threads() == 2
+        with pytest.raises(FloatingPointError):
+            module._solve_one_thread(A * float("nan"), torch.ones(2, 151, 1))
+    finally:
+        torch.set_num_threads(threads)
