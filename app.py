@@ -64,21 +64,25 @@ def active_runs() -> None:
         st.progress(done, text=text)
 
 
-warm_up()
-restore_workspace()  # a reload (same ?ws=) opens what this workspace had open
-save_workspace()  # what the last interaction changed (pages save at once what must not wait)
-page = st.navigation([
-    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:"),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("pages/tune.py", title="Tune", icon=":material/tune:"),
-    st.Page("pages/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),
-    st.Page("pages/compress.py", title="Compress", icon=":material/compress:"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:"),
-    st.Page("pages/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
-    st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
-])
-with st.sidebar:
-    st.caption(f"Run store: `{Store().url}`")
-    active_runs()
-page.run()
+# A process spawned while this script is the main module (Streamlit's AppTest, a search's
+# worker pool) imports it again as __mp_main__: it must define, not run, the app (a CI run
+# lost a search worker to the app's store opening there while the database was locked).
+if __name__ != "__mp_main__":
+    warm_up()
+    restore_workspace()  # a reload (same ?ws=) opens what this workspace had open
+    save_workspace()  # what the last interaction changed (pages save at once what must not wait)
+    page = st.navigation([
+        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:"),
+        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("pages/tune.py", title="Tune", icon=":material/tune:"),
+        st.Page("pages/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),
+        st.Page("pages/compress.py", title="Compress", icon=":material/compress:"),
+        st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:"),
+        st.Page("pages/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
+        st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
+    ])
+    with st.sidebar:
+        st.caption(f"Run store: `{Store().url}`")
+        active_runs()
+    page.run()
