@@ -251,6 +251,7 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
     named = [(n, p) for n, p in named if n not in kept_whole] or named
     params = [p for _, p in named]
     method = step["method"]
+    rebuilds = method == "obs" or step["reconstruct"] == "obs"  # the OBS refit runs
     gen = torch.Generator().manual_seed(ctx.seed)
     # random scores are drawn once, so that successive gradual masks are nested
     fixed = [torch.rand(p.shape, generator=gen).to(p.device) for p in params
@@ -266,7 +267,7 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
             # a weight pruned at an earlier step stays pruned
             scores = [s.masked_fill(~m, -math.inf) for s, m in zip(scores, masks, strict=True)]
             masks = _masks(scores, amount, step["scope"])
-        if step["reconstruct"] == "obs" or method == "obs":  # before the masks zero them
+        if rebuilds:  # before the masks zero the weights: it needs them
             rebuilt = _reconstruct(model, named, masks, ctx, choose=method == "obs")
         reapply = _masker(params, masks)
         reapply(model)
@@ -288,7 +289,7 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
         notes.append(f"Kept whole as sensitive (spare: auto; \"none\" prunes them too): the "
                      f"first and last layers and the depthwise convolutions: "
                      f"{', '.join(shown)}.")
-    if step["reconstruct"] == "obs" or method == "obs":
+    if rebuilds:
         notes.append(rebuilt)  # the last step's
     notes += corrected  # the last step's
     pruned = {id(p) for p in params}
