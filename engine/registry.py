@@ -27,6 +27,15 @@ class Param:
     high: float | None = None
     choices: tuple[Any, ...] | None = None
     log: bool = False  # a log scale suits this number (learning rates, decay strengths)
+    when: tuple[str, tuple[Any, ...]] | None = None  # (other param, its values) under which
+    #   this one does anything: the app shows it only then (quantize's bits for k-bit methods)
+
+    def applies(self, values: dict[str, Any]) -> bool:
+        """Whether this parameter does anything given the other parameters' `values`."""
+        if self.when is None:
+            return True
+        other, allowed = self.when
+        return values.get(other) in allowed
 
     def check(self, value: Any, where: str) -> Any:
         """Return `value` coerced to this parameter's type, or raise a UserError naming it."""
@@ -65,6 +74,8 @@ class Param:
                 d[key] = list(getattr(self, key)) if key == "choices" else getattr(self, key)
         if self.log:
             d["log"] = True
+        if self.when is not None:
+            d["when"] = {self.when[0]: list(self.when[1])}
         return d
 
 

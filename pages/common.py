@@ -123,6 +123,9 @@ def registry_choice(registry: Any, label: str, key: str, current: str,
     values = options if name == current else {}
     if entry.params:
         with st.expander(f"{name} settings"):
-            values = {p.name: param_input(p, f"{key}_{name}_{p.name}", values.get(p.name))
-                      for p in entry.params}
+            chosen: dict[str, Any] = {}
+            for p in entry.params:  # a setting that does nothing for the choices above is
+                if p.applies(chosen):  # not shown (and the engine's default stands)
+                    chosen[p.name] = param_input(p, f"{key}_{name}_{p.name}", values.get(p.name))
+            values = chosen
     return name, values

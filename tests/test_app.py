@@ -269,6 +269,27 @@ def chain_to_the_end(at: AppTest) -> dict:
     return run
 
 
+def test_compress_form_shows_only_the_settings_that_do_something():
+    at = open_app("pages/compress.py")
+    at.selectbox(key="cmp_tech").set_value("quantize").run()
+    keys = lambda: {w.key for w in [*at.number_input, *at.selectbox, *at.checkbox]}  # noqa: E731
+    assert "cmp_tech_quantize_calibration_rows" in keys()  # static_int8, the default
+    assert not {"cmp_tech_quantize_bits", "cmp_tech_quantize_finetune_epochs",
+                "cmp_tech_quantize_correct"} & keys()
+    at.selectbox(key="cmp_tech_quantize_method").set_value("uniform").run()
+    assert {"cmp_tech_quantize_bits", "cmp_tech_quantize_finetune_epochs",
+            "cmp_tech_quantize_correct"} <= keys()
+    assert "cmp_tech_quantize_calibration_rows" not in keys()
+    at.button(key="cmp_add").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    step = at.session_state["cmp_chain"][-1]
+    assert step["method"] == "uniform" and step["bits"] == 8
+    at.selectbox(key="cmp_tech").set_value("prune").run()
+    assert "cmp_tech_prune_curvature" not in keys() and "cmp_tech_prune_steps" not in keys()
+    at.selectbox(key="cmp_tech_prune_method").set_value("obd").run()
+    assert "cmp_tech_prune_curvature" in keys()
+
+
 @pytest.mark.slow
 def test_compress_page_builds_a_chain_and_runs_it():
     at = open_app("pages/compress.py")

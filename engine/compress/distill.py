@@ -117,7 +117,8 @@ def _describe(cfg: ModelConfig) -> str:
         Param("epochs", "int", 30, "training epochs of the student", low=1, high=1000),
         Param("mode", "str", "response", "response: outputs only; feature: also the last "
               "hidden layer (FitNets hint)", choices=("response", "feature")),
-        Param("beta", "float", 1.0, "weight of the feature hint loss", low=0.0),
+        Param("beta", "float", 1.0, "weight of the feature hint loss", low=0.0,
+              when=("mode", ("feature",))),
     ))
 def distill(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     """Train a new student on `model`'s outputs; `model` is left as it is."""

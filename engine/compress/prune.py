@@ -334,6 +334,9 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
     return reapply
 
 
+UNSTRUCTURED = ("method", ("magnitude", "random", "obd", "obs"))  # where scope and spare apply
+
+
 @COMPRESSORS.register(
     "prune", "Pruning: zero the least important weights (by magnitude, at random, by "
     "Optimal Brain Damage saliency or layer by layer as Optimal Brain Surgeon) or remove "
@@ -351,25 +354,27 @@ def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
               "threshold across layers, so layers with small weights lose more (not for "
               "structured; on a network with BatchNorm the layers' weight scales are "
               "arbitrary, and global magnitude pruning can empty one)",
-              choices=("layer", "global")),
+              choices=("layer", "global"), when=UNSTRUCTURED),
         Param("spare", "str", "auto", "auto: on a convolutional network, keep depthwise "
               "convolutions and the first and last layers whole (the sensitive ones); none: "
               "prune every Linear and Conv layer (not for structured)",
-              choices=("auto", "none")),
+              choices=("auto", "none"), when=UNSTRUCTURED),
         Param("norm", "str", "l1", "structured: norm that ranks neurons and filters",
-              choices=("l1", "l2")),
+              choices=("l1", "l2"), when=("method", ("structured",))),
         Param("curvature", "str", "hessian", "obd: hessian (Hutchinson estimate of its "
               "diagonal) or fisher (the true Fisher: squared gradients at labels drawn from "
-              "the model)", choices=("hessian", "fisher")),
+              "the model)", choices=("hessian", "fisher"), when=("method", ("obd",))),
         Param("reconstruct", "str", "none", "obs: after the mask is chosen, update each "
               "layer's kept weights (Optimal Brain Surgeon, solved as SparseGPT does) so its "
               "outputs on training rows stay as before: recovers much of what pruning cost "
               "before any fine-tuning, no labels needed (not for structured); none: only "
-              "zero the weights", choices=("none", "obs")),
+              "zero the weights", choices=("none", "obs"),
+              when=("method", ("magnitude", "random", "obd"))),
         Param("schedule", "str", "oneshot", "oneshot: prune once then fine-tune; gradual: "
               "prune in steps along a cubic curve, fine-tuning between steps",
               choices=("oneshot", "gradual")),
-        Param("steps", "int", 4, "gradual: number of pruning steps", low=1, high=50),
+        Param("steps", "int", 4, "gradual: number of pruning steps", low=1, high=50,
+              when=("schedule", ("gradual",))),
         CORRECT,
         Param("finetune_epochs", "int", 5, "epochs of fine-tuning in all (gradual: spread over "
               "the steps, at least 1 each)", low=0, high=1000),

@@ -38,6 +38,7 @@ from engine.registry import Param
 
 METHODS = ("dynamic_int8", "static_int8", "fp16", "uniform", "log", "qat")
 ONNX_METHODS = ("dynamic_int8", "static_int8")  # yield ONNX Runtime models: last in a chain
+K_BIT = ("method", ("uniform", "log", "qat"))  # where bits, fine-tuning and correction apply
 
 
 # --- the technique -------------------------------------------------------------------------
@@ -49,16 +50,19 @@ ONNX_METHODS = ("dynamic_int8", "static_int8")  # yield ONNX Runtime models: las
         Param("method", "str", "static_int8", "dynamic_int8/static_int8: ONNX Runtime int8 "
               "model; fp16: float16 weights; uniform: k-bit affine grid; log: powers of two; "
               "qat: quantization-aware training", choices=METHODS),
-        Param("bits", "int", 8, "bits per weight (uniform, log, qat)", low=2, high=8),
+        Param("bits", "int", 8, "bits per weight (uniform, log, qat)", low=2, high=8,
+              when=K_BIT),
         Param("per_channel", "bool", True, "one scale per output channel, else one per "
-              "tensor"),
+              "tensor", when=("method", tuple(m for m in METHODS if m != "fp16"))),
         Param("calibration_rows", "int", 512, "training rows used to calibrate activation "
-              "ranges (static_int8, qat)", low=16, high=100000),
+              "ranges (static_int8, qat)", low=16, high=100000,
+              when=("method", ("static_int8", "qat"))),
         Param("finetune_epochs", "int", 3, "fine-tuning epochs with a straight-through "
               "estimator (qat; uniform/log: 0 quantizes without fine-tuning)",
-              low=0, high=1000),
+              low=0, high=1000, when=K_BIT),
         dataclasses.replace(CORRECT, help="uniform, log, qat: after quantizing, " + CORRECT.help
-                            + " (weights stay on their grid: biases and BatchNorms carry it)"),
+                            + " (weights stay on their grid: biases and BatchNorms carry it)",
+                            when=K_BIT),
     ), terminal_methods=ONNX_METHODS)
 def quantize(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     """Quantize a copy of `model` as `step["method"]` says; `model` is unchanged."""
