@@ -110,6 +110,12 @@ def show_error(exc: Exception, labels: dict[str, str] | None = None) -> None:
                  f"Your settings are kept; try again or report it.")
 
 
+def table(rows: Any, **kwargs: Any) -> Any:
+    """A table of results: no index, and a figure that does not apply reads "—" (Streamlit
+    would print a grey "None")."""
+    return st.dataframe(rows, hide_index=True, placeholder="—", **kwargs)
+
+
 def registry_choice(registry: Any, label: str, key: str, current: str,
                     options: dict[str, Any], *, names: list[str] | None = None
                     ) -> tuple[str, dict[str, Any]]:

@@ -10,6 +10,7 @@ import streamlit as st
 from engine import comparison, jobs, plots, report
 from engine.comparison import SOURCES
 from engine.store import ACTIVE, Store
+from pages.common import table
 
 st.title("Compare")
 store = Store()
@@ -76,8 +77,8 @@ def draw_group(fresh: Store, run_ids: list[str], suffix: str) -> None:
                                         descriptions=descriptions()),
                            key=f"cmp_latency{suffix}")
         st.caption(SOURCES + " Hover a point for what its technique does.")
-        st.dataframe(pd.DataFrame(comparison.table_records(points)), hide_index=True,
-                     column_config={"chain": st.column_config.TextColumn(
+        table(pd.DataFrame(comparison.table_records(points)),
+              column_config={"chain": st.column_config.TextColumn(
                          help="the compression steps that made this variant [its runtime]")})
     histories = comparison.training_histories(fresh, run_ids)
     if len(histories) > 1:  # an optimizer race, or runs trained differently

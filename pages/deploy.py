@@ -6,7 +6,7 @@ import streamlit as st
 from engine import deploy, jobs
 from engine.measure import onnx_not_smaller
 from engine.store import Store, run_dir
-from pages.common import show_error
+from pages.common import show_error, table
 
 st.title("Deploy")
 store = Store()
@@ -59,7 +59,7 @@ for v in variants:
 if not rows:
     st.caption("Export the variants to compare them under ONNX Runtime.")
     st.stop()
-st.dataframe(pd.DataFrame(rows), hide_index=True)
+table(pd.DataFrame(rows))
 st.caption("ONNX KiB is the file ONNX Runtime runs; encoded KiB is the variant's compressed "
            "encoding (model.wbz, the size Compare shows).")
 base = exported.get((run["id"], variants[0]["name"]))

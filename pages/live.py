@@ -16,7 +16,7 @@ from engine.compress.capabilities import ONNX_ONLY
 from engine.metrics import score_key
 from engine.progress import progress_of
 from engine.store import Store
-from pages.common import describe, show_error, submit
+from pages.common import describe, show_error, submit, table
 from pages.workspace import remember
 
 
@@ -85,7 +85,7 @@ def watch(run_ids: list[str], key: str) -> None:
                              "latency (ms, batch 1)": m.get("latency_ms"),
                              "epochs": m.get("epochs_run"), "train time (s)":
                              m.get("train_time_s")})
-        st.dataframe(pd.DataFrame(rows), hide_index=True)
+        table(pd.DataFrame(rows))
 
 
 def onnx_only(sel: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import streamlit as st
 from engine import plots
 from engine.data import describe_encoding
 from engine.runner import resolve
+from pages.common import table
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading the data...")
@@ -66,7 +67,7 @@ def show_model(info: dict[str, Any]) -> None:
                    help="The weights as torch.save writes them; a run reports its compressed "
                         "encoding (model.wbz), the size Compare and Deploy show.")
     if info.get("layers"):
-        st.dataframe(pd.DataFrame(info["layers"]), hide_index=True, height=260)
+        table(pd.DataFrame(info["layers"]), height=260)
     if info.get("operators"):
         st.caption("ONNX operators: " + ", ".join(f"{k} x{v}" for k, v in
                                                  info["operators"].items()))
@@ -75,4 +76,4 @@ def show_model(info: dict[str, Any]) -> None:
         rows = [{"technique": r["technique"] + (f" {r['method']}" if r["method"] else ""),
                  "status": r["status"], "why not, or the catch": r["why"]}
                 for r in info["capabilities"]]
-        st.dataframe(pd.DataFrame(rows), hide_index=True, key="dm_capabilities")
+        table(pd.DataFrame(rows), key="dm_capabilities")

@@ -14,7 +14,7 @@ from engine.errors import UserError
 from engine.metrics import score_key
 from engine.settings import backend_name
 from engine.store import Store
-from pages.common import show_error
+from pages.common import show_error, table
 from pages.live import curves_of, metric_of
 from pages.workspace import session_owner
 
@@ -54,8 +54,8 @@ def row(run: dict) -> dict:
 
 # a new key after a deletion clears the selection, so the next run is never opened by itself
 table_key = f"runs_table_{st.session_state.get('runs_deleted', 0)}"
-picked = st.dataframe(pd.DataFrame([row(r) for r in runs]), hide_index=True,
-                      on_select="rerun", selection_mode="multi-row", key=table_key)
+picked = table(pd.DataFrame([row(r) for r in runs]),
+               on_select="rerun", selection_mode="multi-row", key=table_key)
 chosen = [runs[i] for i in picked.selection.rows]
 if not chosen:
     st.caption("Select one run to open it, or several to overlay their curves.")
@@ -74,8 +74,7 @@ if run.get("error"):
     st.error(run["error"])
 variants = store.variants(run["id"])
 if variants:
-    st.dataframe(pd.DataFrame([{"variant": v["name"], **v["metrics"]} for v in variants]),
-                 hide_index=True)
+    table(pd.DataFrame([{"variant": v["name"], **v["metrics"]} for v in variants]))
 with st.expander("Recipe"):
     st.json(run["recipe"])
 cols = st.columns(4)

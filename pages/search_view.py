@@ -11,6 +11,7 @@ from engine.schema import json_list
 from engine.showcase import RACE
 from engine.store import ACTIVE, Store
 from engine.tune import PRESETS, load_study, ranked_trials, winner
+from pages.common import table
 from pages.live import watch
 from pages.workspace import kept
 
@@ -66,7 +67,7 @@ def result(store: Store, tuning: dict[str, Any]) -> None:
         st.success(f"Best {search_plots.objective_label(tuning['objectives'][0])}: "
                    f"{best:.4f} with {winner(tuning)}. The run trained this winner as its "
                    f"baseline.")
-    st.dataframe(ranked_trials(tuning), hide_index=True)
+    table(ranked_trials(tuning))
     if tuning.get("importances"):  # the engine found enough trials and parameters
         st.plotly_chart(search_plots.param_importances(load_study(tuning["study"], store.url),
                                                        tuning["objectives"]),
@@ -74,9 +75,8 @@ def result(store: Store, tuning: dict[str, Any]) -> None:
     elif tuning.get("importances_note"):
         st.caption(tuning["importances_note"])
     if tuning.get("pareto"):
-        st.dataframe([{"trial": t["number"], **t["params"], **dict(zip(
-            tuning["objectives"], t["values"], strict=False))} for t in tuning["pareto"]],
-            hide_index=True)
+        table([{"trial": t["number"], **t["params"], **dict(zip(
+            tuning["objectives"], t["values"], strict=False))} for t in tuning["pareto"]])
 
 
 def show(run_id: str, objectives: list[str]) -> None:
