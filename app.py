@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine.progress import progress_of
 from engine.store import Store
-from pages.workspace import restore_workspace, save_workspace, session_owner
+from views.workspace import restore_workspace, save_workspace, session_owner
 
 st.set_page_config(page_title="Model optimization workbench", page_icon=":material/speed:",
                    layout="wide")
@@ -72,15 +72,15 @@ if __name__ != "__mp_main__":
     restore_workspace()  # a reload (same ?ws=) opens what this workspace had open
     save_workspace()  # what the last interaction changed (pages save at once what must not wait)
     page = st.navigation([
-        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-        st.Page("pages/data_model.py", title="Data & Model", icon=":material/dataset:"),
-        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-        st.Page("pages/tune.py", title="Tune", icon=":material/tune:"),
-        st.Page("pages/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),
-        st.Page("pages/compress.py", title="Compress", icon=":material/compress:"),
-        st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:"),
-        st.Page("pages/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
-        st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
+        st.Page("views/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("views/data_model.py", title="Data & Model", icon=":material/dataset:"),
+        st.Page("views/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("views/tune.py", title="Tune", icon=":material/tune:"),
+        st.Page("views/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),
+        st.Page("views/compress.py", title="Compress", icon=":material/compress:"),
+        st.Page("views/compare.py", title="Compare", icon=":material/scatter_plot:"),
+        st.Page("views/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
+        st.Page("views/runs.py", title="Runs", icon=":material/history:"),
     ])
     with st.sidebar:
         st.caption(f"Run store: `{Store().url}`")

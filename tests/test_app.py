@@ -17,7 +17,7 @@ def own_store(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(tmp_path / "artifacts"))
 
 
-def open_app(page: str | None = "pages/data_model.py") -> AppTest:
+def open_app(page: str | None = "views/data_model.py") -> AppTest:
     """The app on `page` (None: the page it opens on, Home)."""
     at = AppTest.from_file("../app.py", default_timeout=90)
     at.run()
@@ -86,7 +86,7 @@ def test_showcase_lands_on_compare_and_fills_the_pareto_plots(monkeypatch):
     assert "quantize-static_int8" in list(at.dataframe[0].value["variant"])
     assert list(at.dataframe[0].value["variant"]).count("baseline") == 2  # adam, sgd
     assert at.get("download_button")[0].proto.label == "Download report (HTML)"
-    at.switch_page("pages/home.py").run()
+    at.switch_page("views/home.py").run()
     at.button(key="home_showcase").click().run()  # a second press: nothing new
     assert at.session_state["cmp_runs"] == ids
     assert not Store().active_runs()
@@ -121,7 +121,7 @@ def test_train_page_lists_every_registered_choice():
     from engine.optimizers import OPTIMIZERS
     from engine.schedules import SCHEDULES
 
-    at = open_app("pages/train.py")
+    at = open_app("views/train.py")
     assert at.selectbox(key="tr_opt").options == OPTIMIZERS.names()
     assert at.selectbox(key="tr_sched").options == SCHEDULES.names()
     assert at.button(key="tr_run").label == "Run"
@@ -136,7 +136,7 @@ def test_train_page_starts_from_the_engines_defaults_and_registry_bounds():
     from engine.recipe import EarlyStoppingConfig, ScheduleConfig
     from engine.regularization import REGULARIZERS
 
-    at = open_app("pages/train.py")
+    at = open_app("views/train.py")
     assert at.selectbox(key="tr_sched").value == ScheduleConfig().name == "constant"
     dropout = REGULARIZERS.get("dropout").param("dropout")
     slider = at.slider(key="tr_dropout")
@@ -158,7 +158,7 @@ def test_train_page_starts_from_the_engines_defaults_and_registry_bounds():
 
 @pytest.mark.slow
 def test_train_page_runs_digits_and_shows_the_curve():
-    at = open_app("pages/train.py")
+    at = open_app("views/train.py")
     at.number_input(key="tr_epochs").set_value(3).run()
     at.button(key="tr_run").click().run()
     assert not at.exception and not at.error
@@ -174,7 +174,7 @@ def test_train_page_runs_digits_and_shows_the_curve():
 
 @pytest.mark.slow
 def test_train_page_race_starts_one_run_per_optimizer():
-    at = open_app("pages/train.py")
+    at = open_app("views/train.py")
     at.number_input(key="tr_epochs").set_value(2).run()
     at.toggle(key="tr_race").set_value(True).run()
     at.multiselect(key="tr_race_pick").set_value(["sgd", "adam"]).run()
@@ -189,7 +189,7 @@ def test_train_page_race_starts_one_run_per_optimizer():
 
 @pytest.mark.slow
 def test_runs_page_empty_then_lists_a_run():
-    at = open_app("pages/runs.py")
+    at = open_app("views/runs.py")
     assert "No runs yet" in at.info[0].value
     from engine import jobs
 
@@ -250,7 +250,7 @@ def test_a_killed_worker_shows_as_failed_with_its_history_after_an_app_restart()
         time.sleep(0.2)
     os.killpg(store.get_run(run_id)["pid"], signal.SIGKILL)
     time.sleep(0.5)
-    at = open_app("pages/runs.py")  # a fresh app: it reaps at start-up and on this page
+    at = open_app("views/runs.py")  # a fresh app: it reaps at start-up and on this page
     table = at.dataframe[0].value
     assert list(table["status"]) == ["failed"]
     run = Store().get_run(run_id)
@@ -270,7 +270,7 @@ def chain_to_the_end(at: AppTest) -> dict:
 
 
 def test_compress_form_shows_only_the_settings_that_do_something():
-    at = open_app("pages/compress.py")
+    at = open_app("views/compress.py")
     at.selectbox(key="cmp_tech").set_value("quantize").run()
     keys = lambda: {w.key for w in [*at.number_input, *at.selectbox, *at.checkbox]}  # noqa: E731
     assert "cmp_tech_quantize_calibration_rows" in keys()  # static_int8, the default
@@ -292,7 +292,7 @@ def test_compress_form_shows_only_the_settings_that_do_something():
 
 @pytest.mark.slow
 def test_compress_page_builds_a_chain_and_runs_it():
-    at = open_app("pages/compress.py")
+    at = open_app("views/compress.py")
     from engine.compress import load_all
 
     assert at.selectbox(key="cmp_tech").options == load_all().names()
@@ -313,7 +313,7 @@ def test_compress_page_builds_a_chain_and_runs_it():
 def test_compare_page_draws_both_fronts():
     from engine import jobs
 
-    at = open_app("pages/compare.py")
+    at = open_app("views/compare.py")
     assert "No finished runs" in at.info[0].value
     run_id = jobs.submit({"data": {"source": "builtin:iris"},
                           "model": {"source": "builtin:mlp", "hidden": [16]},
@@ -334,7 +334,7 @@ def test_compare_page_draws_both_fronts():
 def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
     from engine import jobs
 
-    at = open_app("pages/deploy.py")
+    at = open_app("views/deploy.py")
     assert "No finished runs" in at.info[0].value
     run_id = jobs.submit({"data": {"source": "builtin:iris"}, "train": {"epochs": 5},
                           "compress": [{"technique": "quantize", "method": "dynamic_int8"}]})
@@ -353,7 +353,7 @@ def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
 def test_diagnose_page_runs_and_shows_the_verdict_and_curves():
     from engine.recipe import BiasVarianceConfig, LandscapeConfig, LearningCurveConfig
 
-    at = open_on_iris("pages/diagnose.py", hidden=[16], epochs=15, lr=0.01)
+    at = open_on_iris("views/diagnose.py", hidden=[16], epochs=15, lr=0.01)
     assert not at.exception and not at.error, [e.value for e in at.error]
     # every default is the recipe's: 20 rounds, its fractions, no landscape unless asked
     assert at.number_input(key="dg_rounds").value == BiasVarianceConfig().rounds == 20
@@ -392,7 +392,7 @@ def search_to_the_end(at: AppTest) -> dict:
 def test_tune_page_starts_from_the_engines_defaults():
     from engine.tune import DEFAULTS, OBJECTIVES, PRUNERS, SAMPLERS, VALIDATIONS
 
-    at = open_app("pages/tune.py")
+    at = open_app("views/tune.py")
     assert at.number_input(key="tu_trials").value == DEFAULTS["n_trials"] == 20
     assert at.selectbox(key="tu_sampler").value == DEFAULTS["sampler"]
     assert len(at.selectbox(key="tu_sampler").options) == len(SAMPLERS)
@@ -412,7 +412,7 @@ def test_tune_page_starts_from_the_engines_defaults():
 
 
 def test_a_half_typed_width_list_is_one_sentence_and_search_waits_for_it():
-    at = open_app("pages/tune.py")
+    at = open_app("views/tune.py")
     at.text_input(key="tu_widths").set_value("[[16], [64").run()
     assert not at.exception
     assert [e.value for e in at.error] == ["The box 'Width choices (JSON)' needs a JSON list "
@@ -429,7 +429,7 @@ def test_tune_page_waits_with_a_caption_until_a_trial_completes():
     run_id = jobs.submit({"data": {"source": "builtin:iris"}, "train": {"epochs": 1}},
                          name="no trials")
     assert wait_finished(run_id)["status"] == "done"
-    at = open_app("pages/tune.py")
+    at = open_app("views/tune.py")
     at.session_state["tu_watch"] = run_id
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -439,7 +439,7 @@ def test_tune_page_waits_with_a_caption_until_a_trial_completes():
 
 @pytest.mark.slow
 def test_tune_page_runs_a_small_search_to_completion():
-    at = open_on_iris("pages/tune.py", hidden=[8], epochs=5, early_stopping=None)
+    at = open_on_iris("views/tune.py", hidden=[8], epochs=5, early_stopping=None)
     assert not at.exception and not at.error, [e.value for e in at.error]
     at.selectbox(key="tu_sampler").set_value("random").run()
     at.number_input(key="tu_trials").set_value(3).run()
@@ -466,7 +466,7 @@ def test_tune_page_runs_a_small_search_to_completion():
 
 @pytest.mark.slow
 def test_tune_page_draws_the_pareto_front_of_a_two_objective_search():
-    at = open_on_iris("pages/tune.py", hidden=[8], epochs=3, early_stopping=None)
+    at = open_on_iris("views/tune.py", hidden=[8], epochs=3, early_stopping=None)
     at.selectbox(key="tu_sampler").set_value("nsga2").run()
     at.number_input(key="tu_trials").set_value(4).run()
     at.multiselect(key="tu_obj").set_value(["val_score", "params"]).run()
@@ -485,7 +485,7 @@ def test_compress_page_starts_from_a_finished_runs_model():
                          "model": {"source": "builtin:mlp", "hidden": [16]},
                          "train": {"epochs": 20, "lr": 0.01}}, name="to compress")
     assert wait_finished(first)["status"] == "done"
-    at = open_app("pages/compress.py")
+    at = open_app("views/compress.py")
     at.radio(key="cmp_start").set_value("A finished run's model").run()
     run = chain_to_the_end(at)
     variants = Store().variants(run["id"])
@@ -497,8 +497,8 @@ def test_compress_page_starts_from_a_finished_runs_model():
 
 @pytest.mark.slow
 def test_two_sessions_each_see_their_own_runs_and_compare_fans_out():
-    a = open_on_iris("pages/compress.py", hidden=[8], epochs=2)
-    b = open_on_iris("pages/compress.py", hidden=[8], epochs=2)
+    a = open_on_iris("views/compress.py", hidden=[8], epochs=2)
+    b = open_on_iris("views/compress.py", hidden=[8], epochs=2)
     a.session_state["cmp_chain"] = [
         {"technique": "prune", "method": "magnitude", "amount": 0.5, "finetune_epochs": 1},
         {"technique": "quantize", "method": "dynamic_int8"}]
@@ -514,7 +514,7 @@ def test_two_sessions_each_see_their_own_runs_and_compare_fans_out():
         assert wait_finished(run_id)["status"] == "done"
     for at, names in ((a, ["quantize · mlp on iris", "prune · mlp on iris"]),
                       (b, ["prune · mlp on iris"])):  # names say the data and the model
-        at.switch_page("pages/runs.py").run()
+        at.switch_page("views/runs.py").run()
         assert len(at.dataframe[0].value) == 3  # everyone's runs by default
         at.toggle(key="runs_mine").set_value(True).run()
         assert list(at.dataframe[0].value["name"]) == names  # newest first
@@ -523,7 +523,7 @@ def test_two_sessions_each_see_their_own_runs_and_compare_fans_out():
 def test_runs_page_says_a_bad_backend_setting_in_one_sentence(monkeypatch):
     monkeypatch.setenv("WORKBENCH_BACKEND", "kubernetes")
     at = open_app(None)
-    at.switch_page("pages/runs.py").run()
+    at.switch_page("views/runs.py").run()
     assert not at.exception
     assert "the backend 'kubernetes' is unknown" in at.error[0].value
 
@@ -531,7 +531,7 @@ def test_runs_page_says_a_bad_backend_setting_in_one_sentence(monkeypatch):
 def test_a_reload_opens_the_same_workspace_from_the_url():
     """A reload is a new browser session on the same URL: ?ws= names the workspace, whose
     selection, Train settings and watched run come back from the store."""
-    first = open_on_iris("pages/train.py", hidden=[8], epochs=2, early_stopping=None)
+    first = open_on_iris("views/train.py", hidden=[8], epochs=2, early_stopping=None)
     first.button(key="tr_run").click().run()
     assert not first.exception, first.exception
     ws = first.query_params["ws"]
@@ -541,7 +541,7 @@ def test_a_reload_opens_the_same_workspace_from_the_url():
     again = AppTest.from_file("../app.py", default_timeout=90)  # the reload: nothing in memory
     again.query_params["ws"] = ws
     again.run()
-    again.switch_page("pages/train.py").run()
+    again.switch_page("views/train.py").run()
     assert not again.exception and not again.error, [e.value for e in again.error]
     assert again.session_state["watch"] == [run_id]  # the live view is back, with its run
     assert again.session_state["selection"]["data"]["source"] == "builtin:iris"
@@ -549,7 +549,7 @@ def test_a_reload_opens_the_same_workspace_from_the_url():
     mine = Store().list_runs(owner=ws)  # the run is still this workspace's own
     assert [r["id"] for r in mine] == [run_id]
 
-    other = open_app("pages/train.py")  # a new URL is a new, empty workspace
+    other = open_app("views/train.py")  # a new URL is a new, empty workspace
     assert other.query_params["ws"] != ws and "watch" not in other.session_state
 
 
@@ -587,7 +587,7 @@ def test_a_state_dict_upload_asks_for_its_architecture_and_sizes_on_the_spot():
     net = build_model(resolve({"model": {"hidden": [8]}}).model, (4,), 3, seed=0)
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
-    at = open_on_iris("pages/data_model.py", hidden=[128, 64])
+    at = open_on_iris("views/data_model.py", hidden=[128, 64])
     at.radio(key="dm_model_kind").set_value("Upload").run()
     at.file_uploader(key="dm_model_file").upload("weights.pt", buffer.getvalue(),
                                                  "application/octet-stream").run()
@@ -602,22 +602,22 @@ def test_a_state_dict_upload_asks_for_its_architecture_and_sizes_on_the_spot():
 
 
 def test_the_tune_and_diagnose_settings_come_back_after_a_reload():
-    first = open_app("pages/tune.py")
+    first = open_app("views/tune.py")
     first.number_input(key="tu_trials").set_value(7).run()
     first.checkbox(key="tu_train.weight_decay").check().run()
-    first.switch_page("pages/diagnose.py").run()
+    first.switch_page("views/diagnose.py").run()
     first.number_input(key="dg_rounds").set_value(9).run()
-    first.switch_page("pages/train.py").run()  # any rerun saves the workspace
+    first.switch_page("views/train.py").run()  # any rerun saves the workspace
     ws = first.query_params["ws"]
 
     again = AppTest.from_file("../app.py", default_timeout=90)  # the reload
     again.query_params["ws"] = ws
     again.run()
-    again.switch_page("pages/tune.py").run()
+    again.switch_page("views/tune.py").run()
     assert not again.exception and not again.error, [e.value for e in again.error]
     assert again.number_input(key="tu_trials").value == 7
     assert again.checkbox(key="tu_train.weight_decay").value
-    again.switch_page("pages/diagnose.py").run()
+    again.switch_page("views/diagnose.py").run()
     assert again.number_input(key="dg_rounds").value == 9
     assert not again.warning  # restored as starting values, not forced into widget state
 
@@ -679,7 +679,7 @@ def test_an_onnx_models_train_page_offers_evaluation_not_optimizers(tmp_path):
         blob = onnx_bytes(model, (4,))
     at.file_uploader(key="dm_model_file").upload("m.onnx", blob).run()
     assert not at.error
-    at.switch_page("pages/train.py").run()
+    at.switch_page("views/train.py").run()
     assert any("runs in ONNX Runtime only" in i.value for i in at.info)
     assert not [s for s in at.selectbox if s.key == "tr_opt"]
     assert at.button(key="tr_onnx_run")

@@ -97,7 +97,7 @@ def test_train_page_sets_precision_and_compile(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WORKBENCH_ARTIFACTS", str(tmp_path / "artifacts"))
     at = AppTest.from_file("../app.py", default_timeout=90)
     at.run()
-    at.switch_page("pages/train.py").run()
+    at.switch_page("views/train.py").run()
     assert at.selectbox(key="tr_precision").value == "auto"
     at.selectbox(key="tr_precision").set_value("bf16")
     at.checkbox(key="tr_compile").check()

@@ -120,15 +120,15 @@ def test_the_size_cap_is_configurable_and_enforced_on_file_paths(tmp_path, monke
 def test_the_ui_states_the_cap_the_server_enforces():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] == uploads.DEFAULT_UPLOAD_LIMIT_MB
-    from pages import common
+    from views import common
 
     effective = min(uploads.upload_limit_mb(), config["server"]["maxUploadSize"])
     assert effective == common.UPLOAD_LIMIT_MB
-    assert "UPLOAD_LIMIT_MB} MB" in (ROOT / "pages" / "data_model.py").read_text()
+    assert "UPLOAD_LIMIT_MB} MB" in (ROOT / "views" / "data_model.py").read_text()
 
 
 def test_save_upload_refuses_before_writing_and_sanitizes_the_name(tmp_path, monkeypatch):
-    from pages.common import save_upload
+    from views.common import save_upload
 
     folder = tmp_path / "uploads"
     upload = SimpleNamespace(name="../../etc/passwd.csv", getvalue=lambda: b"a,b\n1,2\n")
@@ -617,7 +617,7 @@ def test_the_page_shows_a_refused_upload_as_one_sentence_and_stores_nothing(tmp_
     marker = tmp_path / "marker"
     at = AppTest.from_file("../app.py", default_timeout=90)
     at.run()
-    at.switch_page("pages/data_model.py").run()
+    at.switch_page("views/data_model.py").run()
     at.radio(key="dm_model_kind").set_value("Upload").run()
     at.file_uploader(key="dm_model_file").upload("m.pt", torch_bytes({"x": Shell(marker)})).run()
     assert not at.exception

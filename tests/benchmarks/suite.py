@@ -222,8 +222,8 @@ APPTEST = textwrap.dedent("""
     at.run()
     cold = time.perf_counter() - t0
     assert not at.exception, at.exception
-    pages = ["pages/data_model.py", "pages/train.py", "pages/diagnose.py", "pages/compare.py",
-             "pages/runs.py", "pages/home.py"]
+    pages = ["views/data_model.py", "views/train.py", "views/diagnose.py", "views/compare.py",
+             "views/runs.py", "views/home.py"]
     first, again = [], []
     for rnd in (first, again):
         for p in pages:

@@ -16,8 +16,8 @@ from engine.compress.capabilities import ONNX_ONLY
 from engine.metrics import score_key
 from engine.progress import progress_of
 from engine.store import Store
-from pages.common import describe, show_error, submit, table
-from pages.workspace import remember
+from views.common import describe, show_error, submit, table
+from views.workspace import remember
 
 
 def metric_of(histories: dict, task: str | None = None) -> str:

@@ -16,15 +16,15 @@ from engine.tune import (
     SAMPLERS,
     VALIDATIONS,
 )
-from pages import search_view
-from pages.common import (
+from views import search_view
+from views.common import (
     describe,
     selection,
     show_error,
     submit,
     train_settings,
 )
-from pages.workspace import kept, remember, save_workspace
+from views.workspace import kept, remember, save_workspace
 
 
 def pick(label: str, names: tuple[str, ...], default: str, key: str, **kwargs: Any) -> str:

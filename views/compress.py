@@ -6,7 +6,7 @@ from engine import jobs, plots
 from engine.compress import COMPRESSORS, describe_step
 from engine.runner import resolve
 from engine.store import Store
-from pages.common import (
+from views.common import (
     describe,
     recipe_download,
     registry_choice,
@@ -15,8 +15,8 @@ from pages.common import (
     submit,
     train_settings,
 )
-from pages.live import watch
-from pages.workspace import remember, session_owner
+from views.live import watch
+from views.workspace import remember, session_owner
 
 st.title("Compress")
 store = Store()
@@ -100,4 +100,4 @@ if run_ids:
         for v in store.variants(run["id"]):
             for note in v["metrics"].get("notes", []):
                 st.caption(f"{v['name']}: {note}")
-    st.page_link("pages/compare.py", label="Compare all variants", icon=":material/scatter_plot:")
+    st.page_link("views/compare.py", label="Compare all variants", icon=":material/scatter_plot:")

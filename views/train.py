@@ -10,8 +10,8 @@ from engine.recipe import PRECISIONS
 from engine.runner import resolve
 from engine.schedules import SCHEDULES, preview
 from engine.showcase import race_entrant
-from pages import train_inputs
-from pages.common import (
+from views import train_inputs
+from views.common import (
     default_sections,
     describe,
     recipe_download,
@@ -20,15 +20,15 @@ from pages.common import (
     show_error,
     submit,
 )
-from pages.live import onnx_only, watch
-from pages.workspace import remember
+from views.live import onnx_only, watch
+from views.workspace import remember
 
 st.title("Train")
 sel = selection()
 defaults = default_sections()["train"]
 cfg = st.session_state.setdefault("train_cfg", dict(defaults))
 st.caption(f"Data: **{describe(sel['data'])}** · Model: **{describe(sel['model'])}**")
-st.page_link("pages/data_model.py", label="Change data or model", icon=":material/tune:")
+st.page_link("views/data_model.py", label="Change data or model", icon=":material/tune:")
 if sel["model"]["source"].lower().endswith(".onnx"):  # no optimizer would do anything
     onnx_only(sel)
     st.stop()

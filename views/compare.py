@@ -10,7 +10,7 @@ import streamlit as st
 from engine import comparison, jobs, plots, report
 from engine.comparison import SOURCES
 from engine.store import ACTIVE, Store
-from pages.common import table
+from views.common import table
 
 st.title("Compare")
 store = Store()
@@ -19,7 +19,7 @@ runs = {r["id"]: r for r in store.list_runs() if r["status"] == "done" or r["sta
 if not runs:
     st.info("No finished runs yet. Train a model or run a compression chain first, or press "
             "Showcase on the Home page.")
-    st.page_link("pages/compress.py", label="Go to Compress", icon=":material/compress:")
+    st.page_link("views/compress.py", label="Go to Compress", icon=":material/compress:")
     st.stop()
 
 landed = st.session_state.pop("showcase_runs", None)  # from the Home page's Showcase

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from engine.store import Store
-from pages.common import show_error
+from views.common import show_error
 
 st.title("Model optimization workbench")
 st.markdown("Train, tune and compress a model by pointing and clicking, then see what each "
@@ -31,7 +31,7 @@ with left:
             st.session_state["showcase_runs"] = launch.run_ids
             st.session_state["showcase_launch"] = {"submitted": len(launch.submitted),
                                                    "reused": len(launch.reused)}
-            st.switch_page("pages/compare.py")
+            st.switch_page("views/compare.py")
         except Exception as exc:
             show_error(exc)
     done = showcase.existing(Store())
@@ -41,12 +41,12 @@ with left:
                    f"store; pressing again shows them at once.")
 with right:
     st.subheader("Your own model")
-    st.page_link("pages/data_model.py", label="Pick data and a model", icon=":material/dataset:")
-    st.page_link("pages/train.py", label="Train, or race optimizers",
+    st.page_link("views/data_model.py", label="Pick data and a model", icon=":material/dataset:")
+    st.page_link("views/train.py", label="Train, or race optimizers",
                  icon=":material/model_training:")
-    st.page_link("pages/compress.py", label="Compress with a chain of techniques",
+    st.page_link("views/compress.py", label="Compress with a chain of techniques",
                  icon=":material/compress:")
-    st.page_link("pages/diagnose.py", label="Diagnose bias and variance",
+    st.page_link("views/diagnose.py", label="Diagnose bias and variance",
                  icon=":material/troubleshoot:")
-    st.page_link("pages/compare.py", label="Compare runs and download a report",
+    st.page_link("views/compare.py", label="Compare runs and download a report",
                  icon=":material/scatter_plot:")

@@ -11,7 +11,7 @@ import streamlit as st
 from engine import plots
 from engine.data import describe_encoding
 from engine.runner import resolve
-from pages.common import table
+from views.common import table
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading the data...")

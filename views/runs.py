@@ -14,9 +14,9 @@ from engine.errors import UserError
 from engine.metrics import score_key
 from engine.settings import backend_name
 from engine.store import Store
-from pages.common import show_error, table
-from pages.live import curves_of, metric_of
-from pages.workspace import session_owner
+from views.common import show_error, table
+from views.live import curves_of, metric_of
+from views.workspace import session_owner
 
 st.title("Runs")
 store = Store()
@@ -35,7 +35,7 @@ only_mine = st.toggle("Only runs started in this workspace", key="runs_mine",
 runs = store.list_runs(owner=session_owner() if only_mine else None)
 if not runs:
     st.info("No runs yet. Start one on the Train page; it will be listed here.")
-    st.page_link("pages/train.py", label="Go to Train", icon=":material/play_arrow:")
+    st.page_link("views/train.py", label="Go to Train", icon=":material/play_arrow:")
     st.stop()
 
 

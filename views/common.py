@@ -17,7 +17,7 @@ from engine.errors import UserError, reword
 from engine.recipe import short_source
 from engine.registry import Param
 from engine.uploads import store_upload, upload_limit_mb
-from pages.workspace import session_owner
+from views.workspace import session_owner
 
 # the engine's cap (WORKBENCH_UPLOAD_LIMIT_MB) or the server's (server.maxUploadSize in
 # .streamlit/config.toml), whichever is smaller: the one a user actually meets

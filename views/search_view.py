@@ -11,9 +11,9 @@ from engine.schema import json_list
 from engine.showcase import RACE
 from engine.store import ACTIVE, Store
 from engine.tune import PRESETS, load_study, ranked_trials, winner
-from pages.common import table
-from pages.live import watch
-from pages.workspace import kept
+from views.common import table
+from views.live import watch
+from views.workspace import kept
 
 
 def space_inputs(grid: bool) -> tuple[dict[str, Any], UserError | None]:

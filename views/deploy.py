@@ -6,7 +6,7 @@ import streamlit as st
 from engine import deploy, jobs
 from engine.measure import onnx_not_smaller
 from engine.store import Store, run_dir
-from pages.common import show_error, table
+from views.common import show_error, table
 
 st.title("Deploy")
 store = Store()

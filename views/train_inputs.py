@@ -9,7 +9,7 @@ from engine.registry import Param
 from engine.regularization import REGULARIZERS
 from engine.schedules import SCHEDULES
 from engine.showcase import RACE, RACE_SCHEDULES
-from pages.common import default_sections, param_input
+from views.common import default_sections, param_input
 
 
 def regularizer(name: str, param: str | None = None) -> Param:

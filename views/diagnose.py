@@ -6,7 +6,7 @@ from engine import plots
 from engine.recipe import VALIDATION_PARAMS
 from engine.runner import resolve
 from engine.store import Store
-from pages.common import (
+from views.common import (
     default_sections,
     describe,
     selection,
@@ -14,8 +14,8 @@ from pages.common import (
     submit,
     train_settings,
 )
-from pages.live import watch
-from pages.workspace import kept, remember, save_workspace
+from views.live import watch
+from views.workspace import kept, remember, save_workspace
 
 VERDICTS = {"high_bias": ("High bias: the model underfits.", st.warning),
             "high_variance": ("High variance: the model overfits.", st.warning),

@@ -11,7 +11,7 @@ from engine.recipe import MISSING, SCALINGS, TASKS
 from engine.runner import resolve
 from engine.settings import artifacts_root
 from engine.uploads import unpack_model_folder
-from pages.common import (
+from views.common import (
     UPLOAD_LIMIT_MB,
     default_sections,
     describe,
@@ -20,8 +20,8 @@ from pages.common import (
     selection,
     show_error,
 )
-from pages.pickers import architecture_inputs, builtin_choice, label_inputs, real_architecture
-from pages.previews import data_preview, model_preview, show_data, show_model
+from views.pickers import architecture_inputs, builtin_choice, label_inputs, real_architecture
+from views.previews import data_preview, model_preview, show_data, show_model
 
 # recipe keys as the boxes on this page that set them, for the messages
 LABELS = {"data.missing": "Missing values", "data.target": "Target column", "data.task": "Task",
@@ -147,4 +147,4 @@ else:
         show_data(data_summary)
     with mright:
         show_model(model_summary)
-    st.page_link("pages/train.py", label="Train this model", icon=":material/play_arrow:")
+    st.page_link("views/train.py", label="Train this model", icon=":material/play_arrow:")
