@@ -46,12 +46,14 @@ def submit(recipe: Recipe | dict[str, Any], *, store: Store | None = None,
     started at once while fewer than `settings.max_workers()` runs hold one, else when one
     ends. backend "ray": a task on the Ray cluster at WORKBENCH_RAY_ADDRESS, with
     `resources` ({"num_cpus": 1, "num_gpus": 0} by default; one GPU for a cuda recipe).
-    `owner` tags the run with the app session that made it."""
+    `owner` tags the run with the app session that made it. A run is named `name`, else the
+    recipe's, else what it trains on what ("mlp on digits")."""
     recipe = resolve(recipe)
     target = _BACKENDS[backend_name(backend)]
     target.connect()
     store = store or Store()
-    run_id = store.create_run(recipe.to_dict(), name=name or recipe.name, group=group,
+    run_id = store.create_run(recipe.to_dict(), group=group,
+                              name=name or recipe.name or recipe.title(),  # never unnamed
                               backend=target.name, owner=owner, threads=threads)
     store.run_dir(run_id).mkdir(parents=True, exist_ok=True)
     target.submit(run_id, store, recipe, threads=threads, resources=resources)

@@ -37,7 +37,9 @@ def workers(tmp_path_factory):
         mp.setenv("WORKBENCH_ARTIFACTS", str(root / "art"))
         mp.setenv("WORKBENCH_MAX_WORKERS", "4")  # all four at once, whatever the cores
         store = Store(f"sqlite:///{root}/s.db")
-        runs = {key: jobs.submit(recipe, store=store, name=key, threads=1)
+        # "diverges" goes unnamed, as from the CLI: it is named by what it trains on what
+        runs = {key: jobs.submit(recipe, store=store, threads=1,
+                                 name=None if key == "diverges" else key)
                 for key, recipe in (("cancel", LONG), ("kill", LONG), ("tiny", TINY),
                                     ("diverges", DIVERGES))}
         yield store, runs
@@ -132,6 +134,7 @@ def test_a_diverging_run_fails_with_the_learning_rate_message(workers):
     store, runs = workers
     run = finished(store, runs["diverges"])
     assert run["status"] == "failed" and "learning rate (10)" in run["error"]
+    assert run["name"] == "mlp on diabetes"
     result = store.result(runs["diverges"])  # the partial result is kept
     assert result["variants"][0]["history"]["epoch"]  # the epochs before the loss blew up
     assert "test_r2" in result["variants"][0]["metrics"]
