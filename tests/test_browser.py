@@ -273,3 +273,22 @@ def test_showcase_lands_on_compare_and_fills_the_pareto_plot(app_url):
         expect(page.get_by_role("button", name="Download report (HTML)")).to_be_visible()
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "showcase.png", full_page=True)
+
+
+def test_a_bookmark_on_a_fresh_server_opens_the_app_not_its_modules(app_url):
+    """The first visitor of a fresh server lands on /runs (a bookmark, a reload): the app's
+    own navigation and sidebar, not one page per module of the views folder."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{app_url}/runs")
+            expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible(
+                timeout=60_000)
+            expect(page.get_by_role("link", name="Data & Model", exact=True)).to_be_visible()
+            expect(page.get_by_text("Run store:")).to_be_visible()
+            expect(page.get_by_role("link", name="common", exact=True)).to_have_count(0)
+        finally:
+            browser.close()
