@@ -290,6 +290,25 @@ def test_compress_form_shows_only_the_settings_that_do_something():
     assert "cmp_tech_prune_curvature" in keys()
 
 
+def test_half_typed_json_in_a_setting_is_a_sentence_and_keeps_add_step_disabled():
+    at = open_app("views/compress.py")
+    at.selectbox(key="cmp_tech").set_value("distill").run()
+    at.text_input(key="cmp_tech_distill_student").set_value("{").run()
+    assert not at.exception
+    assert any("Student must be JSON" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.button(key="cmp_add").disabled
+    at.text_input(key="cmp_tech_distill_student").set_value("{}").run()
+    assert not at.error and not at.button(key="cmp_add").disabled
+
+
+def test_run_stays_on_the_page_disabled_while_the_chain_cannot_run():
+    at = open_app("views/compress.py")
+    at.session_state["cmp_chain"] = [{"technique": "prune", "amount": 7}]
+    at.run()
+    assert not at.exception and at.error
+    assert at.button(key="cmp_run_btn").disabled
+
+
 @pytest.mark.slow
 def test_compress_page_builds_a_chain_and_runs_it():
     at = open_app("views/compress.py")

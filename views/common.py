@@ -79,8 +79,8 @@ def param_input(param: Param, key: str, value: Any = None, *, label: str | None 
         try:
             return json.loads(text)
         except ValueError:
-            raise UserError(f"{label} must be JSON, such as {json.dumps(param.default)}."
-                            ) from None
+            raise UserError(f"{label.capitalize()} must be JSON, such as "
+                            f"{json.dumps(param.default)}; fix the box to go on.") from None
     return st.text_input(label, value=str(value), key=key, help=param.help)
 
 
@@ -98,16 +98,18 @@ def recipe_download(recipe: dict[str, Any], key: str) -> None:
                        help="Replay it headless: python -m engine run recipe.json --out DIR")
 
 
-def show_error(exc: Exception, labels: dict[str, str] | None = None) -> None:
+def show_error(exc: Exception, labels: dict[str, str] | None = None) -> str:
     """A user's mistake as one sentence on the page; anything else as a short notice.
     `labels` maps recipe keys to the boxes on the page that set them, so the sentence names
     what the user sees ("Missing values", not data.missing); an upload is named as it was
-    uploaded, not by the name it is stored under."""
+    uploaded, not by the name it is stored under. Returns the sentence shown."""
     if isinstance(exc, UserError):
-        st.error(reword(str(exc), labels or {}, st.session_state.get("upload_names", {})))
+        text = reword(str(exc), labels or {}, st.session_state.get("upload_names", {}))
     else:
-        st.error(f"Something went wrong inside the engine ({type(exc).__name__}: {exc}). "
-                 f"Your settings are kept; try again or report it.")
+        text = (f"Something went wrong inside the engine ({type(exc).__name__}: {exc}). "
+                f"Your settings are kept; try again or report it.")
+    st.error(text)
+    return text
 
 
 def table(rows: Any, **kwargs: Any) -> Any:
@@ -118,8 +120,10 @@ def table(rows: Any, **kwargs: Any) -> Any:
 
 def registry_choice(registry: Any, label: str, key: str, current: str,
                     options: dict[str, Any], *, names: list[str] | None = None
-                    ) -> tuple[str, dict[str, Any]]:
-    """A technique from a registry and its own settings, each widget built from its Param."""
+                    ) -> tuple[str, dict[str, Any], str | None]:
+    """A technique from a registry and its own settings, each widget built from its Param;
+    the third value is the first setting's problem (half-typed JSON), shown under its box,
+    or None: the page keeps its buttons disabled until it is fixed."""
     names = names or registry.names()
     name = st.selectbox(label, names, index=names.index(current) if current in names else 0,
                         key=key, help="; ".join(f"{e.name}: {e.description}" for e in registry
@@ -127,11 +131,17 @@ def registry_choice(registry: Any, label: str, key: str, current: str,
     entry = registry.get(name)
     st.caption(entry.description)
     values = options if name == current else {}
+    problem = None
     if entry.params:
         with st.expander(f"{name} settings"):
             chosen: dict[str, Any] = {}
             for p in entry.params:  # a setting that does nothing for the choices above is
-                if p.applies(chosen):  # not shown (and the engine's default stands)
+                if not p.applies(chosen):  # not shown (and the engine's default stands)
+                    continue
+                try:
                     chosen[p.name] = param_input(p, f"{key}_{name}_{p.name}", values.get(p.name))
+                except UserError as exc:
+                    st.error(str(exc))
+                    problem = problem or str(exc)
             values = chosen
-    return name, values
+    return name, values, problem

@@ -50,9 +50,11 @@ else:
 left, right = st.columns([2, 3])
 with left:
     st.subheader("Add a step")
-    technique, params = registry_choice(COMPRESSORS, "Technique", "cmp_tech", "prune", {})
+    technique, params, problem = registry_choice(COMPRESSORS, "Technique", "cmp_tech",
+                                                 "prune", {})
     add, preset = st.columns(2)
-    if add.button("Add step", key="cmp_add", icon=":material/add:"):
+    if add.button("Add step", key="cmp_add", icon=":material/add:", disabled=bool(problem),
+                  help=problem):
         chain.append({"technique": technique, **params})
     deep = COMPRESSORS.get("deep_compression").defaults()
     if preset.button("Deep Compression preset", key="cmp_preset",
@@ -71,17 +73,24 @@ with right:
             st.rerun()
     sensitivity = st.checkbox("Per-layer sensitivity analysis (heatmap)", True, key="cmp_sens")
 
+recipe, problem = None, None
 try:
     recipe = resolve({**base, "compress": chain, "sensitivity": {} if sensitivity else None})
-    go, each, download = st.columns([1, 2, 3])
+except Exception as exc:
+    problem = show_error(exc)  # Run stays on the page, disabled with this reason
+go, each, download = st.columns([1, 2, 3])
+if recipe is not None:
     with download:
         recipe_download(recipe.to_dict(), key="cmp_download")
-    if go.button("Run chain", type="primary", key="cmp_run_btn", disabled=not chain):
+try:
+    if go.button("Run chain", type="primary", key="cmp_run_btn",
+                 disabled=recipe is None or not chain, help=problem) and recipe is not None:
         remember("cmp_watch", [submit(
             recipe, name=f"{' -> '.join(s['technique'] for s in chain)} · {recipe.title()}")])
     if each.button("Compare the steps side by side", key="cmp_each_btn",
-                   disabled=len(chain) < 2, help="One run per step, each from its own "
-                   "baseline, run in parallel (as Ray tasks when Ray is configured)."):
+                   disabled=recipe is None or len(chain) < 2,
+                   help=problem or "One run per step, each from its own baseline, run in "
+                   "parallel (as Ray tasks when Ray is configured)."):
         remember("cmp_watch", jobs.compare(recipe, [[step] for step in chain],
                                            owner=session_owner()))
 except Exception as exc:

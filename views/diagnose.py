@@ -74,10 +74,15 @@ diagnose = {"learning_curve": {"fractions": sorted(fractions)} if use_lc and fra
             "validation_curve": {"param": knob, "values": KNOBS[knob]} if use_vc else None,
             "bias_variance": {"rounds": rounds} if use_bv else None, "complexity": use_cx,
             "landscape": {"two_d": two_d, "points": points} if use_ls else None}
+recipe, problem = None, None
 try:
     recipe = resolve({"data": sel["data"], "model": sel["model"], "train": train_cfg,
                       "diagnose": diagnose})
-    if st.button("Diagnose", type="primary", key="dg_run", icon=":material/troubleshoot:"):
+except Exception as exc:
+    problem = show_error(exc)  # the button stays, disabled with this reason
+try:
+    if st.button("Diagnose", type="primary", key="dg_run", icon=":material/troubleshoot:",
+                 disabled=recipe is None, help=problem) and recipe is not None:
         remember("dg_watch", submit(recipe, name=f"diagnose · {recipe.title()}"))
 except Exception as exc:
     show_error(exc)

@@ -36,8 +36,9 @@ if sel["model"]["source"].lower().endswith(".onnx"):  # no optimizer would do an
 opt_col, sched_col, reg_col = st.columns(3)
 with opt_col:
     st.subheader("Optimizer")
-    name, options = registry_choice(OPTIMIZERS, "Optimizer", "tr_opt", cfg["optimizer"],
-                                    cfg.get("optimizer_options", {}))
+    name, options, opt_problem = registry_choice(OPTIMIZERS, "Optimizer", "tr_opt",
+                                                 cfg["optimizer"],
+                                                 cfg.get("optimizer_options", {}))
     entry = OPTIMIZERS.get(name)
     lr = st.number_input("Learning rate", min_value=1e-7, max_value=100.0, format="%g",
                          value=float(cfg["lr"] if name == cfg["optimizer"] and cfg["lr"]
@@ -60,7 +61,7 @@ with opt_col:
 with sched_col:
     st.subheader("Schedule")
     schedule = cfg["schedule"] or defaults["schedule"]  # null: the recipe's default
-    sched_name, sched_opts = registry_choice(
+    sched_name, sched_opts, sched_problem = registry_choice(
         SCHEDULES, "Schedule", "tr_sched", schedule["name"],
         {k: v for k, v in schedule.items() if k not in ("name", "warmup_epochs")})
     warmup = schedule.get("warmup_epochs", defaults["schedule"]["warmup_epochs"])
@@ -77,14 +78,15 @@ cfg.update(optimizer=name, optimizer_options=options, lr=lr, momentum=None,  # a
 raw = {"seed": reg["seed"], "data": sel["data"], "model": {**sel["model"],
                                                         "dropout": reg["dropout"]},
        "train": cfg}
-try:
-    recipe = resolve(raw)
-    with sched_col:
-        st.plotly_chart(plots.lr_schedule(preview(recipe.train.schedule, lr, epochs)),
-                        key="tr_lr_preview")
-except Exception as exc:
-    recipe = None
-    show_error(exc)
+recipe, problem = None, opt_problem or sched_problem  # shown under its box already
+if problem is None:
+    try:
+        recipe = resolve(raw)
+        with sched_col:
+            st.plotly_chart(plots.lr_schedule(preview(recipe.train.schedule, lr, epochs)),
+                            key="tr_lr_preview")
+    except Exception as exc:
+        problem = show_error(exc)
 
 race = train_inputs.race()
 
@@ -92,18 +94,20 @@ run_col, dl_col = st.columns([1, 4])
 if recipe is not None:
     with dl_col:
         recipe_download(recipe.to_dict(), key="tr_download")
-    if run_col.button("Run", type="primary", key="tr_run", icon=":material/play_arrow:"):
-        try:
-            if race:
-                group, (vary, chosen) = uuid.uuid4().hex[:8], race
-                ids = [submit({**raw, "train": race_entrant(cfg, vary, choice)}, group=group,
-                              threads=1, name=f"{recipe.title()} · {choice}")
-                       for choice in chosen]
-            else:
-                ids = [submit(recipe, name=f"{recipe.title()} · {name}")]
-            remember("watch", ids)
-        except Exception as exc:
-            show_error(exc)
+# Run stays on the page, disabled with the reason, while the settings cannot run
+if run_col.button("Run", type="primary", key="tr_run", icon=":material/play_arrow:",
+                  disabled=recipe is None, help=problem) and recipe is not None:
+    try:
+        if race:
+            group, (vary, chosen) = uuid.uuid4().hex[:8], race
+            ids = [submit({**raw, "train": race_entrant(cfg, vary, choice)}, group=group,
+                          threads=1, name=f"{recipe.title()} · {choice}")
+                   for choice in chosen]
+        else:
+            ids = [submit(recipe, name=f"{recipe.title()} · {name}")]
+        remember("watch", ids)
+    except Exception as exc:
+        show_error(exc)
 
 if st.session_state.get("watch"):
     st.subheader("Live")
