@@ -620,18 +620,28 @@ def test_a_state_dict_upload_asks_for_its_architecture_and_sizes_on_the_spot():
     assert model["source"].endswith("_weights.pt")
 
 
-def test_the_tune_and_diagnose_settings_come_back_after_a_reload():
+def test_the_page_settings_come_back_after_a_reload():
     first = open_app("views/tune.py")
     first.number_input(key="tu_trials").set_value(7).run()
     first.checkbox(key="tu_train.weight_decay").check().run()
     first.switch_page("views/diagnose.py").run()
     first.number_input(key="dg_rounds").set_value(9).run()
+    first.switch_page("views/compress.py").run()
+    first.checkbox(key="cmp_sens").uncheck().run()
     first.switch_page("views/train.py").run()  # any rerun saves the workspace
+    first.number_input(key="tr_seed").set_value(7).run()
+    first.slider(key="tr_dropout").set_value(0.25).run()
+    first.toggle(key="tr_race").set_value(True).run()
     ws = first.query_params["ws"]
 
     again = AppTest.from_file("../app.py", default_timeout=90)  # the reload
     again.query_params["ws"] = ws
     again.run()
+    again.switch_page("views/train.py").run()
+    assert again.number_input(key="tr_seed").value == 7
+    assert again.slider(key="tr_dropout").value == 0.25 and again.toggle(key="tr_race").value
+    again.switch_page("views/compress.py").run()
+    assert not again.checkbox(key="cmp_sens").value
     again.switch_page("views/tune.py").run()
     assert not again.exception and not again.error, [e.value for e in again.error]
     assert again.number_input(key="tu_trials").value == 7

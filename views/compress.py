@@ -16,7 +16,7 @@ from views.common import (
     train_settings,
 )
 from views.live import watch
-from views.workspace import remember, session_owner
+from views.workspace import kept, remember, session_owner
 
 st.title("Compress")
 store = Store()
@@ -27,9 +27,11 @@ chain = st.session_state.setdefault("cmp_chain", [{"technique": "prune",
                                                    **COMPRESSORS.get("prune").defaults()}])
 
 finished = [r for r in store.list_runs(status="done") if r["metrics"]]  # has a model
-start = st.radio("Start from", ["A fresh baseline", "A finished run's model"], horizontal=True,
-                 key="cmp_start", help="A fresh baseline trains the Data & Model selection "
-                 "with the Train page's settings first; a run's model is compressed as it is.")
+starts = ["A fresh baseline", "A finished run's model"]
+start = st.radio("Start from", starts, horizontal=True, key="cmp_start",
+                 index=starts.index(kept("cmp_start", starts[0])),
+                 help="A fresh baseline trains the Data & Model selection with the Train "
+                 "page's settings first; a run's model is compressed as it is.")
 train_cfg = train_settings()
 if start == "A finished run's model" and finished:
     run = st.selectbox("Run", finished, key="cmp_run",
@@ -71,7 +73,8 @@ with right:
         if remove.button("Remove", key=f"cmp_rm_{i}"):
             chain.pop(i)
             st.rerun()
-    sensitivity = st.checkbox("Per-layer sensitivity analysis (heatmap)", True, key="cmp_sens")
+    sensitivity = st.checkbox("Per-layer sensitivity analysis (heatmap)",
+                              bool(kept("cmp_sens", True)), key="cmp_sens")
 
 recipe, problem = None, None
 try:

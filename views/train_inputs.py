@@ -10,6 +10,7 @@ from engine.regularization import REGULARIZERS
 from engine.schedules import SCHEDULES
 from engine.showcase import RACE, RACE_SCHEDULES
 from views.common import default_sections, param_input
+from views.workspace import kept
 
 
 def regularizer(name: str, param: str | None = None) -> Param:
@@ -28,7 +29,8 @@ def regularization(cfg: dict[str, Any], model: dict[str, Any], defaults: dict[st
                                     label="Weight decay (decoupled)")}
     drop = regularizer("dropout")
     out["dropout"] = st.slider("Dropout", float(drop.low), float(drop.high),
-                               float(model["dropout"]), 0.05, key="tr_dropout", help=drop.help)
+                               float(kept("tr_dropout", model["dropout"])), 0.05,
+                               key="tr_dropout", help=drop.help)
     stopping = st.checkbox("Early stopping", cfg["early_stopping"] is not None, key="tr_es")
     wait = regularizer("early_stopping", "patience")
     patience = int(st.number_input(
@@ -42,7 +44,8 @@ def regularization(cfg: dict[str, Any], model: dict[str, Any], defaults: dict[st
     clip_norm = st.number_input("Max gradient norm", 1e-4, 1e4, float(cfg["grad_clip"] or 1.0),
                                 format="%g", key="tr_clip_norm", disabled=not clip)
     out["grad_clip"] = clip_norm if clip else None
-    out["seed"] = int(st.number_input("Seed", 0, 2**31 - 1, default_sections()["seed"],
+    out["seed"] = int(st.number_input("Seed", 0, 2**31 - 1,
+                                      int(kept("tr_seed", default_sections()["seed"])),
                                       key="tr_seed"))
     return out
 
@@ -50,11 +53,14 @@ def regularization(cfg: dict[str, Any], model: dict[str, Any], defaults: dict[st
 def race() -> tuple[str, list[str]] | None:
     """What a race varies and its entrants, or None when the page runs one model."""
     if not st.toggle("Race: the same model with several optimizers or schedules, side by "
-                     "side", key="tr_race"):
+                     "side", bool(kept("tr_race", False)), key="tr_race"):
         return None
-    vary = st.radio("Vary", ["optimizer", "schedule"], horizontal=True, key="tr_race_kind")
+    kinds = ["optimizer", "schedule"]
+    vary = st.radio("Vary", kinds, horizontal=True, key="tr_race_kind",
+                    index=kinds.index(kept("tr_race_kind", "optimizer")))
     pool = OPTIMIZERS.names() if vary == "optimizer" else SCHEDULES.names()
     picks = RACE if vary == "optimizer" else RACE_SCHEDULES
+    picks = kept("tr_race_pick", picks) if vary == kept("tr_race_kind", "optimizer") else picks
     chosen = st.multiselect(f"{vary.capitalize()}s to race", pool, key="tr_race_pick",
                             default=[n for n in picks if n in pool])
     st.caption("Each optimizer uses its own default learning rate and batch size in a race." if

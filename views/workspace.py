@@ -17,9 +17,10 @@ WORKSPACE_KEYS = ("selection", "train_cfg", "cmp_chain", "cmp_runs", "watch", "t
                   "dg_watch", "cmp_watch")
 
 
-# page settings kept with the workspace, by widget key prefix (the Tune and Diagnose pages';
-# Train's live in train_cfg); buttons are not settings
-WIDGET_PREFIXES = ("tu_", "dg_")
+# page settings kept with the workspace, by widget key prefix (the Tune and Diagnose pages',
+# Train's seed, dropout and race, Compress's starting point and heatmap; Train's other
+# settings live in train_cfg); buttons are not settings
+WIDGET_PREFIXES = ("tu_", "dg_", "tr_seed", "tr_dropout", "tr_race", "cmp_start", "cmp_sens")
 
 
 def kept(key: str, default: Any) -> Any:
