@@ -21,8 +21,8 @@ with left:
         "One press, on the built-in `digits` images and an MLP: a **baseline**, an "
         "**optimizer race** (" + ", ".join(showcase.RACE) + "), then one run per technique: "
         + ", ".join(f"**{e.label}**" for e in entries if e.kind == "compress") + ". You land on "
-        "Compare, where the Pareto plots fill in as each variant is measured (about a minute "
-        "on two CPU cores). A second press reuses the runs already finished.")
+        "Compare, where the Pareto plots fill in as each variant is measured (about 20 s on "
+        "two quiet CPU cores). A second press reuses the runs already finished.")
     if st.button("Showcase", type="primary", key="home_showcase", icon=":material/play_circle:",
                  help="Submits the showcase's recipes to background workers (only those not "
                       "already done or running) and opens Compare."):
