@@ -364,6 +364,9 @@ def test_deploy_page_exports_a_run_and_offers_the_file_and_snippet():
     table = at.dataframe[0].value
     assert list(table["variant"]) == ["baseline", "quantize-dynamic_int8"]
     assert bool(table["matches PyTorch"][0])
+    stored = [v["metrics"] for v in Store().variants(run_id)]  # one latency, every page
+    assert list(table["latency ms"]) == [m["latency_ms"] for m in stored]
+    assert table["speedup"][1] == stored[1]["speedup"]
     assert 'session.run(None, {"input": x})' in at.code[0].value
     assert "CLASSES" in at.code[0].value
 

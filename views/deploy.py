@@ -46,15 +46,18 @@ for v in variants:
         continue
     metric = next(iter(info["onnx"]))
     cpu, eager = info["latency"]["onnxruntime_cpu"], info["latency"].get("torch_eager", {})
+    m = v["metrics"]
     rows.append({"variant": v["name"], f"ONNX {metric}": info["onnx"][metric],
                  f"PyTorch {metric}": (info.get("torch") or {}).get(metric),
                  "matches PyTorch": info.get("parity_ok"), "max |diff|": info.get("max_abs_diff"),
                  "ONNX KiB": round(info["bytes"] / 1024, 1),
-                 "encoded KiB": round(v["metrics"]["size_bytes"] / 1024, 1)
-                 if v["metrics"].get("size_bytes") else None,
-                 "ORT p50 / p95 ms": f"{cpu['median_ms']:.4f} / {cpu['p95_ms']:.4f}",
-                 "PyTorch p50 / p95 ms": f"{eager['median_ms']:.4f} / {eager['p95_ms']:.4f}"
-                 if eager else "", "ORT rows/s": round(cpu["throughput_per_s"]),
+                 "encoded KiB": round(m["size_bytes"] / 1024, 1)
+                 if m.get("size_bytes") else None,
+                 # the one latency of the variant, as on Compare and in result.json
+                 "latency ms": m.get("latency_ms"), "runs in": m.get("runtime"),
+                 "speedup": m.get("speedup"),
+                 "ONNX file p50 / p95 ms": f"{cpu['median_ms']:.4f} / {cpu['p95_ms']:.4f}",
+                 "ONNX file rows/s": round(cpu["throughput_per_s"]),
                  "PyTorch rows/s": round(eager["throughput_per_s"]) if eager else None})
 if not rows:
     st.caption("Export the variants to compare them under ONNX Runtime.")
@@ -68,10 +71,14 @@ for v in variants[1:] if base else []:  # a compression ONNX does not carry is s
     if info is not None and info["bytes"] >= 0.95 * base["bytes"]:
         st.caption(onnx_not_smaller(v["name"], info["bytes"], base["bytes"]))
 info0 = exported[(run["id"], rows[0]["variant"])]
-st.caption(f"Latency at batch 1 and throughput at batch "
-           f"{info0['latency']['onnxruntime_cpu']['batch']}, {info0['threads']} thread(s), on "
-           f"{info0['machine']['processor']}. A variant whose outputs differ from PyTorch's "
-           f"beyond the tolerance is marked, not hidden.")
+reference = next((v["metrics"]["speedup_reference"] for v in variants
+                  if v["metrics"].get("speedup_reference")), "the baseline")
+st.caption(f"latency ms is each variant's one measurement at batch 1, in the runtime it runs "
+           f"in (the figure Compare and result.json show); speedup is against {reference}. "
+           f"The ONNX file columns time the exported file itself in ONNX Runtime (batch 1, "
+           f"and rows/s at batch {info0['latency']['onnxruntime_cpu']['batch']}), "
+           f"{info0['threads']} thread(s), on {info0['machine']['processor']}. A variant whose "
+           f"outputs differ from PyTorch's beyond the tolerance is marked, not hidden.")
 
 name = st.selectbox("Download", [r["variant"] for r in rows], key="dep_pick")
 info = exported[(run["id"], name)]
