@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import compose
+from onnx import compose, version_converter
 from torch import nn
 
 from engine.bundle import is_bundle, load_bundle
 from engine.data import load_data
 from engine.errors import UserError
-from engine.export import onnx_bytes, ort_predict, ort_session, pack_weights
+from engine.export import modernize, onnx_bytes, ort_predict, ort_session, pack_weights
 from engine.latency import BUDGET_S, machine, time_calls, torch_latency
 from engine.metrics import cosine, predict, r2, rows_per_batch, score_outputs
 from engine.models import set_training
@@ -64,21 +64,36 @@ def with_preprocessing(model_onnx: bytes, data: Any) -> bytes:
     raw_shape = tuple(data.X_test_raw.shape[1:])
     front = onnx.load_from_string(onnx_bytes(Preprocessing(data.preprocess, data.input_shape),
                                              raw_shape, opset=OPSET))
-    back = onnx.load_from_string(model_onnx)
+    back = onnx.load_from_string(modernize(model_onnx))  # a model-zoo file lists its weights
+    #   as inputs (IR 3): only its real input is fed
+    version = {op.domain or "ai.onnx": op.version for op in back.opset_import}.get("ai.onnx")
+    if version is not None and version < OPSET:  # an uploaded file of an older opset
+        try:
+            back = version_converter.convert_version(back, OPSET)
+        except Exception as exc:
+            raise UserError(f"this ONNX file's opset {version} could not be converted to "
+                            f"{OPSET} to put the data's preprocessing in front of it "
+                            f"({str(exc).splitlines()[0][:160]}); export it from its own "
+                            f"framework at opset {OPSET} or later and upload that.") from None
+    names = back.graph.input[0].name, back.graph.output[0].name
     front = compose.add_prefix(front, "pre_")
     back = compose.add_prefix(back, "model_")
-    if back.ir_version != front.ir_version:
-        front.ir_version = back.ir_version
+    front.ir_version = back.ir_version = max(front.ir_version, back.ir_version)
     versions = {op.domain or "ai.onnx": op.version for op in back.opset_import}
     for op in front.opset_import:  # a 4-bit file is opset 21: the scaling's few ops agree
         op.version = max(op.version, versions.get(op.domain or "ai.onnx", op.version))
-    merged = compose.merge_models(front, back, io_map=[("pre_output", "model_input")])
+    merged = compose.merge_models(front, back, io_map=[("pre_output", f"model_{names[0]}")])
     merged.graph.input[0].name = "input"
     merged.graph.output[0].name = "output"
     for node in merged.graph.node:  # keep the public names "input" and "output"
         node.input[:] = ["input" if i == "pre_input" else i for i in node.input]
-        node.output[:] = ["output" if o == "model_output" else o for o in node.output]
-    onnx.checker.check_model(merged, full_check=True)
+        node.output[:] = ["output" if o == f"model_{names[1]}" else o for o in node.output]
+    try:
+        onnx.checker.check_model(merged, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise UserError(f"the ONNX file with the preprocessing in front does not pass ONNX's "
+                        f"checker ({str(exc).splitlines()[0][:160]}); export the model from "
+                        f"its own framework again and upload that.") from None
     return merged.SerializeToString()
 
 

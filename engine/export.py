@@ -289,3 +289,17 @@ def _row_grids(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | 
             return lo.astype(np.float32), step, q.astype(np.uint8)
     return None
 
+
+def modernize(model_bytes: bytes) -> bytes:
+    """A file from before ONNX IR 4 (model-zoo graphs) as IR 4: there, every initializer
+    had to be a graph input too, which the quantizer treats as a value fed at run time (so
+    it quantizes nothing) and its output breaks (new initializers are not inputs)."""
+    proto = onnx.load_from_string(model_bytes)
+    if proto.ir_version >= 4:
+        return model_bytes
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    proto.ir_version = 4
+    return proto.SerializeToString()

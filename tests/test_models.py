@@ -208,7 +208,17 @@ def test_an_old_ir_onnx_graph_with_weights_computed_in_the_graph_runs(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
     model.ir_version = 3
     onnx.save(model, tmp_path / "zoo.onnx")
-    result = engine.run({"data": {"source": "builtin:iris"},
-                         "model": {"source": str(tmp_path / "zoo.onnx")}})
+    recipe = {"data": {"source": "builtin:iris"}, "model": {"source": str(tmp_path / "zoo.onnx")}}
+    result = engine.run(recipe, out_dir=tmp_path / "run")
     assert [v["name"] for v in result["variants"]] == ["baseline", "quantize-dynamic_int8"]
     assert all(v["metrics"]["test_accuracy"] >= 0 for v in result["variants"])
+    # Deploy puts the data's preprocessing in front: its opset 9 is converted, its listed
+    # weights are not inputs, and its own input and output names are kept inside
+    from engine import deploy
+
+    for v in result["variants"]:
+        file, info = deploy.export_stored(recipe, str(tmp_path / "run" / v["model_file"]),
+                                          name=v["name"])
+        proto = onnx.load_from_string(file)
+        assert [i.name for i in proto.graph.input] == ["input"]
+        assert info["onnx"]["accuracy"] == pytest.approx(v["metrics"]["test_accuracy"])

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from engine.compress.base import CompressContext, StepResult, clone
 from engine.compress.capabilities import CONV_DYNAMIC
-from engine.export import SessionModule, compact, onnx_bytes, ort_session
+from engine.export import SessionModule, compact, modernize, onnx_bytes, ort_session
 
 CALIBRATION_BATCH = 256  # rows per calibration batch (static_int8 and qat)
 
@@ -45,21 +44,6 @@ def onnx_int8(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
         notes.insert(0, CONV_DYNAMIC)  # said before the figures, which will show it
     return StepResult(model=None, runtime="onnxruntime", onnx_bytes=int8_bytes,
                       metrics=metrics, notes=notes, reference_onnx=float_bytes)
-
-
-def modernize(model_bytes: bytes) -> bytes:
-    """A file from before ONNX IR 4 (model-zoo graphs) as IR 4: there, every initializer
-    had to be a graph input too, which the quantizer treats as a value fed at run time (so
-    it quantizes nothing) and its output breaks (new initializers are not inputs)."""
-    proto = onnx.load_from_string(model_bytes)
-    if proto.ir_version >= 4:
-        return model_bytes
-    weights = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in weights]
-    del proto.graph.input[:]
-    proto.graph.input.extend(inputs)
-    proto.ir_version = 4
-    return proto.SerializeToString()
 
 
 def quantize_onnx(float_bytes: bytes, *, method: str, per_channel: bool,
