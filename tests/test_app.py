@@ -307,6 +307,8 @@ def test_run_stays_on_the_page_disabled_while_the_chain_cannot_run():
     at.run()
     assert not at.exception and at.error
     assert at.button(key="cmp_run_btn").disabled
+    assert "amount of step 1 (prune)" in at.error[0].value  # not compress[0].amount
+    assert "compress[" not in at.error[0].value
 
 
 @pytest.mark.slow

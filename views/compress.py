@@ -79,8 +79,12 @@ with right:
 recipe, problem = None, None
 try:
     recipe = resolve({**base, "compress": chain, "sensitivity": {} if sensitivity else None})
-except Exception as exc:
-    problem = show_error(exc)  # Run stays on the page, disabled with this reason
+except Exception as exc:  # named as the chain shows it, not by its recipe key
+    labels = {f"compress[{i}].{key}": f"{key.replace('_', ' ')} of step {i + 1} "
+              f"({step['technique']})" for i, step in enumerate(chain) for key in step}
+    labels.update({f"compress[{i}]": f"step {i + 1} ({step['technique']})"
+                   for i, step in enumerate(chain)})
+    problem = show_error(exc, labels)  # Run stays on the page, disabled with this reason
 go, each, download = st.columns([1, 2, 3])
 if recipe is not None:
     with download:

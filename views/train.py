@@ -23,6 +23,14 @@ from views.common import (
 from views.live import onnx_only, watch
 from views.workspace import remember
 
+# recipe keys as the boxes on this page that set them, for its messages
+LABELS = {"train.lr": "Learning rate", "train.epochs": "Epochs", "train.batch_size": "Batch size",
+          "train.optimizer_options": "Optimizer settings", "train.optimizer": "Optimizer",
+          "train.schedule": "Schedule", "train.l1": "L1 penalty",
+          "train.l2": "L2 penalty (coupled)", "train.weight_decay": "Weight decay (decoupled)",
+          "train.grad_clip": "Max gradient norm", "train.early_stopping": "Early stopping",
+          "train.precision": "Precision", "model.dropout": "Dropout"}
+
 st.title("Train")
 sel = selection()
 defaults = default_sections()["train"]
@@ -86,7 +94,7 @@ if problem is None:
             st.plotly_chart(plots.lr_schedule(preview(recipe.train.schedule, lr, epochs)),
                             key="tr_lr_preview")
     except Exception as exc:
-        problem = show_error(exc)
+        problem = show_error(exc, LABELS)
 
 race = train_inputs.race()
 
