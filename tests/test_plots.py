@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from engine import plots, search_plots
 
@@ -209,3 +210,21 @@ def test_a_log_size_axis_ticks_in_kib_as_it_is_drawn():
     ticks = list(fig.layout.xaxis.tickvals)  # KiB, like the points: 3.7 to 67.4
     assert fig.layout.xaxis.type == "log" and min(ticks) <= 3.7 and max(ticks) >= 67.4
     assert max(ticks) < 1000
+
+
+def test_a_log_sampled_rate_gets_a_log_axis_in_the_parallel_coordinates():
+    """A learning rate sampled on a log scale is drawn on one: its decades are evenly
+    spaced along its axis, not squeezed to the bottom of a linear one."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True), n_trials=12)
+    fig = search_plots.parallel_coordinates(study)
+    at = list(fig.layout.xaxis.ticktext).index("lr")
+    ticks = {float(a.text): a.y for a in fig.layout.annotations if a.x == at}
+    lo, hi = min(ticks), max(ticks)
+    for value, y in ticks.items():  # where a log axis puts each tick
+        assert y == pytest.approx(math.log10(value / lo) / math.log10(hi / lo), abs=0.02)
+    assert len(ticks) >= 3  # a decade between the ends (linear: 0.01 would sit at 0.11)
