@@ -292,3 +292,26 @@ def test_a_bookmark_on_a_fresh_server_opens_the_app_not_its_modules(app_url):
             expect(page.get_by_role("link", name="common", exact=True)).to_have_count(0)
         finally:
             browser.close()
+
+
+def test_a_refused_upload_is_one_sentence_and_never_reaches_run(app_url):
+    """A table whose target never varies is refused on Data & Model in one sentence; the
+    Train page still trains the last good selection (digits), never the refused file."""
+    from playwright.sync_api import expect
+
+    rows = "\n".join(f"{i},{i % 3},yes" for i in range(30))
+    with browser_page(app_url) as page:
+        page.get_by_role("link", name="Data & Model", exact=True).click()
+        expect(page.get_by_role("heading", name="Data & Model")).to_be_visible()
+        page.get_by_text("Upload", exact=True).first.click()
+        page.locator("input[type=file]").first.set_input_files(files=[{
+            "name": "flat.csv", "mimeType": "text/csv",
+            "buffer": f"a,b,label\n{rows}\n".encode()}])
+        expect(page.get_by_text("the target has a single class")).to_have_count(1)
+        expect(page.get_by_text("Nothing changed", exact=False).first).to_be_visible()
+        page.wait_for_timeout(800)
+        page.screenshot(path=SHOTS / "refused_upload.png", full_page=True)
+        page.get_by_role("link", name="Train", exact=True).click()
+        expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()
+        expect(page.get_by_text("Data: digits")).to_be_visible()
+        expect(page.get_by_text("flat.csv")).to_have_count(0)
