@@ -23,7 +23,7 @@ from torch import nn
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.capabilities import flat_graph
 from engine.compress.correct import CORRECT, correct_step
-from engine.compress.onnx_int8 import CALIBRATION_BATCH, onnx_int8
+from engine.compress.onnx_int8 import calibration_batch, onnx_int8
 from engine.errors import UserError
 from engine.models import set_training
 from engine.quantizers import (
@@ -134,9 +134,10 @@ def _quantization_aware(model: nn.Module, layers: list[tuple[str, nn.Module]], s
         for q in quantizers:
             q.train()
         X = ctx.tensors["X_train"][:step["calibration_rows"]]
+        batch = calibration_batch(X.shape[1:])
         with torch.no_grad():
-            for i in range(0, len(X), CALIBRATION_BATCH):
-                model(X[i:i + CALIBRATION_BATCH])
+            for i in range(0, len(X), batch):
+                model(X[i:i + batch])
     masks = _zero_masks(layers)
     try:
         history = ctx.finetune(model, step["finetune_epochs"], variant="quantize",
