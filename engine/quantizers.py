@@ -103,9 +103,10 @@ class ActivationFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self.frozen:
             self.observe(x.detach())
-        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.levels)
-        y = (q - self.zero_point) * self.scale
-        return x + (y - x).detach() if self.training else y
+        grid = x.detach() if self.training else x  # the rounding records nothing for the
+        q = torch.clamp(torch.round(grid / self.scale) + self.zero_point, 0, self.levels)
+        y = (q - self.zero_point) * self.scale  # backward: it saved copies of every input
+        return x + (y - grid) if self.training else y
 
     def extra_repr(self) -> str:
         return (f"scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}, "
@@ -124,8 +125,9 @@ class _FakeQuantWeight:
         if "input_quant" in self._modules:  # a QuantInput layer while it fine-tunes
             x = self.input_quant(x)
         w = self.weight
-        wq = w + (quantize_tensor(w, self.qat_bits, self.qat_scheme,
-                                  self.qat_per_channel) - w).detach()
+        grid = w.detach()
+        wq = w + (quantize_tensor(grid, self.qat_bits, self.qat_scheme,
+                                  self.qat_per_channel) - grid)
         if isinstance(self, nn.Linear):
             return nn.functional.linear(x, wq, self.bias)
         return self._conv_forward(x, wq, self.bias)
