@@ -137,12 +137,9 @@ def _deploy(name: str, outcome: StepResult, ctx: CompressContext,
     """The deployable .onnx (preprocessing inside) and ONNX Runtime's view of it."""
     if outcome.runtime == "torch":
         file = deploy.export_model(outcome.model, ctx.data, name=name)
-        info = deploy.report(file, ctx.data, model=outcome.model)
         # its batch-1 PyTorch latency is the variant's latency_ms, measured once, in the
-        # harness's rounds: the export keeps only what it adds (throughput at a batch)
-        eager = info["latency"]["torch_eager"]
-        info["latency"]["torch_eager"] = {k: eager[k] for k in
-                                          ("throughput_per_s", "batch", "batch_calls")}
+        # harness's rounds: the export adds only throughput at a batch
+        info = deploy.report(file, ctx.data, model=outcome.model, torch_batch1=False)
     else:
         file = deploy.with_preprocessing(outcome.onnx_bytes, ctx.data)
         info = deploy.report(file, ctx.data)
