@@ -52,11 +52,11 @@ else:
 left, right = st.columns([2, 3])
 with left:
     st.subheader("Add a step")
-    technique, params, problem = registry_choice(COMPRESSORS, "Technique", "cmp_tech",
-                                                 "prune", {})
+    technique, params, typo = registry_choice(COMPRESSORS, "Technique", "cmp_tech",
+                                              "prune", {})
     add, preset = st.columns(2)
-    if add.button("Add step", key="cmp_add", icon=":material/add:", disabled=bool(problem),
-                  help=problem):
+    if add.button("Add step", key="cmp_add", icon=":material/add:", disabled=bool(typo),
+                  help=typo):
         chain.append({"technique": technique, **params})
     deep = COMPRESSORS.get("deep_compression").defaults()
     if preset.button("Deep Compression preset", key="cmp_preset",
