@@ -28,6 +28,7 @@ for v in variants:  # exports made with the run (recipe export.onnx) or on this 
 missing = [v for v in variants if (run["id"], v["name"]) not in exported and v["model_file"]]
 if missing and st.button(f"Export {len(missing)} variant(s) to ONNX", type="primary",
                          key="dep_export"):
+    failed = False
     for v in missing:
         with st.spinner(f"Exporting and timing {v['name']}..."):
             try:
@@ -38,6 +39,9 @@ if missing and st.button(f"Export {len(missing)} variant(s) to ONNX", type="prim
                 exported[(run["id"], v["name"])] = {**info, "file": f"{v['name']}/model.onnx"}
             except Exception as exc:
                 show_error(exc)
+                failed = True  # its message stays on the page
+    if not failed:
+        st.rerun()  # the button counted the variants still to export: none now
 
 rows = []
 for v in variants:

@@ -84,7 +84,9 @@ def step_name(step: dict[str, Any], used: set[str]) -> str:
 def describe_step(step: dict[str, Any]) -> str:
     """One line for hover texts and tables: `prune magnitude amount=0.9`."""
     shown = [step["technique"], str(step.get("method", ""))]
+    params = ({p.name: p for p in COMPRESSORS.get(step["technique"]).params}
+              if step["technique"] in COMPRESSORS.names() else {})
     for key in ("amount", "bits", "rank_fraction", "temperature", "width_multiplier"):
-        if key in step:
-            shown.append(f"{key}={step[key]}")
+        if key in step and (key not in params or params[key].applies(step)):
+            shown.append(f"{key}={step[key]}")  # not a setting its method ignores
     return " ".join(s for s in shown if s)
