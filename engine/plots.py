@@ -62,6 +62,7 @@ def curves(histories: Mapping[str, Mapping[str, Sequence[Any]]], metric: str, *,
                       xaxis_title="epoch", yaxis_title=METRIC_LABELS.get(metric, metric),
                       margin={"l": 10, "r": 10, "t": 40, "b": 10}, height=340,
                       legend={"orientation": "h", "y": -0.25})
+    _whole_epochs(fig, max((r["epoch"] for r in records), default=0))
     if metric == "loss" and records and min(r["value"] for r in records) > 0:
         spread = max(r["value"] for r in records) / min(r["value"] for r in records)
         if spread > 50:  # losses spanning decades read better on a log axis
@@ -79,6 +80,12 @@ def log_axis(values: Sequence[float]) -> dict[str, Any]:
     return {"type": "log", "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
 
 
+def _whole_epochs(fig: go.Figure, last: int) -> None:
+    """Over a few epochs, one tick per epoch: Plotly would put ticks at 1.2, 1.4, ..."""
+    if 0 < last <= 12:
+        fig.update_xaxes(tick0=1, dtick=1)
+
+
 def lr_schedule(rates: Sequence[float], *, title: str = "learning rate per epoch"
                 ) -> go.Figure:
     """The rate each epoch will use, as the engine computes it."""
@@ -87,6 +94,7 @@ def lr_schedule(rates: Sequence[float], *, title: str = "learning rate per epoch
                                line={"color": PALETTE[0]}, name="learning rate"))
     fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="learning rate",
                       margin={"l": 10, "r": 10, "t": 40, "b": 10}, height=260)
+    _whole_epochs(fig, len(rates))
     top = max(rates, default=0.0)
     if top > 0:  # from zero, with the rate's own digits: a flat 0.001 must not read as 0
         fig.update_yaxes(range=[0, top * 1.1], tickformat="~g", rangemode="tozero")

@@ -228,3 +228,9 @@ def test_a_log_sampled_rate_gets_a_log_axis_in_the_parallel_coordinates():
     for value, y in ticks.items():  # where a log axis puts each tick
         assert y == pytest.approx(math.log10(value / lo) / math.log10(hi / lo), abs=0.02)
     assert len(ticks) >= 3  # a decade between the ends (linear: 0.01 would sit at 0.11)
+
+
+def test_a_short_run_has_one_tick_per_epoch():
+    fig = plots.curves({"run": {"epoch": [1, 2], "train_loss": [0.2, 0.1],
+                                "val_loss": [0.3, 0.2]}}, "loss")
+    assert (fig.layout.xaxis.tick0, fig.layout.xaxis.dtick) == (1, 1)
