@@ -12,6 +12,7 @@ from engine import jobs, plots, ray_backend
 from engine.bundle import is_bundle, zipped
 from engine.errors import UserError
 from engine.metrics import score_key
+from engine.recipe import short_source
 from engine.settings import backend_name
 from engine.store import Store
 from views.common import show_error, table
@@ -42,8 +43,8 @@ if not runs:
 def row(run: dict) -> dict:
     recipe, m = run["recipe"], run.get("metrics") or {}
     return {"name": run["name"], "status": run["status"],
-            "data": recipe["data"]["source"].removeprefix("builtin:"),
-            "model": recipe["model"]["source"].removeprefix("builtin:"),
+            "data": short_source(recipe["data"]["source"]),
+            "model": short_source(recipe["model"]["source"]),  # not a bundle's full path
             "optimizer": recipe["train"]["optimizer"],
             "test score": m.get(score_key(m) or "test_r2"),
             "parameters": m.get("params"), "size (KiB)": round(m["size_bytes"] / 1024, 1)
