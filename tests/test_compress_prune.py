@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -82,7 +84,7 @@ def test_returns_a_new_model_and_leaves_the_input_unchanged(mlp, options):
 @pytest.mark.parametrize("method,curvature", [("magnitude", "fisher"), ("random", "fisher"),
                                               ("obd", "fisher"), ("obd", "hessian"),
                                               ("obs", "fisher")])
-@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("scope", ["layer", "global", "lamp"])
 def test_sparsity_equals_the_amount_and_survives_fine_tuning(mlp, method, curvature, scope):
     model, ctx = mlp
     events: list[dict] = []
@@ -141,6 +143,27 @@ def test_global_scope_prunes_layers_unevenly(mlp):
     zeros = layer_zeros(run(model, ctx, scope="global", amount=0.8, finetune_epochs=0).model)
     fractions = [z / n for z, n in zeros.values()]
     assert max(fractions) - min(fractions) > 0.05, fractions
+
+
+def test_lamp_ignores_a_layers_scale_and_never_empties_one(cnn):
+    """LAMP's threshold is the same for a layer scaled by 1000 (a BatchNorm after it would
+    undo the scale), where global magnitude empties the small layer; scores follow the
+    paper's definition: w_u^2 over the sum of w_v^2 for |w_v| >= |w_u|."""
+    from engine.compress.prune import lamp_scores
+
+    w = torch.tensor([3.0, -1.0, 2.0, -math.inf])
+    assert lamp_scores(w).tolist() == pytest.approx([1.0, 1 / 14, 4 / 13, -math.inf])
+    model, ctx = cnn
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.conv2.weight.mul_(1e-3)
+    for scope, same in [("lamp", True), ("global", False)]:
+        zeros = [layer_zeros(run(m, ctx, scope=scope, amount=0.7, finetune_epochs=0,
+                                 spare="none", correct="none").model) for m in (model, scaled)]
+        assert (zeros[0] == zeros[1]) is same, (scope, zeros)
+        if scope == "global":
+            assert zeros[1]["conv2"][0] == zeros[1]["conv2"][1]  # emptied
+        assert all(z < n for z, n in zeros[0].values())
 
 
 def test_every_criterion_beats_random_before_fine_tuning(mlp):
@@ -321,12 +344,13 @@ def test_obd_beats_random_pruning_at_half_and_nine_tenths_with_and_without_fine_
 def test_fisher_one_example_at_a_time_equals_the_vectorized_one(cnn, monkeypatch):
     """Large samples take plain backward passes (vmap peaked at 6 GB on a 224 px CNN even one
     photo at a time); both give the same mean of squared per-example gradients."""
-    from engine.compress import prune as module
+    from engine.compress import curvature as module
+    from engine.compress.prune import _weights
 
     model, ctx = cnn
-    named = module._weights(model)
-    vectorized = module._curvature(model, named, "fisher", ctx)
+    named = _weights(model)
+    vectorized = module.curvature(model, named, "fisher", ctx)
     monkeypatch.setattr(module, "LOOP_BELOW", 10**9)
-    looped = module._curvature(model, named, "fisher", ctx)
+    looped = module.curvature(model, named, "fisher", ctx)
     for a, b in zip(vectorized, looped, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)

@@ -23,28 +23,17 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
 from engine.compress.capabilities import flat_graph
 from engine.compress.channels import structured
 from engine.compress.correct import CORRECT, correct_step
+from engine.compress.curvature import curvature
 from engine.compress.reconstruct import RECONSTRUCT_ROWS, reconstruct
 from engine.errors import UserError
-from engine.metrics import loss_fn, rows_per_batch
-from engine.models import set_training
 from engine.registry import Param
 
-CURVATURE_EXAMPLES = 1024  # training examples the curvature is estimated on (cost, not accuracy)
 OBD_ROUNDS = 8  # OBD re-estimates the curvature this many times on its way to the amount
-HUTCHINSON_SAMPLES = 8  # Rademacher probes, one Hessian-vector product each
-CURVATURE_BATCH = 64  # examples per double-backward pass of the Hessian estimate
-CURVATURE_MEMORY = 512 * 2**20  # bytes the Fisher's per-example gradients may take at once
-LOOP_BELOW = 128  # where an evaluation batch holds fewer rows than this (large samples), the
-#   Fisher takes one plain backward pass per example instead of torch.func's vmap: on
-#   EfficientNet-Lite0 at 224 px vmap peaked at 6 GB even one photo at a time and took 0.29 s
-#   a photo; the loop kept the model's own 1 GB and took 0.036 s
 
 
 def magnitude_mask(weight: torch.Tensor, amount: float) -> torch.Tensor:
@@ -98,75 +87,31 @@ def spared(model: nn.Module, spare: str) -> list[str]:
     return [f"{name}.weight".lstrip(".") for name, _ in layers if name in keep]
 
 
+def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Layer-adaptive magnitude scores (Lee et al. 2021): each weight's squared score over
+    the sum of the squared scores in its layer that are as large or larger. The layer's
+    largest weight scores 1, and multiplying a layer by a constant changes nothing, so one
+    threshold across layers neither follows the layers' arbitrary scales (a BatchNorm after
+    a convolution undoes any) nor empties a layer. Already pruned weights (-inf) stay last."""
+    flat = scores.flatten()
+    dead = torch.isneginf(flat)
+    energy = flat.masked_fill(dead, 0.0).double() ** 2
+    order = torch.argsort(energy)  # ascending: a weight's suffix sum holds the larger ones
+    ranked = energy[order]
+    suffix = ranked.flip(0).cumsum(0).flip(0)
+    out = torch.empty_like(energy)
+    out[order] = ranked / suffix.clamp(min=torch.finfo(torch.float64).tiny)
+    return out.masked_fill(dead, -math.inf).view_as(scores)
+
+
 def _masks(scores: list[torch.Tensor], amount: float, scope: str) -> list[torch.Tensor]:
     if scope == "layer":
         return [_keep_top(s, amount) for s in scores]
+    if scope == "lamp":
+        scores = [lamp_scores(s) for s in scores]
     keep = _keep_top(torch.cat([s.flatten() for s in scores]), amount)
     return [m.view_as(s) for m, s in zip(keep.split([s.numel() for s in scores]), scores,
                                          strict=True)]
-
-
-def _curvature(model: nn.Module, named: list[tuple[str, nn.Parameter]], kind: str,
-               ctx: CompressContext) -> list[torch.Tensor]:
-    """Diagonal curvature of the training loss for each weight tensor in `named`."""
-    X, y = ctx.tensors["X_train"], ctx.tensors["y_train"]
-    gen = torch.Generator().manual_seed(ctx.seed)
-    pick = torch.randperm(len(X), generator=gen)[:CURVATURE_EXAMPLES].to(X.device)
-    X, y = X[pick], y[pick]
-    criterion = loss_fn(ctx.task)
-    names, params = [n for n, _ in named], [p for _, p in named]
-    set_training(model, False)  # dropout off: the curvature of the model as it will be used
-    if kind == "fisher":  # mean of squared per-example gradients, vectorized by torch.func
-
-        def loss_one(ws: tuple[torch.Tensor, ...], x: torch.Tensor,
-                     t: torch.Tensor) -> torch.Tensor:
-            return criterion(functional_call(model, dict(zip(names, ws, strict=True)),
-                                             (x[None],)), t[None])
-
-        per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
-        fisher = [torch.zeros_like(p) for p in params]
-        # a chunk's per-example gradients cost chunk x weights floats: kept under the budget
-        # and its activations like an evaluation batch's (13 photos of 224x224, not 128)
-        fits = rows_per_batch(X.shape[1:])
-        chunk = max(1, min(128, fits, CURVATURE_MEMORY // (4 * sum(p.numel() for p in params))))
-        one_by_one = fits < LOOP_BELOW
-        for t, weight in _fisher_labels(model, X, y, ctx.task, gen):
-            if one_by_one:  # large samples: plain backward passes, one example each
-                for i in range(len(X)):
-                    with sdpa_kernel(SDPBackend.MATH):
-                        grads = torch.autograd.grad(criterion(model(X[i:i + 1]),
-                                                              t[i:i + 1]), params)
-                    for f, g in zip(fisher, grads, strict=True):
-                        f += weight[i] * g ** 2
-                continue
-            for i in range(0, len(X), chunk):
-                with sdpa_kernel(SDPBackend.MATH):
-                    grads = per_example(tuple(p.detach() for p in params), X[i:i + chunk],
-                                        t[i:i + chunk])
-                w = weight[i:i + chunk]
-                for f, g in zip(fisher, grads, strict=True):
-                    f += (w.view(-1, *[1] * (g.ndim - 1)) * g ** 2).sum(0)
-        return [f / len(X) for f in fisher]
-    # Hutchinson: E[v ⊙ Hv] = diag(H) for Rademacher v, over batches of CURVATURE_BATCH
-    # (the double backward keeps two sets of activations: one batch's, not all 1,024's);
-    # attention through the math kernel, the one with second derivatives
-    diag = [torch.zeros_like(p) for p in params]
-    size = max(1, min(CURVATURE_BATCH, rows_per_batch(X.shape[1:]) // 2))  # large samples
-    with sdpa_kernel(SDPBackend.MATH):
-        for i in range(0, len(X), size):
-            xb, yb = X[i:i + size], y[i:i + size]
-            share = len(xb) / len(X)
-            grads = torch.autograd.grad(criterion(model(xb), yb), params, create_graph=True)
-            for _ in range(HUTCHINSON_SAMPLES):
-                vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p)
-                      for p in params]
-                hvs = torch.autograd.grad(grads, params, vs, retain_graph=True)
-                for d, v, hv in zip(diag, vs, hvs, strict=True):
-                    d += share * v * hv
-            del grads
-    # for ReLU nets the true diagonal is >= 0 (only the Gauss-Newton term survives), so a
-    # negative estimate is probe noise; its size still says how sharply the loss bends
-    return [(d / HUTCHINSON_SAMPLES).abs() for d in diag]
 
 
 def _obd_masks(model: nn.Module, named: list[tuple[str, nn.Parameter]], step: dict,
@@ -179,31 +124,12 @@ def _obd_masks(model: nn.Module, named: list[tuple[str, nn.Parameter]], step: di
     params = [p for _, p in named]
     start = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     for target in cubic_schedule(amount, OBD_ROUNDS):
-        h = _curvature(model, named, step["curvature"], ctx)
+        h = curvature(model, named, step["curvature"], ctx)
         scores = [(0.5 * hi * p.detach() ** 2).masked_fill(~m, -math.inf)
                   for hi, p, m in zip(h, params, masks, strict=True)]
         masks = _masks(scores, max(target, start), step["scope"])
         _masker(params, masks)(model)
     return masks
-
-
-def _fisher_labels(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
-                   gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(labels, weight per example) pairs whose weighted squared gradients make the Fisher.
-
-    For classes, the true Fisher, estimated with one label per example drawn from the
-    model's own predictions (summing over all classes was 10x the cost on digits). The
-    empirical Fisher (the true labels) vanishes on examples the trained model already gets
-    confidently right, so it called the weights serving them unimportant."""
-    ones = torch.ones(len(X), device=X.device)
-    if task != "classification":
-        return [(y, ones)]
-    with torch.no_grad():
-        batch = rows_per_batch(X.shape[1:])  # not all 1,024 photos through at once
-        probs = torch.cat([torch.softmax(model(X[i:i + batch]).float(), 1)
-                           for i in range(0, len(X), batch)])
-    drawn = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(X.device)
-    return [(drawn, ones)]
 
 
 def _spread(total: int, steps: int) -> list[int]:
@@ -278,7 +204,9 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
     how = {"magnitude": "by magnitude", "random": "at random",
            "obs": "by Optimal Brain Surgeon saliency (SparseGPT's layer-wise solver)",
            "obd": f"by Optimal Brain Damage saliency ({step['curvature']} curvature)"}[method]
-    where = "in each layer" if step["scope"] == "layer" else "under one global threshold"
+    where = {"layer": "in each layer", "global": "under one global threshold",
+             "lamp": "under one global threshold on layer-adaptive (LAMP) scores"
+             }[step["scope"]]
     per_layer = ", ".join(f"{n.removesuffix('.weight')} {float((p == 0).float().mean()):.1%}"
                           for n, p in named)
     notes = [f"Pruned {step['amount']:.0%} of the weights {how} {where}; sparsity: "
@@ -351,10 +279,13 @@ UNSTRUCTURED = ("method", ("magnitude", "random", "obd", "obs"))  # where scope 
         Param("amount", "float", 0.8, "fraction of weights removed (structured: of each hidden "
               "layer's neurons or filters)", low=0.0, high=0.99),
         Param("scope", "str", "layer", "layer: each layer loses `amount`; global: one "
-              "threshold across layers, so layers with small weights lose more (not for "
-              "structured; on a network with BatchNorm the layers' weight scales are "
-              "arbitrary, and global magnitude pruning can empty one)",
-              choices=("layer", "global"), when=UNSTRUCTURED),
+              "threshold across layers, so layers with small weights lose more (on a "
+              "network with BatchNorm the layers' weight scales are arbitrary, and global "
+              "magnitude pruning can empty one); lamp: one threshold on layer-adaptive "
+              "scores (Lee et al. 2021), each weight against the larger ones of its own "
+              "layer, so a layer's scale does not decide and none is emptied (not for "
+              "structured)",
+              choices=("layer", "global", "lamp"), when=UNSTRUCTURED),
         Param("spare", "str", "auto", "auto: on a convolutional network, keep depthwise "
               "convolutions and the first and last layers whole (the sensitive ones); none: "
               "prune every Linear and Conv layer (not for structured)",
