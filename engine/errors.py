@@ -7,6 +7,8 @@ traceback. Anything else that escapes is a bug in the engine.
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(ValueError):
     """A mistake in a recipe, a file or a setting that the user can fix."""
@@ -14,6 +16,16 @@ class UserError(ValueError):
 
 class Cancelled(Exception):  # noqa: N818 - a request, not an error
     """Raised from a progress callback to stop a run that the user cancelled."""
+
+
+def sentence(message: str) -> str:
+    """A message as a sentence to show on its own: a first plain word gets its capital
+    ("the labels go up to 7 ..." -> "The labels ..."); a message that opens on a name, a
+    path or code ("builtin:digits", "data.source", "`X`") is left as it is. Messages are
+    written lower case so that they read inside others too ("compress[0]: the labels ...")."""
+    if re.match(r"[a-z]+(?=[ ,;]|$)", message):
+        return message[0].upper() + message[1:]
+    return message
 
 
 def reword(message: str, labels: dict[str, str], names: dict[str, str]) -> str:
@@ -24,4 +36,4 @@ def reword(message: str, labels: dict[str, str], names: dict[str, str]) -> str:
         message = message.replace(stored, given)
     for key, label in sorted(labels.items(), key=lambda kv: -len(kv[0])):
         message = message.replace(key, f"\u201c{label}\u201d")
-    return message
+    return sentence(message)

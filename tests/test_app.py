@@ -549,7 +549,7 @@ def test_runs_page_says_a_bad_backend_setting_in_one_sentence(monkeypatch):
     at = open_app(None)
     at.switch_page("views/runs.py").run()
     assert not at.exception
-    assert "the backend 'kubernetes' is unknown" in at.error[0].value
+    assert "The backend 'kubernetes' is unknown" in at.error[0].value
 
 
 def test_a_reload_opens_the_same_workspace_from_the_url():
@@ -585,7 +585,7 @@ def test_a_refused_table_never_becomes_the_selection_and_its_message_names_the_p
                                                 "text/csv").run()
     assert not at.exception
     assert [e.value for e in at.error] == [  # once
-        "the target has a single class (yes in all 30 rows); a classifier needs at least 2 "
+        "The target has a single class (yes in all 30 rows); a classifier needs at least 2 "
         "classes, pick another target column."]
     assert at.session_state["selection"]["data"]["source"] == "builtin:digits"
     assert any("Nothing changed" in c.value for c in at.caption)

@@ -267,3 +267,15 @@ def test_two_sessions_see_their_own_runs(store):
     assert {r["id"] for r in store.list_runs()} == {mine, theirs}
     for run_id in (mine, theirs):
         store.finish_run(run_id, "cancelled")
+
+
+def test_a_message_shown_alone_starts_with_a_capital_unless_it_opens_on_a_name():
+    from engine.errors import reword, sentence
+
+    assert sentence("the labels go up to 7; pick another file.") == (
+        "The labels go up to 7; pick another file.")
+    for name_first in ("builtin:digits is unknown", "data.source is missing", "`X` is empty",
+                       "'flat.csv' has no rows", "Already a sentence."):
+        assert sentence(name_first) == name_first
+    assert reword("data.missing: pick one", {"data.missing": "Missing values"}, {}) == (
+        "\u201cMissing values\u201d: pick one")

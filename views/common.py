@@ -15,7 +15,7 @@ from typing import Any
 import streamlit as st
 
 import engine
-from engine.errors import UserError, reword
+from engine.errors import UserError, reword, sentence
 from engine.recipe import short_source
 from engine.registry import Param
 from engine.uploads import store_upload, upload_limit_mb
@@ -153,7 +153,7 @@ def registry_choice(registry: Any, label: str, key: str, current: str,
                 try:
                     chosen[p.name] = param_input(p, f"{key}_{name}_{p.name}", values.get(p.name))
                 except UserError as exc:
-                    st.error(str(exc))
+                    st.error(sentence(str(exc)))
                     problem = problem or str(exc)
             values = chosen
     return name, values, problem

@@ -10,7 +10,7 @@ import streamlit as st
 
 from engine import jobs, plots, ray_backend
 from engine.bundle import is_bundle, zipped
-from engine.errors import UserError
+from engine.errors import UserError, sentence
 from engine.metrics import score_key
 from engine.recipe import short_source
 from engine.settings import backend_name
@@ -72,7 +72,7 @@ if len(chosen) > 1:
 run = chosen[0]
 st.subheader(f"{run['name']} · {run['status']}")
 if run.get("error"):
-    st.error(run["error"])
+    st.error(sentence(run["error"]))
 variants = store.variants(run["id"])
 if variants:
     table(pd.DataFrame([{"variant": v["name"], **v["metrics"]} for v in variants]))

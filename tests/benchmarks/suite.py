@@ -350,6 +350,12 @@ def _browser(page: object, url: str, start: float) -> list[tuple[str, str]]:
     expect(page.get_by_role("heading", level=1).first).to_be_visible(timeout=120_000)
     rows.append(("`streamlit run` to the first page's heading in Chromium (first render)",
                  f"{time.perf_counter() - start:.2f}"))
+    expect(page.get_by_role("button", name="Showcase")).to_be_enabled(timeout=120_000)
+    rows.append(("`streamlit run` to Home's Showcase button drawn and enabled",
+                 f"{time.perf_counter() - start:.2f}"))
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=120_000)
+    rows.append(("`streamlit run` to Home's script finished (a press is answered)",
+                 f"{time.perf_counter() - start:.2f}"))
     for visit in ("first visit", "again"):
         for name in ("Train", "Data & Model", "Diagnose", "Runs"):
             _settle(page)  # a person clicks once the page is drawn, not mid-draw
