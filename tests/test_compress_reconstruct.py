@@ -98,8 +98,8 @@ def _pruned(model, ctx, amount=0.8, **options):
 
 def test_reconstruction_keeps_the_magnitude_mask_and_recovers_accuracy(mlp):
     model, ctx = mlp
-    plain = _pruned(model, ctx, method="magnitude").model
-    rebuilt = _pruned(model, ctx, method="magnitude", reconstruct="obs")
+    plain = _pruned(model, ctx, method="magnitude", scope="layer").model
+    rebuilt = _pruned(model, ctx, method="magnitude", reconstruct="obs", scope="layer")
     for (name, a), (_, b) in zip(plain.named_parameters(), rebuilt.model.named_parameters(),
                                  strict=True):
         if name.endswith("weight"):
@@ -114,8 +114,8 @@ def test_reconstruction_keeps_the_magnitude_mask_and_recovers_accuracy(mlp):
 
 def test_obs_chooses_its_own_zeros_keeps_the_sparsity_and_beats_magnitude(mlp):
     model, ctx = mlp
-    obs = _pruned(model, ctx, method="obs", amount=0.9).model
-    mag = _pruned(model, ctx, method="magnitude", amount=0.9).model
+    obs = _pruned(model, ctx, method="obs", amount=0.9, scope="layer").model
+    mag = _pruned(model, ctx, method="magnitude", amount=0.9, scope="layer").model
     for m in (m for m in obs.modules() if isinstance(m, nn.Linear)):
         assert int((m.weight == 0).sum()) == round(0.9 * m.weight.numel())
     differs = [not torch.equal(a.weight == 0, b.weight == 0) for a, b in

@@ -143,7 +143,7 @@ def _spread(total: int, steps: int) -> list[int]:
 
 def _plan_notes(plan: list[tuple[float, int]]) -> list[str]:
     epochs = sum(e for _, e in plan)
-    notes = [f"Fine-tuned for {epochs} epochs after pruning." if epochs
+    notes = [f"Fine-tuned for {epochs} epoch{'s' * (epochs != 1)} after pruning." if epochs
              else "Not fine-tuned (finetune_epochs is 0)."]
     if len(plan) > 1:
         notes.insert(0, f"Pruned gradually in {len(plan)} steps along the cubic schedule: "
@@ -224,7 +224,8 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
     kept = [n for n, p in model.named_parameters()
             if id(p) not in pruned and n not in kept_whole]
     if kept:
-        notes.append(f"Not pruned: {', '.join(kept)} (biases, and layers other than Linear "
+        shown = kept if len(kept) <= 8 else [*kept[:4], f"{len(kept) - 5} more", kept[-1]]
+        notes.append(f"Not pruned: {', '.join(shown)} (biases, and layers other than Linear "
                      f"and Conv, are kept whole).")
     if not prunable(model):
         notes.append("This model's layer types are hidden (a torch.export graph), so every "
@@ -278,7 +279,7 @@ UNSTRUCTURED = ("method", ("magnitude", "random", "obd", "obs"))  # where scope 
               choices=("magnitude", "random", "structured", "obd", "obs")),
         Param("amount", "float", 0.8, "fraction of weights removed (structured: of each hidden "
               "layer's neurons or filters)", low=0.0, high=0.99),
-        Param("scope", "str", "layer", "layer: each layer loses `amount`; global: one "
+        Param("scope", "str", "lamp", "layer: each layer loses `amount`; global: one "
               "threshold across layers, so layers with small weights lose more (on a "
               "network with BatchNorm the layers' weight scales are arbitrary, and global "
               "magnitude pruning can empty one); lamp: one threshold on layer-adaptive "
