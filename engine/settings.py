@@ -14,6 +14,8 @@ from pathlib import Path
 from engine.errors import UserError
 
 BACKENDS = ("local", "ray")  # where runs go: worker processes here, or tasks on Ray
+UPLOAD_LIMIT_ENV = "WORKBENCH_UPLOAD_LIMIT_MB"
+DEFAULT_UPLOAD_LIMIT_MB = 200
 
 
 def env_int(name: str, default: int) -> int:
@@ -29,6 +31,11 @@ def env_int(name: str, default: int) -> int:
         raise UserError(f"the environment variable {name} must be a positive whole number, "
                         f"got {text!r}; fix it and restart the app.")
     return value
+
+
+def upload_limit_mb() -> int:
+    """The largest file accepted, in MiB (WORKBENCH_UPLOAD_LIMIT_MB, default 200)."""
+    return env_int(UPLOAD_LIMIT_ENV, DEFAULT_UPLOAD_LIMIT_MB)
 
 
 def store_url() -> str:

@@ -18,7 +18,7 @@ import engine
 from engine.errors import UserError, reword, sentence
 from engine.recipe import short_source
 from engine.registry import Param
-from engine.uploads import store_upload, upload_limit_mb
+from engine.settings import upload_limit_mb
 from views.workspace import session_owner
 
 # the engine's cap (WORKBENCH_UPLOAD_LIMIT_MB) or the server's (server.maxUploadSize in
@@ -99,6 +99,10 @@ def param_input(param: Param, key: str, value: Any = None, *, label: str | None 
 def save_upload(upload: Any, folder: Path) -> Path:
     """`engine.uploads.store_upload` of a Streamlit upload; the name it was uploaded under is
     remembered, so messages say that name and not the stored one."""
+    # here, not at the top: engine.uploads loads onnx (about 1 s), which every first render
+    # of every page would otherwise wait for (views are not the engine's layers)
+    from engine.uploads import store_upload
+
     path = store_upload(upload.name, upload.getvalue(), folder)
     st.session_state.setdefault("upload_names", {})[path.name] = upload.name
     return path

@@ -28,11 +28,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from engine.settings import DEFAULT_UPLOAD_LIMIT_MB, UPLOAD_LIMIT_ENV, upload_limit_mb
 from engine.uploads.archives import (
-    DEFAULT_UPLOAD_LIMIT_MB,
     MAX_NAME_LENGTH,
     MODEL_SUFFIXES,
-    UPLOAD_LIMIT_ENV,
     ZipLimits,
     check_size,
     check_zip,
@@ -40,7 +39,6 @@ from engine.uploads.archives import (
     is_zip,
     open_zip,
     safe_name,
-    upload_limit_mb,
     zip_limits,
 )
 from engine.uploads.folders import unpack_model_folder

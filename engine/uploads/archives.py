@@ -18,15 +18,13 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from engine.errors import UserError
-from engine.settings import env_int
+from engine.settings import UPLOAD_LIMIT_ENV, env_int, upload_limit_mb
 
 Source = bytes | str | Path
 
-UPLOAD_LIMIT_ENV = "WORKBENCH_UPLOAD_LIMIT_MB"
 ZIP_ENTRIES_ENV = "WORKBENCH_ZIP_MAX_ENTRIES"
 ZIP_MB_ENV = "WORKBENCH_ZIP_MAX_MB"
 ZIP_RATIO_ENV = "WORKBENCH_ZIP_MAX_RATIO"
-DEFAULT_UPLOAD_LIMIT_MB = 200
 DEFAULT_ZIP_ENTRIES = 50_000
 DEFAULT_ZIP_MB = 1024
 DEFAULT_ZIP_RATIO = 200
@@ -40,11 +38,6 @@ EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 
 
 # --- limits --------------------------------------------------------------------------------
-
-def upload_limit_mb() -> int:
-    """The largest file accepted, in MiB (WORKBENCH_UPLOAD_LIMIT_MB, default 200)."""
-    return env_int(UPLOAD_LIMIT_ENV, DEFAULT_UPLOAD_LIMIT_MB)
-
 
 @dataclass(frozen=True)
 class ZipLimits:
