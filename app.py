@@ -9,7 +9,6 @@ import streamlit as st
 
 from engine.progress import progress_of
 from engine.store import Store
-from views.common import WARM_UP_THREAD
 from views.workspace import restore_workspace, save_workspace, session_owner
 
 st.set_page_config(page_title="Model optimization workbench", page_icon=":material/speed:",
@@ -25,14 +24,13 @@ def warm_up() -> threading.Thread:
     def work() -> None:
         import torch
 
-        from engine import jobs, showcase
+        from engine import jobs
         from engine.models import complexity
 
         complexity(torch.nn.Linear(2, 2), (2,))  # its FLOP counter loads torch._dynamo
         jobs.reap(Store())
-        showcase.recipes()  # resolves each recipe once: Home's "already finished" caption
 
-    thread = threading.Thread(target=work, name=WARM_UP_THREAD, daemon=True)
+    thread = threading.Thread(target=work, name="workbench-warm-up", daemon=True)
     thread.start()
     return thread
 

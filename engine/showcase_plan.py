@@ -1,7 +1,7 @@
 """What the showcase runs, as plain data: its base recipe, its compression steps and its
 optimizer race (and the reduced versions the tests run). Nothing here imports torch, so
-Home can describe the showcase and draw its button before the engine has loaded;
-`engine.showcase` turns these into recipes, keys and runs.
+a page can name the race's entrants without loading the engine; `engine.showcase` turns
+these into recipes, keys and runs.
 """
 
 from __future__ import annotations

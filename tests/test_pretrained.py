@@ -64,8 +64,8 @@ def test_label_free_pruning_spares_the_sensitive_layers_and_corrects_the_statist
     from engine.compress.prune import magnitude_mask, spared
     from engine.measure import COLLAPSED
 
-    step = {"technique": "prune", "amount": 0.5, "finetune_epochs": 0}
-    base, pruned = _run(lite0, step)
+    step = {"technique": "prune", "amount": 0.5, "scope": "layer", "finetune_epochs": 0}
+    base, pruned = _run(lite0, step)  # per layer: the masks rebuilt below are per layer
     notes = " ".join(pruned["notes"])
     assert "Kept whole as sensitive" in notes and "_conv_stem" in notes and "_fc" in notes
     assert "_blocks.15._project_conv 50.0%" in notes  # the pointwise convolutions went

@@ -7,8 +7,6 @@ goes to the engine, results come from the store.
 from __future__ import annotations
 
 import json
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +22,6 @@ from views.workspace import session_owner
 # the engine's cap (WORKBENCH_UPLOAD_LIMIT_MB) or the server's (server.maxUploadSize in
 # .streamlit/config.toml), whichever is smaller: the one a user actually meets
 UPLOAD_LIMIT_MB = min(upload_limit_mb(), int(st.get_option("server.maxUploadSize")))
-
-
-WARM_UP_THREAD = "workbench-warm-up"  # app.py's: imports torch and the engine at start
-
-
-def engine_ready() -> bool:
-    """Whether app.py's warm-up has loaded the engine (torch, the showcase's recipe keys),
-    so a page may use it without making a first render wait about 3 s for the imports."""
-    return "engine.showcase" in sys.modules and not any(
-        t.name == WARM_UP_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 @st.cache_data

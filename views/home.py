@@ -2,31 +2,33 @@
 
 import streamlit as st
 
-from engine.showcase_plan import RACE, STEPS
 from engine.store import Store
-from views.common import engine_ready, show_error
+from views.common import show_error
 
 st.title("Model optimization workbench")
 st.markdown("Train, tune and compress a model by pointing and clicking, then see what each "
             "technique bought: **accuracy, size and latency side by side**. Everything runs "
             "headless from a recipe file too, so what you see here replays in a pipeline.")
 
+# After the heading: the showcase resolves recipes, which loads torch (about 3 s at start).
+# The button waits for it: drawn before, with the import on the press, the press's long
+# script left Streamlit's frontend on a blank Compare page (the browser test on a fresh
+# clone, 2026-12-04; README, "Timings")
+from engine import showcase  # noqa: E402
+
+entries = showcase.recipes()
 left, right = st.columns([3, 2])
 with left:
     st.subheader("Showcase")
     st.markdown(
         "One press, on the built-in `digits` images and an MLP: a **baseline**, an "
-        "**optimizer race** (" + ", ".join(RACE) + "), then one run per technique: "
-        + ", ".join(f"**{label}**" for label, _ in STEPS) + ". You land on "
+        "**optimizer race** (" + ", ".join(showcase.RACE) + "), then one run per technique: "
+        + ", ".join(f"**{e.label}**" for e in entries if e.kind == "compress") + ". You land on "
         "Compare, where the Pareto plots fill in as each variant is measured (about 20 s on "
         "two quiet CPU cores). A second press reuses the runs already finished.")
     if st.button("Showcase", type="primary", key="home_showcase", icon=":material/play_circle:",
                  help="Submits the showcase's recipes to background workers (only those not "
                       "already done or running) and opens Compare."):
-        # only on a press: the showcase resolves its recipes, which loads torch (about 3 s
-        # at start), and the button need not wait for that (issue 18: live within 5 s)
-        from engine import showcase
-
         try:
             launch = showcase.launch(Store())
             st.session_state["showcase_runs"] = launch.run_ids
@@ -35,15 +37,8 @@ with left:
             st.switch_page("views/compare.py")
         except Exception as exc:
             show_error(exc)
-    # once the app's warm-up has loaded the engine (its recipe keys need it), say what a
-    # second press would reuse; never make the first render wait for it
-    ready, entries = 0, []
-    if engine_ready():
-        from engine import showcase
-
-        entries = showcase.recipes()
-        done = showcase.existing(Store())
-        ready = sum(1 for e in entries if done.get(e.key, {}).get("status") == "done")
+    done = showcase.existing(Store())
+    ready = sum(1 for e in entries if done.get(e.key, {}).get("status") == "done")
     if ready:
         st.caption(f"{ready} of {len(entries)} showcase runs are already finished in this "
                    f"store; pressing again shows them at once.")
