@@ -8,7 +8,7 @@ from engine import search_plots
 from engine.errors import UserError
 from engine.optimizers import OPTIMIZERS
 from engine.schema import json_list
-from engine.showcase_plan import RACE
+from engine.showcase import RACE
 from engine.store import ACTIVE, Store
 from engine.tune import PRESETS, load_study, ranked_trials, winner
 from views.common import table

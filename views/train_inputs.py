@@ -8,7 +8,7 @@ from engine.optimizers import OPTIMIZERS
 from engine.registry import Param
 from engine.regularization import REGULARIZERS
 from engine.schedules import SCHEDULES
-from engine.showcase_plan import RACE, RACE_SCHEDULES
+from engine.showcase import RACE, RACE_SCHEDULES
 from views.common import default_sections, param_input
 from views.workspace import kept
 
