@@ -354,3 +354,11 @@ def test_fisher_one_example_at_a_time_equals_the_vectorized_one(cnn, monkeypatch
     looped = module.curvature(model, named, "fisher", ctx)
     for a, b in zip(vectorized, looped, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_structured_pruning_mentions_the_scope_only_when_one_was_chosen(mlp):
+    model, ctx = mlp
+    said = [" ".join(run(model, ctx, method="structured", amount=0.5, finetune_epochs=0,
+                         **extra).notes) for extra in ({}, {"scope": "global"})]
+    assert "scope setting" not in said[0]  # the default: nothing was asked, nothing to say
+    assert "scope setting applies to unstructured methods only" in said[1]

@@ -145,7 +145,8 @@ def registry_choice(registry: Any, label: str, key: str, current: str,
                 try:
                     chosen[p.name] = param_input(p, f"{key}_{name}_{p.name}", values.get(p.name))
                 except UserError as exc:
-                    st.error(sentence(str(exc)))
-                    problem = problem or str(exc)
+                    shown = sentence(str(exc))
+                    st.error(shown)
+                    problem = problem or shown
             values = chosen
     return name, values, problem

@@ -200,7 +200,4 @@ def structured(model: nn.Module, step: dict, ctx: CompressContext,
              f"{chain[-1][0]} keeps all {chain[-1][1].weight.shape[0]} outputs.",
              f"Parameters: {before:,} → {after:,} ({1 - after / before:.1%} fewer).",
              *corrected]
-    if step["scope"] != "layer":
-        notes.append("The scope setting applies to unstructured methods only; structured "
-                     "pruning removes the same fraction from every hidden layer.")
     return model, histories, notes

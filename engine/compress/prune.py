@@ -34,6 +34,7 @@ from engine.errors import UserError
 from engine.registry import Param
 
 OBD_ROUNDS = 8  # OBD re-estimates the curvature this many times on its way to the amount
+DEFAULT_SCOPE = "lamp"  # structured pruning ignores the scope, and says so if one was chosen
 
 
 def magnitude_mask(weight: torch.Tensor, amount: float) -> torch.Tensor:
@@ -212,11 +213,9 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
     notes = [f"Pruned {step['amount']:.0%} of the weights {how} {where}; sparsity: "
              f"{per_layer} (overall {sparsity(model):.1%})."]
     if kept_whole:
-        shown = [n.removesuffix(".weight") for n in kept_whole]
-        shown = shown if len(shown) <= 6 else [*shown[:2], f"{len(shown) - 3} more", shown[-1]]
         notes.append(f"Kept whole as sensitive (spare: auto; \"none\" prunes them too): the "
                      f"first and last layers and the depthwise convolutions: "
-                     f"{', '.join(shown)}.")
+                     f"{_abridged([n.removesuffix('.weight') for n in kept_whole], 2, 6)}.")
     if rebuilds:
         notes.append(rebuilt)  # the last step's
     notes += corrected  # the last step's
@@ -224,8 +223,7 @@ def _unstructured(model: nn.Module, step: dict, ctx: CompressContext,
     kept = [n for n, p in model.named_parameters()
             if id(p) not in pruned and n not in kept_whole]
     if kept:
-        shown = kept if len(kept) <= 8 else [*kept[:4], f"{len(kept) - 5} more", kept[-1]]
-        notes.append(f"Not pruned: {', '.join(shown)} (biases, and layers other than Linear "
+        notes.append(f"Not pruned: {_abridged(kept, 4, 8)} (biases, and layers other than Linear "
                      f"and Conv, are kept whole).")
     if not prunable(model):
         notes.append("This model's layer types are hidden (a torch.export graph), so every "
@@ -250,6 +248,14 @@ def _reconstruct(model: nn.Module, named: list[tuple[str, nn.Parameter]],
             f"(Optimal Brain Surgeon "
             f"updates of the weights they keep) to reproduce their outputs on "
             f"{min(len(X), RECONSTRUCT_ROWS)} training rows, before fine-tuning.")
+
+
+def _abridged(names: list[str], head: int, most: int) -> str:
+    """`names` joined, or its first `head`, a count of the rest and the last when there are
+    more than `most` (EfficientNet has 97 BatchNorm parameters)."""
+    if len(names) > most:
+        names = [*names[:head], f"{len(names) - head - 1} more", names[-1]]
+    return ", ".join(names)
 
 
 def _masker(params: list[nn.Parameter], masks: list[torch.Tensor]
@@ -279,7 +285,7 @@ UNSTRUCTURED = ("method", ("magnitude", "random", "obd", "obs"))  # where scope 
               choices=("magnitude", "random", "structured", "obd", "obs")),
         Param("amount", "float", 0.8, "fraction of weights removed (structured: of each hidden "
               "layer's neurons or filters)", low=0.0, high=0.99),
-        Param("scope", "str", "lamp", "layer: each layer loses `amount`; global: one "
+        Param("scope", "str", DEFAULT_SCOPE, "layer: each layer loses `amount`; global: one "
               "threshold across layers, so layers with small weights lose more (on a "
               "network with BatchNorm the layers' weight scales are arbitrary, and global "
               "magnitude pruning can empty one); lamp: one threshold on layer-adaptive "
@@ -318,6 +324,9 @@ def prune(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
                     strict=True))
     if step["method"] == "structured":  # copies first, like every method
         pruned, histories, notes = structured(model, step, ctx, plan)
+        if step["scope"] != DEFAULT_SCOPE:
+            notes.append("The scope setting applies to unstructured methods only; structured "
+                         "pruning removes the same fraction from every hidden layer.")
         if step["reconstruct"] != "none":
             notes.append("The reconstruct setting applies to unstructured methods only; "
                          "structured pruning removes whole channels, leaving no kept "
