@@ -261,7 +261,8 @@ def test_regression_static_int8_reports_r2():
 
 def test_registry_entry():
     entry = COMPRESSORS.get("quantize")
-    assert entry.defaults() == {"method": "static_int8", "bits": 8, "per_channel": True,
+    assert entry.defaults() == {"method": "static_int8", "bits": 8, "layer_bits": {},
+                                "per_channel": True,
                                 "calibration_rows": 512, "finetune_epochs": 3,
                                 "correct": "stats"}
     assert set(entry.extra["terminal_methods"]) == set(ONNX_METHODS)

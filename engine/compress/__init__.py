@@ -89,4 +89,9 @@ def describe_step(step: dict[str, Any]) -> str:
     for key in ("amount", "bits", "rank_fraction", "temperature", "width_multiplier"):
         if key in step and (key not in params or params[key].applies(step)):
             shown.append(f"{key}={step[key]}")  # not a setting its method ignores
+    if step.get("layer_bits"):  # mixed precision: the range of widths the layers got
+        widths = sorted(set(step["layer_bits"].values()))
+        shown.append(f"layer_bits={widths[0]}-{widths[-1]}")
+    if step.get("energy"):
+        shown.append(f"energy={step['energy']}")
     return " ".join(s for s in shown if s)

@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn.functional import cross_entropy, kl_div, log_softmax, mse_loss
 
 from engine.data import DataBundle
+from engine.errors import UserError
 from engine.metrics import evaluate
 from engine.models import set_training
-from engine.recipe import AugmentConfig, ModelConfig, TrainConfig
+from engine.recipe import AugmentConfig, ModelConfig, Recipe, TrainConfig
 from engine.registry import Registry
 from engine.train import train
 
@@ -78,6 +79,16 @@ class CompressContext:
     export_onnx: bool = False  # export every variant for deployment (recipe export.onnx)
     augment: AugmentConfig | None = None  # the recipe's data.augment: fine-tuning uses it too
 
+    @classmethod
+    def of_run(cls, recipe: Recipe, data: DataBundle, tensors: dict[str, torch.Tensor],
+               device: torch.device, emit: Callable[[dict[str, Any]], None]
+               ) -> CompressContext:
+        """The context of a run of `recipe` on `data` (its tensors on `device`)."""
+        return cls(tensors=tensors, task=data.task, input_shape=data.input_shape,
+                   n_out=data.n_outputs, train_cfg=recipe.train, model_cfg=recipe.model,
+                   data=data, device=device, seed=recipe.seed, on_progress=emit,
+                   augment=recipe.data.augment)
+
     def finetune(self, model: nn.Module, epochs: int, *, variant: str,
                  lr: float | None = None,
                  after_step: Callable[[nn.Module], None] | None = None,
@@ -131,3 +142,31 @@ def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) for every Linear and Conv layer: the layers compression acts on."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+
+
+def layer_widths(model: nn.Module, step: dict, *, low: int, high: int = 8) -> dict[str, int]:
+    """Each prunable layer's bit width: `step["layer_bits"]` where it names the layer, else
+    `step["bits"]` (mixed precision); a name that is not a layer, or a width out of range,
+    is refused in one sentence."""
+    names = [name for name, _ in prunable(model)]
+    given = step.get("layer_bits") or {}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise UserError(f"layer_bits names {', '.join(unknown[:3])}, which "
+                        f"{'is not a layer' if len(unknown) == 1 else 'are not layers'} of "
+                        f"this model; its layers are {', '.join(names[:8])}"
+                        f"{', ...' if len(names) > 8 else ''}.")
+    for name, bits in given.items():
+        if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= high:
+            raise UserError(f"layer_bits gives {name} {bits!r} bits; use a whole number "
+                            f"from {low} to {high}.")
+    return {name: given.get(name, step["bits"]) for name in names}
+
+
+def widths_text(widths: dict[str, int]) -> str:
+    """`5 bits`, or for mixed precision `2-6 bits (net.0: 3, net.2: 2, ...)`."""
+    values = sorted(set(widths.values()))
+    if len(values) <= 1:
+        return f"{values[0] if values else 0} bits"
+    each = ", ".join(f"{name}: {bits}" for name, bits in list(widths.items())[:6])
+    return (f"{values[0]}-{values[-1]} bits ({each}{', ...' if len(widths) > 6 else ''})")

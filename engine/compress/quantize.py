@@ -20,7 +20,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.base import (
+    COMPRESSORS,
+    CompressContext,
+    StepResult,
+    clone,
+    layer_widths,
+    prunable,
+    widths_text,
+)
 from engine.compress.capabilities import flat_graph
 from engine.compress.correct import CORRECT, correct_step
 from engine.compress.onnx_int8 import calibration_batch, onnx_int8
@@ -52,6 +60,8 @@ K_BIT = ("method", ("uniform", "log", "qat"))  # where bits, fine-tuning and cor
               "qat: quantization-aware training", choices=METHODS),
         Param("bits", "int", 8, "bits per weight (uniform, log, qat)", low=2, high=8,
               when=K_BIT),
+        Param("layer_bits", "dict", {}, "mixed precision: {layer name: bits} for the layers "
+              "that take another width than `bits`", when=K_BIT),
         Param("per_channel", "bool", True, "one scale per output channel, else one per "
               "tensor", when=("method", tuple(m for m in METHODS if m != "fp16"))),
         Param("calibration_rows", "int", 512, "training rows used to calibrate activation "
@@ -88,23 +98,24 @@ def _fp16(model: nn.Module, ctx: CompressContext) -> StepResult:
 def _weights(model: nn.Module, step: dict, ctx: CompressContext, *,
              activations: bool) -> StepResult:
     """uniform, log (optionally fine-tuned) and qat (fine-tuned, activations too)."""
-    bits, per_channel = step["bits"], step["per_channel"]
+    per_channel = step["per_channel"]
     scheme = "log" if step["method"] == "log" else "uniform"
     epochs = step["finetune_epochs"]
     out = clone(model)
     layers = prunable(out)
     if not layers:
         raise UserError(flat_graph(f"quantize {step['method']}"))
+    widths = layer_widths(out, step, low=2)
     history, later = None, []  # later: what the quantizer insertion had to say
     if epochs > 0 or activations:
         history = _quantization_aware(out, layers, step, ctx, scheme=scheme,
                                       activations=activations, notes=later)
     with torch.no_grad():
-        for _, layer in layers:
-            layer.weight.copy_(quantize_tensor(layer.weight, bits, scheme, per_channel))
+        for name, layer in layers:
+            layer.weight.copy_(quantize_tensor(layer.weight, widths[name], scheme, per_channel))
     later += correct_step(out, model, step, ctx, scale_weights=False, when="after quantizing")
     grid = "powers of two" if scheme == "log" else "an affine grid"
-    notes = [f"{bits}-bit weights on {grid}, one grid per "
+    notes = [f"Weights of {widths_text(widths)} on {grid}, one grid per "
              f"{'output channel' if per_channel else 'tensor'}; biases stay float32; "
              f"zeros stay zeros."]
     if activations:
@@ -127,7 +138,8 @@ def _quantization_aware(model: nn.Module, layers: list[tuple[str, nn.Module]], s
         originals[name] = type(layer)
         layer.__class__ = next(fq for base, fq in FAKE_QUANT.items()
                                if isinstance(layer, base))
-        layer.qat_bits, layer.qat_scheme = step["bits"], scheme
+        layer.qat_bits = step.get("layer_bits", {}).get(name, step["bits"])
+        layer.qat_scheme = scheme
         layer.qat_per_channel = step["per_channel"]
     if quantizers:  # initial ranges from training rows, so 0 epochs still gives sane scales
         set_training(model, False)

@@ -25,9 +25,15 @@ from engine.quantizers import quantize_tensor
 
 
 def sensitivity(model: nn.Module, ctx: CompressContext, cfg: Any) -> dict[str, Any]:
-    """{"metric", "part", "baseline", "records": [{layer, technique, setting, score}]}."""
+    """{"metric", "part", "baseline", "baseline_loss", "records": [{layer, technique,
+    setting, score, loss}]}: the loss is the finer signal where the score moves by whole
+    rows (mixed precision reads it)."""
     metric = metric_name(ctx.task)
-    score = lambda m: ctx.evaluate(m, cfg.part)[metric]  # noqa: E731 - one-line scorer
+
+    def score(m: nn.Module) -> dict[str, float]:
+        found = ctx.evaluate(m, cfg.part)
+        return {"score": found[metric], "loss": found["loss"]}
+
     records = []
     layers = prunable(model)
     for name, layer in layers:
@@ -42,15 +48,17 @@ def sensitivity(model: nn.Module, ctx: CompressContext, cfg: Any) -> dict[str, A
         for technique, setting, change in trials:
             with _swapped(layer, change(weight)):
                 records.append({"layer": name, "technique": technique, "setting": setting,
-                                "score": score(model)})
+                                **score(model)})
         small = min(weight.shape[0], weight[0].numel())
         for fraction in cfg.ranks:
             rank = max(1, round(fraction * small))
             trial = copy.deepcopy(model)
             _replace(trial, name, svd_factor(trial.get_submodule(name), rank))
             records.append({"layer": name, "technique": "lowrank",
-                            "setting": f"rank {fraction:.0%}", "score": score(trial)})
-    return {"metric": metric, "part": cfg.part, "baseline": score(model), "records": records}
+                            "setting": f"rank {fraction:.0%}", **score(trial)})
+    base = score(model)
+    return {"metric": metric, "part": cfg.part, "baseline": base["score"],
+            "baseline_loss": base["loss"], "records": records}
 
 
 @contextlib.contextmanager

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone, prunable
+from engine.compress.base import (
+    COMPRESSORS,
+    CompressContext,
+    StepResult,
+    clone,
+    layer_widths,
+    prunable,
+    widths_text,
+)
 from engine.compress.capabilities import flat_graph
 from engine.compress.correct import CORRECT, correct_step
 from engine.errors import UserError
@@ -96,6 +104,9 @@ def share_layer(weight: torch.Tensor, bits: int) -> _Clusters | None:
     "values, so each weight is stored as a short index (Han et al.'s Deep Compression).",
     params=(
         Param("bits", "int", 5, "index width: 2^bits shared values per layer", low=1, high=8),
+        Param("layer_bits", "dict", {}, "mixed precision: {layer name: bits} for the layers "
+              "that take another width than `bits` (an auto-compress search sets it from "
+              "each layer's sensitivity)"),
         Param("huffman", "bool", True, "Huffman-code the cluster indices in the shipped file"),
         CORRECT,
         Param("finetune_epochs", "int", 3, "epochs of centroid fine-tuning", low=0, high=1000),
@@ -108,8 +119,9 @@ def share(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     shared = clone(model)
     clusters: list[_Clusters] = []
     notes: list[str] = []
+    widths = layer_widths(shared, step, low=1)
     for name, layer in prunable(shared):
-        found = share_layer(layer.weight, step["bits"])
+        found = share_layer(layer.weight, widths[name])
         if found is None:
             notes.append(f"{name}: kept (every weight is zero).")
             continue
@@ -128,7 +140,7 @@ def share(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     history = ctx.finetune(shared, step["finetune_epochs"], variant="share",
                            after_step=snap_all)
     coding = "Huffman-coded" if step["huffman"] else "fixed-width"
-    notes.append(f"Each weight is stored as a {coding} index of at most {step['bits']} bits "
+    notes.append(f"Each weight is stored as a {coding} index of at most {widths_text(widths)} "
                  f"into its layer's codebook; biases stay float32.")
     return StepResult(model=shared, history=history or None, notes=notes,
                       huffman=step["huffman"])
