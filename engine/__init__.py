@@ -5,8 +5,9 @@ and the rest when first used. Reading the package top to bottom, its layers are:
 schema (errors, settings, registry, schema, recipe), the parts (data, models, optimizers,
 schedules, regularization, uploads, latency, export, executor), training (metrics,
 sections, train, stack, ensemble), the techniques (compress, diagnostics, tune, deploy),
-the runner, running (store, backends, worker, jobs), and the outputs (plots, report,
-showcase, cli); `.importlinter` holds the rule that each imports only from those below.
+the harness (measure), auto-compress (the search over chains), the runner, running
+(store, backends, worker, jobs), and the outputs (plots, report, showcase, cli);
+`.importlinter` holds the rule that each imports only from those below.
 
     import engine
     result = engine.run({"data": {"source": "builtin:digits"}}, on_progress=print)

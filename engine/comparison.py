@@ -114,6 +114,7 @@ def variant_recipe(recipe: dict[str, Any], position: int) -> dict[str, Any]:
     after that step."""
     out = copy.deepcopy(recipe)
     out["compress"] = list(out.get("compress") or [])[:position]
+    out["autocompress"] = None  # a chain's variant replays without the search
     return out
 
 

@@ -297,6 +297,8 @@ class Recipe:
     #                                     space, validation, objectives); the run then trains
     #                                     the winner as its baseline
     diagnose: DiagnoseConfig | None = None  # learning curves, bias-variance, complexity
+    autocompress: dict[str, Any] | None = None  # search for the smallest or fastest chain
+    #                                             within a budget (engine/autocompress)
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
@@ -308,6 +310,9 @@ class Recipe:
             if not isinstance(step, dict) or "technique" not in step:
                 raise UserError(f"compress[{i}] must be an object with a 'technique' key, "
                                 f'such as {{"technique": "prune", "amount": 0.8}}.')
+        if self.autocompress is not None and not isinstance(self.autocompress, dict):
+            raise UserError(f'autocompress must be an object such as {{"budget": {{"max_drop":'
+                            f' 0.01}}, "objective": "size"}}, got {self.autocompress!r}.')
         if self.tune is not None and not isinstance(self.tune, dict):
             raise UserError(f"tune must be an object with keys such as sampler, n_trials and "
                             f"space, got {self.tune!r}.")

@@ -227,8 +227,11 @@ def _recipes(run: dict[str, Any], result: dict[str, Any]) -> str:
     if run["status"] in ACTIVE:
         status = f" ({run['status']}: variants so far)"
     blocks = []
+    searched = (result.get("autocompress") or {}).get("recipe")  # replays the winner
     for position, name in enumerate(names):
-        text = json.dumps(variant_recipe(recipe, position), indent=2, default=str)
+        replay = searched if name == "autocompress" and searched else variant_recipe(
+            recipe, position)
+        text = json.dumps(replay, indent=2, default=str)
         blocks.append(f"<details><summary>{_e(run_label(run))} · {_e(name)}{_e(status)}"
                       f"</summary><pre>{_e(text)}</pre></details>")
     return "".join(blocks)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from engine.autocompress import VARIANT, autocompress, budget_text, finish, validate_autocompress
 from engine.compress import (
     COMPRESSORS,
     CompressContext,
@@ -80,7 +81,10 @@ def resolve(recipe: Recipe | dict[str, Any] | str | Path) -> Recipe:
     default filled in; idempotent. A UserError names the key and the fix."""
     recipe = resolve_sections(as_recipe(recipe))
     tune = validate_tune(recipe.tune) if recipe.tune is not None else None
-    return recipe.replace(compress=resolve_chain(recipe.compress), tune=tune)
+    auto = (validate_autocompress(recipe.autocompress) if recipe.autocompress is not None
+            else None)
+    return recipe.replace(compress=resolve_chain(recipe.compress), tune=tune,
+                          autocompress=auto)
 
 
 def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | None = None,
@@ -123,7 +127,7 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        ctx = _context(recipe, data, tensors, device, n_out, emit)
+        ctx = CompressContext.of_run(recipe, data, tensors, device, emit)
         ctx.baseline_model = model
         ctx.export_onnx = recipe.export.onnx
         measured = [measure("baseline", StepResult(model, history=fit.history), ctx, folder,
@@ -153,9 +157,18 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
         keep = out_dir is not None
         _announce(baseline, emit, keep_file=keep)
         measured += _compress_chain(recipe, model, ctx, folder, result, emit, keep=keep)
+        found = None
+        if recipe.autocompress is not None:
+            found = _autocompress(recipe, data, model, ctx, folder, result, emit,
+                                  storage=storage or store_url(), executor=executor,
+                                  keep=keep)
+            measured += found[0]
         emit({"event": "stage", "stage": "latency", "message": f"timing {len(measured)} "
               f"variant(s) in the same rounds"})
         time_variants(measured)  # one latency per variant, every ratio from those figures
+        if found and found[0]:  # the recommendation's words, from its measured figures
+            finish(result["autocompress"], found[1], found[0][0].variant, baseline,
+                   found[2], model)
         for m in measured:  # the variants again, now with their latency
             _announce(m.variant, emit, keep_file=keep)
         if tuning is not None:
@@ -172,14 +185,6 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
             write_result(result, out_dir)
     emit({"event": "done"})
     return result
-
-
-def _context(recipe: Recipe, data: Any, tensors: dict[str, torch.Tensor],
-             device: torch.device, n_out: int, emit: ProgressFn) -> CompressContext:
-    return CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
-                           n_out=n_out, train_cfg=recipe.train, model_cfg=recipe.model,
-                           data=data, device=device, seed=recipe.seed, on_progress=emit,
-                           augment=recipe.data.augment)
 
 
 def _compress_chain(recipe: Recipe, model: torch.nn.Module, ctx: Any, folder: Path,
@@ -212,13 +217,44 @@ def _compress_chain(recipe: Recipe, model: torch.nn.Module, ctx: Any, folder: Pa
     return measured
 
 
+def _autocompress(recipe: Recipe, data: Any, model: torch.nn.Module, ctx: CompressContext,
+                  folder: Path, result: dict[str, Any], emit: ProgressFn, *, storage: str,
+                  executor: Executor | None, keep: bool
+                  ) -> tuple[list[Measured], list[dict[str, Any]], torch.nn.Module | None]:
+    """The recipe's search: its section in the result, and the recommended candidate
+    measured as the variant `autocompress` (timed later with the others)."""
+    section, outcome, chain = autocompress(
+        model, ctx, recipe.autocompress, recipe_dict=recipe.to_dict(), storage=storage,
+        executor=executor, emit=emit,
+        worker_payload=lambda: {"recipe": recipe, "data": data,
+                                "bundle": str(folder / "baseline")})
+    result["autocompress"] = section
+    if outcome is None:
+        return [], [], None
+    section["recipe"] = {**recipe.to_dict(), "compress": chain, "autocompress": None}
+    measured = measure(VARIANT, outcome, ctx, folder, chain=[describe_step(s) for s in
+                                                            resolve_chain(chain)],
+                       reference=result["variants"][0],
+                       huffman=outcome.huffman,
+                       technique="autocompress")
+    measured.variant["metrics"]["notes"][:0] = [
+        f"Found by auto-compress: trial {section['chosen_trial']} of "
+        f"{len(section['trials'])}, the least {section['objective']} within the budget "
+        f"({budget_text(section['budget'], section['confidence'])}) on the validation "
+        f"rows."]
+    result["variants"].append(measured.variant)
+    _announce(measured.variant, emit, keep_file=keep)
+    return [measured], chain, outcome.model
+
+
 def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
               out_dir: str | Path | None, emit: ProgressFn) -> dict[str, Any]:
     """An uploaded .onnx model, which has no PyTorch module: ONNX Runtime evaluates and
     times it as it is, and a dynamic int8 copy is made; no training, no other steps."""
-    if recipe.compress or recipe.train.freeze:
+    if recipe.compress or recipe.train.freeze or recipe.autocompress:
         raise UserError("an ONNX model can only be evaluated and int8-quantized here; "
-                        "remove the compress steps and train.freeze, or upload a .pt2.")
+                        "remove the compress steps, autocompress and train.freeze, or "
+                        "upload a .pt2.")
     source = Path(recipe.model.source)
     file = read_onnx(source)  # checked: external data only from its own folder
     session = ort_session(file, threads=1)
@@ -230,7 +266,7 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
                         f"with its classification head, or set data.label_space \"model\" "
                         f"if the labels are its output indices.")
     tensors = to_tensors(data, device)
-    ctx = _context(recipe, data, tensors, device, n_out, emit)
+    ctx = CompressContext.of_run(recipe, data, tensors, device, emit)
     candidates = [("baseline", file, ["the uploaded ONNX model, as it is"])]
     try:
         candidates.append(("quantize-dynamic_int8",

@@ -25,9 +25,9 @@ from engine.tune.space import (
     apply_params,
     validate_tune,
 )
-from engine.tune.study import load_study, run_trials, search
+from engine.tune.study import load_study, optuna_storage, run_trials, search
 
 __all__ = ["DEFAULTS", "MULTI_OBJECTIVE_SAMPLERS", "OBJECTIVES", "PRESETS", "PRUNERS",
            "SAMPLERS", "SAMPLER_LABELS", "VALIDATIONS", "apply_params", "best_recipe",
-           "fold_indices", "load_study", "ranked_trials", "run_trials", "search",
+           "fold_indices", "load_study", "optuna_storage", "ranked_trials", "run_trials", "search",
            "trial_recipe", "validate_tune", "winner"]

@@ -57,7 +57,8 @@ def _pruner(tune: dict[str, Any]) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _storage(url: str) -> optuna.storages.BaseStorage:
+def optuna_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage on `url`, waiting for SQLite's lock rather than failing."""
     import optuna
 
     kwargs: dict[str, Any] = {}
@@ -71,7 +72,7 @@ def _open_study(url: str, name: str, tune: dict[str, Any], seed: int, *, create:
     import optuna
 
     directions = [OBJECTIVES[o] for o in tune["objectives"]]
-    kwargs = {"storage": _storage(url), "sampler": _sampler(tune, seed),
+    kwargs = {"storage": optuna_storage(url), "sampler": _sampler(tune, seed),
               "pruner": _pruner(tune), "study_name": name}
     if not create:
         return optuna.load_study(**kwargs)
@@ -86,7 +87,7 @@ def load_study(name: str, storage: str) -> optuna.Study:
     """A search's study as it is now (it grows while the search runs), for its figures."""
     import optuna
 
-    return optuna.load_study(study_name=name, storage=_storage(storage))
+    return optuna.load_study(study_name=name, storage=optuna_storage(storage))
 
 
 def _counted(study: optuna.Study) -> int:
