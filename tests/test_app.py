@@ -717,3 +717,35 @@ def test_an_onnx_models_train_page_offers_evaluation_not_optimizers(tmp_path):
     assert any("runs in ONNX Runtime only" in i.value for i in at.info)
     assert not [s for s in at.selectbox if s.key == "tr_opt"]
     assert at.button(key="tr_onnx_run")
+
+
+def test_auto_compress_searches_within_the_budget_and_deploys_its_recommendation():
+    from engine.autocompress import DEFAULT_TECHNIQUES, OBJECTIVE_LABELS, OBJECTIVES
+
+    at = open_on_iris("views/compress.py", hidden=[16], epochs=30, lr=0.01)
+    at.radio(key="ac_mode").set_value("Auto-compress: search within a budget").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.radio(key="ac_objective").options == [OBJECTIVE_LABELS[o] for o in OBJECTIVES]
+    assert at.multiselect(key="ac_tech_size").value == list(DEFAULT_TECHNIQUES["size"])  # engine's
+    assert at.number_input(key="ac_points").value == 1.0
+    at.multiselect(key="ac_tech_size").set_value([]).run()
+    assert at.button(key="ac_run_btn").disabled  # nothing to chain: said, not run
+    at.multiselect(key="ac_tech_size").set_value(["prune", "share"]).run()
+    at.number_input(key="ac_points").set_value(5.0).run()
+    at.number_input(key="ac_trials").set_value(4).run()
+    at.number_input(key="ac_epochs").set_value(2).run()
+    at.button(key="ac_run_btn").click().run()
+    assert not at.exception, at.exception
+    run = wait_finished(at.session_state["ac_watch"][0], timeout=300)
+    assert run["status"] == "done", run.get("error")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    section = Store().get_run(run["id"])["result"]["autocompress"]
+    assert "Points lost vs size of the shipped file, one dot per trial" in chart_titles(at)
+    assert section["recommended"] == "autocompress"  # iris at 5 points: trial 0 meets it
+    found = next(v for v in Store().variants(run["id"]) if v["name"] == "autocompress")
+    words = " ".join(s.value for s in at.success)
+    assert f"{found['metrics']['size_bytes']:,} bytes" in words  # the harness's figure
+    at.button(key=f"ac_{run['id']}_deploy_btn").click().run()
+    assert not at.exception
+    assert at.selectbox(key="dep_run").value["id"] == run["id"]  # Deploy opens on it

@@ -315,3 +315,41 @@ def test_a_refused_upload_is_one_sentence_and_never_reaches_run(app_url):
         expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()
         expect(page.get_by_text("Data: digits")).to_be_visible()
         expect(page.get_by_text("flat.csv")).to_have_count(0)
+
+
+def test_auto_compress_runs_a_short_search_and_deploys_its_recommendation(app_url, tmp_path):
+    from playwright.sync_api import expect
+
+    with browser_page(app_url) as page:
+        page.get_by_role("link", name="Compress", exact=True).click()
+        expect(page.get_by_role("heading", name="Compress", exact=True)).to_be_visible()
+        page.get_by_text("Auto-compress: search within a budget", exact=True).click()
+        for box, value in (("Trials", "4"), ("Most fine-tuning epochs per stage", "2"),
+                           ("Most points of accuracy lost", "3")):
+            field = page.get_by_role("spinbutton", name=box, exact=True)
+            field.fill(value)
+            field.press("Enter")
+            page.wait_for_timeout(700)
+        page.get_by_role("button", name="Search", exact=True).click()
+        expect(page.get_by_role("heading", name="Recommended")).to_be_visible(timeout=300_000)
+        expect(page.get_by_text("one dot per trial").first).to_be_visible()
+        expect(page.get_by_role("button", name="Download the recipe that replays it")
+               ).to_be_visible()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "autocompress.png", full_page=True)
+        store = Store(f"sqlite:///{tmp_path}/store.db", artifacts=tmp_path / "artifacts")
+        [run] = store.list_runs(status="done")
+        found = next(v for v in store.variants(run["id"]) if v["name"] == "autocompress")
+        expect(page.get_by_text(f"ships in {found['metrics']['size_bytes']:,} bytes",
+                                exact=False)).to_be_visible()  # the harness's figure
+        page.get_by_role("button", name="Deploy this model").scroll_into_view_if_needed()
+        page.wait_for_timeout(800)
+        page.screenshot(path=SHOTS / "autocompress_card.png")
+        # one click to Deploy, on this run: its recommendation exports like any variant
+        page.get_by_role("button", name="Deploy this model").click()
+        expect(page.get_by_role("heading", name="Deploy", exact=True)).to_be_visible()
+        page.get_by_role("button", name=re.compile(r"^Export \d+ variant")).click()
+        expect(page.get_by_text("encoded KiB is the variant's compressed")).to_be_visible(
+            timeout=180_000)
+        assert (store.run_dir(run["id"]) / "autocompress" / "model.onnx").is_file()
+        page.screenshot(path=SHOTS / "autocompress_deploy.png", full_page=True)

@@ -6,6 +6,7 @@ from engine import jobs, plots
 from engine.compress import COMPRESSORS, describe_step
 from engine.runner import resolve
 from engine.store import Store
+from views import autocompress_view
 from views.common import (
     describe,
     recipe_download,
@@ -48,6 +49,15 @@ else:
     base = {"data": sel["data"], "model": sel["model"], "train": train_cfg}
     st.caption(f"Baseline: **{describe(sel['model'])}** on **{describe(sel['data'])}**, "
                f"{train_cfg['optimizer']}, {train_cfg['epochs']} epochs.")
+
+MODES = ["Build a chain", "Auto-compress: search within a budget"]
+mode = st.radio("What to do", MODES, horizontal=True, key="ac_mode",
+                index=MODES.index(kept("ac_mode", MODES[0])),
+                help="Auto-compress searches chains of techniques and their settings for the "
+                "smallest (or fastest) model that loses at most the accuracy you allow.")
+if mode == MODES[1]:
+    autocompress_view.page(base, store)
+    st.stop()
 
 left, right = st.columns([2, 3])
 with left:

@@ -15,8 +15,12 @@ runs = store.list_runs(status="done")
 if not runs:
     st.info("No finished runs yet. Train or compress a model first.")
     st.stop()
+picked = st.session_state.pop("dep_pick", None)  # "Deploy this model" on another page
+if picked is not None:
+    st.session_state.pop("dep_run", None)
 run = st.selectbox("Run", runs, key="dep_run", format_func=lambda r: f"{r['name']} "
-                   f"({r['id'][:6]})")
+                   f"({r['id'][:6]})", index=next((i for i, r in enumerate(runs)
+                                                   if r["id"] == picked), 0))
 folder = run_dir(run["id"])
 exported = st.session_state.setdefault("dep_exported", {})
 variants = store.variants(run["id"])

@@ -14,13 +14,14 @@ from engine.store import Store
 # what a workspace keeps across a reload: the selection, the Train settings, the Compress
 # chain and Compare's runs, and the runs each page watches
 WORKSPACE_KEYS = ("selection", "train_cfg", "cmp_chain", "cmp_runs", "watch", "tu_watch",
-                  "dg_watch", "cmp_watch")
+                  "dg_watch", "cmp_watch", "ac_watch")
 
 
 # page settings kept with the workspace, by widget key prefix (the Tune and Diagnose pages',
 # Train's seed, dropout and race, Compress's starting point and heatmap; Train's other
 # settings live in train_cfg); buttons are not settings
-WIDGET_PREFIXES = ("tu_", "dg_", "tr_seed", "tr_dropout", "tr_race", "cmp_start", "cmp_sens")
+WIDGET_PREFIXES = ("tu_", "dg_", "tr_seed", "tr_dropout", "tr_race", "cmp_start", "cmp_sens",
+                   "ac_")
 
 
 def kept(key: str, default: Any) -> Any:
