@@ -16,6 +16,9 @@ Prints Markdown tables headed by the machine's description:
 6. a pretrained CNN (EfficientNet-Lite0 with its ImageNet weights, as an uploaded .pt2)
    through every technique, label-free: agreement, size, speed, run time and peak memory
    (bench_pretrained.py; not in the default set: it takes about an hour on two cores).
+7. auto-compress against the fixed presets on the same baselines: the smallest digits MLP
+   within 1 point, the fastest built-in CNN within 1 point (bench_autocompress.py; not in
+   the default set: `--only autocompress`).
 
 Each figure is a median over alternating repeats; the thread count is set on purpose
 (`--threads`, default 1: on a shared 2-core machine a second thread mostly spin-waits).
@@ -203,6 +206,13 @@ def models_section(quick: bool) -> str:
     return ("**5. Real architectures** (ResNet-18 and MobileNetV2 from transformers configs, "
             "float32 vs static int8 vs structured 50%, bench_models.py):\n\n"
             + markdown(rows, quick))
+
+
+def autocompress_section(quick: bool) -> str:
+    from bench_autocompress import autocompress_section as section
+
+    return ("**7. Auto-compress against the fixed presets** (same baselines, "
+            "bench_autocompress.py):\n\n" + section(quick))
 
 
 def pretrained_section(quick: bool) -> str:
@@ -394,6 +404,7 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = (
         "app": app_section,
         "models": lambda: models_section(quick),
         "pretrained": lambda: pretrained_section(quick),
+        "autocompress": lambda: autocompress_section(quick),
     }
     for name in sections:
         start = time.perf_counter()
@@ -408,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--only", nargs="+",
                         choices=["epoch", "ensemble", "inference", "app", "models",
-                                 "pretrained"],
+                                 "pretrained", "autocompress"],
                         help="run only these sections")
     args = parser.parse_args(argv)
     run(args.quick, args.threads, tuple(args.only or ("epoch", "ensemble", "inference",
