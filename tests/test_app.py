@@ -447,6 +447,7 @@ def test_a_half_typed_width_list_is_one_sentence_and_search_waits_for_it():
     assert not at.exception and not at.error and not at.button(key="tu_run").disabled
 
 
+@pytest.mark.slow
 def test_tune_page_waits_with_a_caption_until_a_trial_completes():
     from engine import jobs
 
@@ -552,6 +553,7 @@ def test_runs_page_says_a_bad_backend_setting_in_one_sentence(monkeypatch):
     assert "The backend 'kubernetes' is unknown" in at.error[0].value
 
 
+@pytest.mark.slow
 def test_a_reload_opens_the_same_workspace_from_the_url():
     """A reload is a new browser session on the same URL: ?ws= names the workspace, whose
     selection, Train settings and watched run come back from the store."""
@@ -656,6 +658,7 @@ def test_the_page_settings_come_back_after_a_reload():
     assert not again.warning  # restored as starting values, not forced into widget state
 
 
+@pytest.mark.slow
 def test_a_real_architecture_shows_what_works_on_it():
     at = open_app()
     at.selectbox(key="dm_dataset").set_value("shapes").run()
@@ -719,6 +722,7 @@ def test_an_onnx_models_train_page_offers_evaluation_not_optimizers(tmp_path):
     assert at.button(key="tr_onnx_run")
 
 
+@pytest.mark.slow
 def test_auto_compress_searches_within_the_budget_and_deploys_its_recommendation():
     from engine.autocompress import DEFAULT_TECHNIQUES, OBJECTIVE_LABELS, OBJECTIVES
 

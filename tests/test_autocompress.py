@@ -29,6 +29,7 @@ def searched(tmp_path_factory) -> dict:
     return run(folder, {"budget": {"max_drop": 0.02}, "trials": 10}, out_dir=folder / "run")
 
 
+@pytest.mark.slow
 def test_the_recommended_variant_meets_the_budget_on_held_out_rows(searched):
     auto = searched["autocompress"]
     base, found = searched["variants"][0], searched["variants"][-1]
@@ -78,6 +79,7 @@ def test_the_search_leaves_a_recipe_that_replays_the_chain(searched, tmp_path):
     json.dumps(searched["autocompress"])  # the section is plain JSON
 
 
+@pytest.mark.slow
 def test_a_resumed_search_continues_its_study(tmp_path):
     first = run(tmp_path, {"budget": {"max_drop": 0.05}, "trials": 3, "study": "resume-me"})
     second = run(tmp_path, {"budget": {"max_drop": 0.05}, "trials": 5, "study": "resume-me"})

@@ -319,6 +319,7 @@ def test_registry_refuses_bad_settings():
     assert entry.resolve({}, "compress[0]")["amount"] == 0.8
 
 
+@pytest.mark.slow
 def test_obd_beats_random_pruning_at_half_and_nine_tenths_with_and_without_fine_tuning():
     """The control every criterion must beat (issue 18: OBD at 90% with fine-tuning used to
     end 10 points below random pruning on this MLP)."""

@@ -32,6 +32,7 @@ def trained(arch: str, source: str = "builtin:digits", epochs: int = 4, **data_c
     return model, data, recipe, tensors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", MODELS.names())
 def test_every_builtin_exports_with_parity_and_equal_accuracy(arch):
     model, data, _, _ = trained(arch)
@@ -45,6 +46,7 @@ def test_every_builtin_exports_with_parity_and_equal_accuracy(arch):
     assert info["threads"] == 1 and "processor" in info["machine"]
 
 
+@pytest.mark.slow
 def test_the_file_takes_raw_inputs_with_selection_and_scaling_inside():
     model, data, _, _ = trained("mlp", "builtin:breast_cancer",
                                 feature_selection={"method": "kbest", "k": 8})
@@ -64,6 +66,7 @@ def test_the_file_takes_raw_inputs_with_selection_and_scaling_inside():
     {"technique": "quantize", "method": "uniform", "bits": 4, "finetune_epochs": 0},
     {"technique": "quantize", "method": "static_int8"},
 ], ids=lambda s: s.get("method", s["technique"]))
+@pytest.mark.slow
 def test_compressed_variants_export_too(step):
     model, data, recipe, tensors = trained("mlp")
     ctx = CompressContext(tensors=tensors, task=data.task, input_shape=data.input_shape,
@@ -93,6 +96,7 @@ def test_a_model_that_cannot_export_gets_one_sentence():
         deploy.export_model(Odd(), data, name="odd")
 
 
+@pytest.mark.slow
 def test_recipe_export_writes_a_deployable_file_per_variant(tmp_path):
     result = engine.run({"data": {"source": "builtin:iris"}, "train": {"epochs": 5},
                          "export": {"onnx": True},
@@ -107,6 +111,7 @@ def test_recipe_export_writes_a_deployable_file_per_variant(tmp_path):
     compile(snippet, "predict.py", "exec")
 
 
+@pytest.mark.slow
 def test_the_shipped_onnx_file_carries_sharing_k_bit_and_fp16(tmp_path):
     """Each compressed variant's ONNX file is smaller than the baseline's and gives the same
     outputs as the variant in PyTorch; a pruned-only one says why it is not."""
@@ -136,6 +141,7 @@ def test_the_shipped_onnx_file_carries_sharing_k_bit_and_fp16(tmp_path):
         assert not any("no smaller" in n for n in v["metrics"]["notes"])
 
 
+@pytest.mark.slow
 def test_predict_py_reads_real_csv_rows_and_agrees_with_the_engine(tmp_path):
     """A table with a text column: the exported file takes its one-hot layout, named input
     by input, and the predict.py the Deploy page offers turns the CSV's own rows into it."""

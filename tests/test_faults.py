@@ -111,6 +111,7 @@ sys.exit(worker.run_worker(sys.argv[1], sys.argv[2]))
 """
 
 
+@pytest.mark.slow
 def test_a_worker_stops_itself_when_it_hangs_with_no_app_polling(store, tmp_path):
     run_id = store.create_run(TINY)
     env = {**os.environ, "WORKBENCH_HANG_TIMEOUT_S": "1"}

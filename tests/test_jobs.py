@@ -95,6 +95,7 @@ def test_cancel_stops_a_run_and_keeps_its_epochs(workers):
     assert store.get_run(run_id)["status"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_reaped_as_failed_with_its_history(workers):
     store, runs = workers
     run_id = runs["kill"]

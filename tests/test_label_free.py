@@ -37,6 +37,7 @@ def pretrained(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_every_variant_is_scored_by_its_agreement_with_the_original(pretrained):
     result = engine.run({
         "data": {"source": str(pretrained / "unlabeled.npz"), "labels": "teacher",
@@ -147,6 +148,7 @@ def test_label_free_fine_tuning_matches_the_originals_whole_distribution(pretrai
     assert ctx.finetune(copy.deepcopy(original), 1, variant="prune")["train_loss"][0] > 0.5
 
 
+@pytest.mark.slow
 def test_a_model_whose_outputs_are_not_classes_is_scored_by_cosine(pretrained, tmp_path):
     """An embedder (here a small CNN giving 16-wide vectors, uploaded as .pt2) with
     `data.task: "regression"`: the original's output vectors are the targets, fine-tuning

@@ -187,6 +187,7 @@ def test_describe_gives_figures_and_layers_for_the_model_page():
     assert sum(r["params"] for r in info["layers"]) == info["params"]
 
 
+@pytest.mark.slow
 def test_an_old_ir_onnx_graph_with_weights_computed_in_the_graph_runs(tmp_path):
     """Model-zoo files from before ONNX IR 4 list every initializer as a graph input and
     compute weights with nodes; the checker used to end the run in a traceback."""

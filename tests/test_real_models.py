@@ -129,6 +129,7 @@ def test_every_technique_works_or_says_why_and_the_table_agrees(trained, arch, t
                                      for (t, m), v in outcomes.items()}))
 
 
+@pytest.mark.slow
 def test_a_folder_loads_its_weights_and_replaces_a_head_of_another_size(tmp_path):
     import transformers
 
@@ -186,6 +187,7 @@ def test_bad_folders_are_one_sentence(tmp_path):
         build_model(ModelConfig(source="hfarch:resnet-9000"), (3, 32, 32), 3, seed=0)
 
 
+@pytest.mark.slow
 def test_structured_pruning_of_a_resnet_equals_masking_and_is_smaller_and_faster(trained):
     """50% of the channels of every coupled group: the pruned ResNet computes what the
     original computes with those channels zeroed, and runs faster in ONNX Runtime."""
