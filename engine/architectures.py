@@ -23,6 +23,7 @@ MODELS = Registry("models", "model", "Built-in architectures, sized from the dat
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
                 "leaky_relu": nn.LeakyReLU}
+MAX_PARAMS = 500_000_000  # a stated limit: a bigger model does not fit this machine class
 
 
 def _dense_head(layers: OrderedDict[str, nn.Module], n_in: int, cfg: ModelConfig,

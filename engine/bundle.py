@@ -33,10 +33,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.architectures import Factorized, build_builtin, check_fits, weights_mismatch
+from engine.architectures import (
+    MAX_PARAMS,
+    Factorized,
+    build_builtin,
+    check_fits,
+    weights_mismatch,
+)
 from engine.errors import UserError
 from engine.graphs import load_program
 from engine.hf import build_hf
+from engine.hf_text import build_hf_text
 from engine.quantizers import FAKE_QUANT, QUANT_INPUT, ActivationFakeQuant
 from engine.recipe import ModelConfig
 from engine.uploads import check_model_file
@@ -73,7 +80,6 @@ EXTRA = {"ActivationFakeQuant": ("frozen",), **{cls.__name__: ("qat_bits", "qat_
                                                                "qat_per_channel")
                                                 for cls in FAKE_QUANT.values()}}
 EXTRA_PREFIX = "preprocess."  # arrays stored beside the weights, not loaded into the model
-MAX_PARAMS = 500_000_000  # a stated limit: a bigger model does not fit this machine class
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -229,6 +235,8 @@ def build_base(builder: dict[str, Any], graph: bytes | None = None) -> nn.Module
                              int(builder["n_out"]))
     if kind == "hf":
         return build_hf(builder)
+    if kind == "hf_text":
+        return build_hf_text(builder)
     raise UserError(f"this bundle's model.json names a builder {kind!r} the workbench does "
                     f"not know; write the model again with the workbench.")
 

@@ -269,7 +269,7 @@ def export_stored(recipe: dict[str, Any], model_file: str, *, name: str
     """Export a stored variant (its model bundle, or the .onnx of an int8 variant) with the
     preprocessing of its run's data, and report on it."""
     checked = resolve_sections(Recipe.from_dict(recipe))
-    data = load_data(checked.data, seed=checked.seed)
+    data = load_data(checked.data, seed=checked.seed, model_source=checked.model.source)
     path = Path(model_file)
     if not (path.is_file() or is_bundle(path)):
         raise UserError(f"the model of {name} is gone ({path.name}); run the recipe "

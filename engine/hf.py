@@ -74,7 +74,7 @@ def is_hf_source(source: str) -> bool:
     return source.startswith(("hf:", "hfarch:"))
 
 
-def _folder_config(folder: Path) -> dict[str, Any]:
+def folder_config(folder: Path) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json; a Hugging Face folder needs its "
                         f"config.json (and model.safetensors for its weights).")
@@ -95,7 +95,7 @@ def _folder_config(folder: Path) -> dict[str, Any]:
 
 def hf_class_names(source: str) -> list[str]:
     """A Hugging Face folder's class names, in output order (id2label, else num_labels)."""
-    config = _folder_config(Path(source.removeprefix("hf:")))
+    config = folder_config(Path(source.removeprefix("hf:")))
     id2label = config.get("id2label") or {}
     if id2label:
         return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))]
@@ -154,7 +154,7 @@ def build_hf_source(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) 
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder; hf:PATH takes a local Hugging Face "
                             f"folder (config.json, model.safetensors).")
-        config = _folder_config(folder)
+        config = folder_config(folder)
     declared = config.get("num_channels", 3)
     if declared != channels and folder is not None and (folder / "model.safetensors").is_file():
         raise UserError(f"this model takes images with {declared} channel(s) and the data's "

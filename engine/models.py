@@ -32,6 +32,7 @@ from engine.bundle import is_bundle, load_bundle, read_meta
 from engine.errors import UserError
 from engine.graphs import from_program
 from engine.hf import build_hf_source, hf_class_names, is_hf_source
+from engine.hf_text import build_text_source, is_text_folder, text_outputs
 from engine.recipe import ModelConfig
 from engine.uploads import check_model_file, check_onnx, onnx_tensors
 
@@ -51,6 +52,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int, *,
     torch.manual_seed(seed)  # the initialization is part of the recipe's determinism
     if cfg.source.startswith("builtin:"):
         model = build_builtin(cfg, cfg.source.removeprefix("builtin:"), input_shape, n_out)
+    elif is_text_folder(cfg.source):
+        model = build_text_source(cfg.source, n_out)
     elif is_hf_source(cfg.source):
         model = build_hf_source(cfg, input_shape, n_out)
     elif is_bundle(cfg.source):
@@ -307,6 +310,8 @@ def own_outputs(cfg: ModelConfig, input_shape: tuple[int, ...], *,
         raise UserError(f"data.labels \"teacher\" scores every variant by its agreement with "
                         f"the original model, and {kind} cannot be that teacher here; use a "
                         f"pretrained Hugging Face folder, a bundle or a .pt2, or labelled data.")
+    if is_text_folder(source):
+        return text_outputs(source)
     if is_hf_source(source):
         names = hf_class_names(source)
         return len(names), names

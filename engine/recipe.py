@@ -87,9 +87,21 @@ class DataConfig:
     label_space: str = "data"  # "data": labels renumbered 0..K-1 over the classes present;
     #                            "model": integer labels are indices into the model's own
     #                            outputs (ImageNet ids for a 1000-class head), kept as they are
+    text: str | None = None  # a table's text column: each row is tokenized by the
+    #                          tokenizer below, and the model takes its token ids
+    max_length: int = 128  # tokens per text at most (longer texts are truncated, and said);
+    #                        also capped by the model's position table
+    tokenizer: str | None = None  # "hf:PATH" whose tokenizer encodes text; None: the model's
 
     def validate(self) -> None:
         _choice("data.task", self.task, TASKS)
+        _at_least("data.max_length", self.max_length, 2)
+        if self.text is not None and self.feature_selection is not None:
+            raise UserError("data.feature_selection applies to numeric tables, not to text; "
+                            "set it to null for data.text.")
+        if self.tokenizer is not None and not self.tokenizer.startswith("hf:"):
+            raise UserError(f"data.tokenizer takes a Hugging Face folder as \"hf:PATH\", got "
+                            f"{self.tokenizer!r}.")
         _choice("data.standardize", self.standardize, (True, *SCALINGS))
         _choice("data.missing", self.missing, MISSING)
         _choice("data.labels", self.labels, tuple(LABELS))

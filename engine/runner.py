@@ -39,6 +39,7 @@ from engine.diagnostics.run import run_diagnostics
 from engine.errors import UserError
 from engine.executor import Executor
 from engine.export import SessionModule, ort_call, ort_session
+from engine.hf_text import is_text_folder
 from engine.latency import THREADS, machine, round_robin
 from engine.measure import Measured, measure, time_variants
 from engine.metrics import in_model_space, relabel
@@ -106,12 +107,13 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     emit({"event": "stage", "stage": "data", "message": "loading the data"})
-    data = load_data(recipe.data, seed=recipe.seed)
+    data = load_data(recipe.data, seed=recipe.seed, model_source=recipe.model.source)
     if recipe.data.labels == "teacher":  # the original model's predictions are the labels
         width, names = own_outputs(recipe.model, data.input_shape)
         data = relabel(data, build_model(recipe.model, data.input_shape, width,
                                          seed=recipe.seed), names,
-                       outputs=recipe.data.task == "regression")
+                       outputs=recipe.data.task == "regression" or (
+                           names is None and is_text_folder(recipe.model.source)))
     elif recipe.data.label_space == "model":  # labels index the model's own outputs
         data = in_model_space(data, *own_outputs(recipe.model, data.input_shape,
                                                  pretrained=False))

@@ -14,6 +14,7 @@ from engine.data.loaders import load_arrays, read_table
 from engine.data.preprocess import Preprocess, fit_preprocess
 from engine.data.splits import holdout_split, resolve_task
 from engine.errors import UserError
+from engine.hf_text import is_text_folder, load_tokenizer, tokenize
 from engine.recipe import DataConfig, short_source
 
 
@@ -42,6 +43,8 @@ class DataBundle:
     X_test_raw: np.ndarray | None = None  # the test part as a user has it: what an exported
     #                                       model with its preprocessing inside takes
     labels: str = "data"  # "teacher": y holds the original model's predictions
+    text: dict[str, Any] | None = None  # text data: how it was tokenized (tokenizer,
+    #                                     max_length, tokens, truncated, lengths, note)
 
     @property
     def n_features(self) -> int:
@@ -65,6 +68,8 @@ class DataBundle:
             "n_out": self.n_outputs, "labels": self.labels}
         if self.encoding is not None:
             out["encoding"] = self.encoding
+        if self.text is not None:
+            out["text"] = {k: v for k, v in self.text.items() if k != "lengths"}
         if self.task == "classification":
             counts = np.bincount(self.y_train, minlength=self.n_classes)
             names = self.class_names or [str(i) for i in range(self.n_classes)]
@@ -72,10 +77,13 @@ class DataBundle:
         return out
 
 
-def load_data(cfg: DataConfig, *, seed: int) -> DataBundle:
+def load_data(cfg: DataConfig, *, seed: int, model_source: str | None = None) -> DataBundle:
     """Load, split (stratified for classes) and preprocess; the same cfg and seed give the same
-    bundle."""
+    bundle. Text is tokenized by `data.tokenizer`, else by the model's (`model_source`)."""
     X, y, meta = load_arrays(cfg)
+    text = None
+    if meta.get("is_text"):
+        X, text = _tokenized(X, cfg, model_source)
     if cfg.labels == "teacher":  # placeholders: `relabel` puts the teacher's labels in
         task, y, class_names = "classification", np.zeros(len(X), dtype=np.int64), None
     elif cfg.label_space == "model":  # indices into the model's outputs, as they are
@@ -88,7 +96,8 @@ def load_data(cfg: DataConfig, *, seed: int) -> DataBundle:
     train, val, test = holdout_split(y, cfg.val_fraction, cfg.test_fraction,
                                      stratify=task == "classification" and
                                      cfg.labels == "data", seed=seed)
-    prep = fit_preprocess(X[train], y[train], cfg, task=task, is_image=is_image, seed=seed)
+    prep = Preprocess() if text is not None else fit_preprocess(
+        X[train], y[train], cfg, task=task, is_image=is_image, seed=seed)
     names = meta.get("feature_names")
     if names is not None and prep.keep is not None:
         names = [names[i] for i in prep.keep]
@@ -99,15 +108,47 @@ def load_data(cfg: DataConfig, *, seed: int) -> DataBundle:
         input_shape=tuple(X_train.shape[1:]), is_image=is_image,
         feature_names=list(names) if names is not None else None, class_names=class_names,
         preprocess=prep, source=cfg.source, n_raw_features=int(np.prod(X.shape[1:])),
-        X_test_raw=X[test].astype(np.float32), encoding=_encoding(meta, is_image, X),
-        labels=cfg.labels)
+        X_test_raw=X[test].astype(np.float32),
+        encoding=None if text is not None else _encoding(meta, is_image, X),
+        labels=cfg.labels, text=text)
+
+
+def _tokenized(texts: np.ndarray, cfg: DataConfig,
+               model_source: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Token ids of every text by the tokenizer of `data.tokenizer`, else the model's."""
+    if cfg.feature_selection is not None:
+        raise UserError("data.feature_selection applies to numeric tables, not to text; set "
+                        "it to null for this data.")
+    source = cfg.tokenizer or model_source
+    if source is not None and source.startswith("hf:") and not is_text_folder(source):
+        load_tokenizer(source)  # a Hugging Face folder without one: says which files it lacks
+    if source is None or not is_text_folder(source):
+        raise UserError("text data needs a tokenizer to turn it into token ids: pick a Hugging "
+                        "Face text model (a folder with its tokenizer) as the model, or set "
+                        "data.tokenizer to one.")
+    return tokenize(texts, source, cfg.max_length)
 
 
 
-def preview(cfg: DataConfig, *, seed: int, rows: int = 10, images: int = 16) -> dict[str, Any]:
-    """What the Data page shows: the summary, the first raw rows or sample images."""
-    bundle = load_data(cfg, seed=seed)
+def preview(cfg: DataConfig, *, seed: int, rows: int = 10, images: int = 16,
+            model_source: str | None = None) -> dict[str, Any]:
+    """What the Data page shows: the summary, the first raw rows or sample images; for text,
+    the first texts beside their tokens and every text's length in tokens."""
+    bundle = load_data(cfg, seed=seed, model_source=model_source)
     out = bundle.summary()
+    if bundle.text is not None:
+        texts, y, meta = load_arrays(cfg)
+        tokenizer = load_tokenizer(bundle.text["tokenizer"])
+        ids, _ = tokenize(texts[:rows], bundle.text["tokenizer"], cfg.max_length)
+        pad = bundle.text["pad_id"]
+        out["head"] = {"text": [str(t) for t in texts[:rows]],
+                       "tokens": [" ".join(tokenizer.convert_ids_to_tokens(
+                           [int(i) for i in row if i != pad])) for row in ids],
+                       "length": bundle.text["lengths"][:rows]}
+        if cfg.labels == "data":
+            out["head"]["label"] = [str(v) for v in y[:rows]]
+        out["lengths"] = bundle.text["lengths"]
+        return out
     if bundle.is_image:  # raw pixels: per-pixel scaling would make the digits unreadable
         X, y, meta = load_arrays(cfg)
         _, labels, names = resolve_task(y[:images], bundle.task, meta)

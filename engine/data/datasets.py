@@ -142,3 +142,42 @@ def shapes(n_samples: int, size: int, random_state: int) -> Arrays:
         X[i] = np.clip(image + rng.normal(0, 0.05, image.shape), 0, 1)
     return X, y, {"class_names": ["square", "disc", "triangle"], "task": "classification",
                   "is_image": True}
+
+
+_SUBJECTS = ("the film", "this phone", "the hotel", "the service", "the book", "our meal",
+             "the app", "the concert", "this laptop", "the staff")
+_GOOD = ("great", "wonderful", "excellent", "reliable", "delightful", "superb", "friendly",
+         "fast", "charming", "solid")
+_BAD = ("awful", "boring", "broken", "slow", "rude", "disappointing", "terrible", "noisy",
+        "clumsy", "dull")
+_SO = ("really", "quite", "very", "truly", "rather", "")
+_ENDS = ("", "overall", "to be honest", "and I would say so again", "in every way",
+         "from start to finish")
+
+
+@DATASETS.register("reviews", "Short product and film reviews, positive or negative, as text "
+                   "(for Hugging Face text models; a tokenizer turns them into token ids): "
+                   "made here from word lists, with negations and 'but' clauses, nothing "
+                   "downloaded.",
+                   params=(_n_samples(1000), _RANDOM_STATE))
+def reviews(n_samples: int, random_state: int) -> Arrays:
+    rng = np.random.default_rng(random_state)
+
+    def clause(positive: bool) -> str:
+        negated = rng.random() < 0.25  # "not great" is negative, "not awful" positive
+        words = _GOOD if positive != negated else _BAD
+        so = str(rng.choice(("very", "that", "") if negated else _SO))
+        return " ".join(w for w in (str(rng.choice(_SUBJECTS)), "was", "not" if negated else "",
+                                    so, str(rng.choice(words))) if w)
+
+    y = rng.integers(0, 2, n_samples)
+    texts = []
+    for label in y:
+        text = clause(bool(label))
+        if rng.random() < 0.3:  # the clause after "but" decides
+            text = f"{clause(not label)} but {text}"
+        end = str(rng.choice(_ENDS))
+        texts.append(f"{text} {end}".strip() + ".")
+    return np.array(texts, dtype=object), y, {"class_names": ["negative", "positive"],
+                                              "task": "classification", "is_image": False,
+                                              "is_text": True}

@@ -20,6 +20,7 @@ from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from PIL import Image, ImageOps
 
 from engine.data.datasets import DATASETS, Arrays
+from engine.data.text import text_table
 from engine.errors import UserError
 from engine.recipe import DataConfig
 from engine.uploads import check_size, entry_parts, open_zip
@@ -43,6 +44,9 @@ def load_arrays(cfg: DataConfig) -> Arrays:
         raise UserError(f"data file {cfg.source!r} does not exist; check the path or upload "
                         f"the file again.")
     check_size(path, repr(path.name))
+    if cfg.text is not None and path.suffix.lower() not in (".csv", ".parquet"):
+        raise UserError(f"data.text names a text column of a table, and {path.name!r} is not a "
+                        f".csv or .parquet file; set data.text to null for this data.")
     loaders = {".csv": _load_table, ".parquet": _load_table, ".npz": _load_npz,
                ".zip": _load_zip}
     ext = path.suffix.lower()
@@ -93,6 +97,10 @@ def _load_table(path: Path, cfg: DataConfig) -> Arrays:
     df = _read_frame(path)
     columns = [str(c) for c in df.columns]
     df.columns = columns
+    if cfg.text is not None:
+        target = cfg.target if cfg.target is not None else default_target(
+            [c for c in columns if c != cfg.text])
+        return text_table(df, path, cfg, target)
     target = cfg.target if cfg.target is not None else default_target(columns)
     if target not in columns:
         raise UserError(f"target column {target!r} is not in {path.name!r}; set data.target to "

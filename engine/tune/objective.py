@@ -97,7 +97,8 @@ class Context:
         if key not in self.data_cache:
             if len(self.data_cache) >= 4:
                 self.data_cache.pop(next(iter(self.data_cache)))
-            self.data_cache[key] = load_data(recipe.data, seed=recipe.seed)
+            self.data_cache[key] = load_data(recipe.data, seed=recipe.seed,
+                                             model_source=recipe.model.source)
         return self.data_cache[key]
 
 

@@ -1,0 +1,227 @@
+"""Text models from Hugging Face folders: tiny random-init BERTs built from a config here, a
+tokenizer trained by the `tokenizers` library on the test's own text, and a
+sentence-transformers folder written by hand (modules.json, pooling config). Nothing is
+downloaded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import engine
+from engine.data import load_data, preview
+from engine.data.datasets import reviews
+from engine.errors import UserError
+from engine.models import build_model, own_outputs
+from engine.recipe import DataConfig, ModelConfig
+
+
+def _tokenizer(texts):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")),
+                        ("[SEP]", tok.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """`base` (a BertModel, no head), `classifier` (a 2-class head with names),
+    `embedder` (sentence-transformers: mean pooling, normalized) and `no_tokenizer`."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    root = tmp_path_factory.mktemp("text")
+    texts = list(reviews(300, 1)[0])
+    tokenizer = _tokenizer(texts)
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=40)
+    torch.manual_seed(0)
+    BertModel(BertConfig(**config)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    BertForSequenceClassification(BertConfig(
+        **config, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1})
+    ).save_pretrained(root / "classifier")
+    tokenizer.save_pretrained(root / "classifier")
+    st = root / "embedder"
+    BertModel(BertConfig(**config)).save_pretrained(st)
+    tokenizer.save_pretrained(st)
+    (st / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"}]))
+    (st / "1_Pooling").mkdir()
+    (st / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}))
+    (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 24}))
+    BertModel(BertConfig(**config)).save_pretrained(root / "no_tokenizer")
+    frame = pd.DataFrame({"review": texts[:120], "stars": ["five" if i % 2 else "one"
+                                                           for i in range(120)]})
+    frame.to_csv(root / "reviews.csv", index=False)
+    return root
+
+
+def _data(source="builtin:reviews", **kw):
+    return DataConfig(source=source, **kw)
+
+
+def test_text_is_tokenized_once_by_the_models_tokenizer_padded_to_the_longest(folders):
+    data = load_data(_data(), seed=0, model_source=f"hf:{folders / 'classifier'}")
+    assert data.text["tokenizer"] == f"hf:{folders / 'classifier'}"
+    assert data.X_train.dtype == np.float32 and data.input_shape == (data.text["tokens"],)
+    assert np.array_equal(data.X_train, np.round(data.X_train))  # token ids, exactly
+    assert data.text["tokens"] == max(data.text["lengths"]) <= 40  # the longest, uncut
+    assert data.text["truncated"] == 0 and "note" not in data.text
+    assert (data.X_train[:, 0] == 2).all()  # every text opens with [CLS]
+    assert data.preprocess.shift is None  # ids are never standardized
+    assert data.summary()["text"]["tokens"] == data.text["tokens"]
+
+
+def test_a_text_longer_than_the_limit_is_truncated_and_said(folders):
+    data = load_data(_data(max_length=8), seed=0, model_source=f"hf:{folders / 'base'}")
+    assert data.input_shape == (8,)
+    assert data.text["truncated"] > 0
+    assert data.text["note"] == (f"{data.text['truncated']} of 1000 texts are longer than 8 "
+                                 f"tokens and were truncated to 8.")
+    # a sentence-transformers folder's max_seq_length (24) caps data.max_length (128)
+    embedder = load_data(_data(params={"n_samples": 400}), seed=0,
+                         model_source=f"hf:{folders / 'embedder'}")
+    assert embedder.text["max_length"] == 24 and embedder.input_shape[0] <= 24
+
+
+def test_a_csv_text_column_and_its_labels(folders):
+    cfg = _data(str(folders / "reviews.csv"), text="review")
+    data = load_data(cfg, seed=0, model_source=f"hf:{folders / 'base'}")
+    assert data.class_names == ["five", "one"] and len(data.y_train) + len(data.y_val) + len(
+        data.y_test) == 120
+    shown = preview(cfg, seed=0, rows=3, model_source=f"hf:{folders / 'base'}")
+    assert shown["head"]["text"][0] == pd.read_csv(folders / "reviews.csv")["review"][0]
+    assert shown["head"]["tokens"][0].startswith("[CLS] ") and shown["head"]["tokens"][
+        0].endswith(" [SEP]")
+    assert len(shown["lengths"]) == 120 and shown["head"]["label"] == ["one", "five", "one"]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"text": "body"}, "text column 'body' is not in 'reviews.csv'; set data.text to one of: "
+                       "review, stars."),
+    ({"text": "review", "target": "review"}, "'reviews.csv' has no label column 'review' "
+                                             "beside the text"),
+])
+def test_a_bad_text_table_is_one_sentence(folders, change, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_data(_data(str(folders / "reviews.csv"), **change), seed=0,
+                  model_source=f"hf:{folders / 'base'}")
+
+
+def test_an_empty_text_and_a_missing_tokenizer_are_one_sentence_each(folders, tmp_path):
+    frame = pd.read_csv(folders / "reviews.csv")
+    frame.loc[4, "review"] = "   "
+    frame.to_csv(tmp_path / "gaps.csv", index=False)
+    with pytest.raises(UserError, match=r"1 of 120 rows of 'gaps.csv' have an empty 'review' "
+                                        r"text \(the first at line 6 of the file\)"):
+        load_data(_data(str(tmp_path / "gaps.csv"), text="review"), seed=0,
+                  model_source=f"hf:{folders / 'base'}")
+    with pytest.raises(UserError, match="no_tokenizer has no tokenizer"):
+        load_data(_data(), seed=0, model_source=f"hf:{folders / 'no_tokenizer'}")
+    with pytest.raises(UserError, match="text data needs a tokenizer"):
+        load_data(_data(), seed=0, model_source="builtin:mlp")
+
+
+def test_a_folder_that_needs_remote_code_is_refused(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders / "base", tmp_path / "remote")
+    config = json.loads((tmp_path / "remote" / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    (tmp_path / "remote" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="needs remote code"):
+        build_model(ModelConfig(source=f"hf:{tmp_path / 'remote'}"), (16,), 2, seed=0)
+
+
+def test_a_config_too_big_for_one_machine_is_refused_before_building(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders / "base", tmp_path / "huge")
+    config = json.loads((tmp_path / "huge" / "config.json").read_text())
+    config.update(hidden_size=8192, num_hidden_layers=64, intermediate_size=32768)
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"config makes about [\d,]+ weights, over the "
+                                        r"workbench's limit of 500,000,000"):
+        build_model(ModelConfig(source=f"hf:{tmp_path / 'huge'}"), (16,), 2, seed=0)
+
+
+def test_a_classifier_keeps_its_head_or_gets_a_new_one_and_says_so(folders):
+    source = f"hf:{folders / 'classifier'}"
+    assert own_outputs(ModelConfig(source=source), (16,)) == (2, ["bad", "good"])
+    same = build_model(ModelConfig(source=source), (16,), 2, seed=0)
+    assert same.workbench_notes == []
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folders / "classifier" / "model.safetensors"))
+    assert torch.equal(same.model.classifier.weight, saved["classifier.weight"])
+    three = build_model(ModelConfig(source=source), (16,), 3, seed=0)
+    assert "a classification head of 2 classes and this data has 3 classes" in \
+        three.workbench_notes[0]
+    base = build_model(ModelConfig(source=f"hf:{folders / 'base'}"), (16,), 2, seed=0)
+    assert "no classification head" in base.workbench_notes[0]
+    assert torch.equal(base.model.bert.embeddings.word_embeddings.weight,
+                       load_file(str(folders / "base" / "model.safetensors"))[
+                           "embeddings.word_embeddings.weight"])
+
+
+def test_the_embedder_pools_and_normalizes_as_its_files_say(folders):
+    source = f"hf:{folders / 'embedder'}"
+    assert own_outputs(ModelConfig(source=source), (16,)) == (32, None)
+    model = build_model(ModelConfig(source=source), (16,), 32, seed=0).eval()
+    assert model.head == "embedder" and model.pooling == "mean" and model.normalize
+    data = load_data(_data(), seed=0, model_source=source)
+    x = torch.as_tensor(data.X_test[:4])
+    with torch.no_grad():
+        out = model(x)
+        mask = (x != model.pad_id).unsqueeze(-1).float()
+        hidden = model.model(input_ids=x.long(), attention_mask=mask[..., 0].long())
+        mean = (hidden.last_hidden_state * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(out, torch.nn.functional.normalize(mean, dim=-1), atol=1e-6)
+    assert torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_text_classifier_learns_the_reviews(folders):
+    result = engine.run({
+        "data": {"source": "builtin:reviews"},
+        "model": {"source": f"hf:{folders / 'base'}"},
+        "train": {"epochs": 8, "lr": 0.002, "batch_size": 32, "early_stopping": None}})
+    baseline = result["variants"][0]
+    assert result["data"]["text"]["tokenizer"] == f"hf:{folders / 'base'}"
+    assert baseline["metrics"]["test_accuracy"] >= 0.8  # half is chance
+
+
+@pytest.mark.slow
+def test_an_embedder_is_scored_by_cosine_to_its_original_through_compression(folders):
+    result = engine.run({
+        "data": {"source": "builtin:reviews", "labels": "teacher",
+                 "params": {"n_samples": 200}},
+        "model": {"source": f"hf:{folders / 'embedder'}"}, "train": {"epochs": 0},
+        "compress": [{"technique": "prune", "amount": 0.3, "finetune_epochs": 0},
+                     {"technique": "lowrank", "method": "svd", "rank_fraction": 0.5,
+                      "finetune_epochs": 0}]})
+    assert result["data"]["task"] == "regression" and result["data"]["n_out"] == 32
+    baseline, pruned, lowrank = result["variants"]
+    assert baseline["metrics"]["test_agreement"] == pytest.approx(1.0, abs=1e-6)
+    for v in (pruned, lowrank):
+        assert 0.0 < v["metrics"]["test_agreement"] < 1.0
