@@ -43,7 +43,7 @@ from engine.architectures import (
 from engine.errors import UserError
 from engine.graphs import load_program
 from engine.hf import build_hf
-from engine.hf_text import build_hf_text
+from engine.hf_text import TOKENIZER_DIR, build_hf_text, copy_tokenizer
 from engine.quantizers import FAKE_QUANT, QUANT_INPUT, ActivationFakeQuant
 from engine.recipe import ModelConfig
 from engine.uploads import check_model_file
@@ -261,6 +261,9 @@ def save_bundle(model: nn.Module, folder: str | Path, *, input_spec: dict[str, A
     layers = layer_summary(state)
     for key, value in (extra or {}).items():
         state[key] = torch.as_tensor(value).contiguous().clone()
+    if builder["kind"] == "hf_text":  # the tokenizer rides along (not counted as the model)
+        copy_tokenizer(builder["tokenizer"], folder / TOKENIZER_DIR)
+        builder = {**builder, "tokenizer": TOKENIZER_DIR}
     meta = {"format": FORMAT, "version": VERSION, "builder": builder,
             "overrides": overrides(model, build_base(builder, graph)), "input": input_spec,
             "output": output_spec, "compression": compression or [],
@@ -325,6 +328,8 @@ def load_bundle(folder: str | Path, input_shape: tuple[int, ...] | None = None,
                             f"write the model again with the workbench.")
         check_model_file(path)  # an uploaded bundle's graph passes the pickle checks too
         graph = path.read_bytes()
+    if meta["builder"].get("kind") == "hf_text":
+        meta["builder"]["tokenizer"] = str(folder / TOKENIZER_DIR)
     model = build_base(meta["builder"], graph)
     builder = model.workbench_builder
     for item in meta.get("overrides", []):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from engine.hf import folder_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                    "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_DIR = "tokenizer"  # where a bundle keeps its text model's tokenizer
 POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
 ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE = ("models.Transformer", "models.Pooling",
                                             "models.Normalize")
@@ -339,3 +341,35 @@ def text_outputs(source: str) -> tuple[int, list[str] | None]:
         raise UserError("this text model's config names no hidden size, so its embedding "
                         "width is unknown; save the folder again with save_pretrained.")
     return width, None
+
+
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList | None]:
+    """The name and module of a transformer's list of layers (BERT's encoder.layer,
+    DistilBERT's transformer.layer, ...): the longest ModuleList in it."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return "", None
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def copy_tokenizer(source: str | Path, target: Path) -> None:
+    """The tokenizer's files (and config.json, which names its class) into `target`."""
+    source = Path(str(source).removeprefix("hf:"))
+    if source.resolve() == target.resolve():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (*TOKENIZER_FILES, "special_tokens_map.json", "config.json", "merges.txt",
+                 "added_tokens.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def tokenizer_source(model_source: str) -> str | None:
+    """Where a model's tokenizer is, as "hf:PATH": a text folder itself, or a bundle's
+    tokenizer folder; None for a model without one."""
+    if is_text_folder(model_source):
+        return model_source
+    folder = Path(model_source) / TOKENIZER_DIR
+    if (folder.parent / "model.json").is_file() and is_text_folder(f"hf:{folder}"):
+        return f"hf:{folder}"
+    return None

@@ -136,7 +136,8 @@ def run(recipe: Recipe | dict[str, Any] | str | Path, *, out_dir: str | Path | N
                             chain=[], reference=None, huffman=False)]
         baseline = measured[0].variant
         # what loading the model had to say (a classifier head replaced, random weights)
-        baseline["metrics"]["notes"][:0] = getattr(model, "workbench_notes", [])
+        baseline["metrics"]["notes"][:0] = [*getattr(model, "workbench_notes", []), *(
+            [data.text["note"]] if data.text and data.text.get("note") else [])]
         baseline["metrics"].update(epochs_run=len(fit.history["epoch"]),
                                    best_epoch=fit.best_epoch, train_time_s=fit.seconds)
         baseline["stopped"] = fit.stopped

@@ -223,5 +223,74 @@ def test_an_embedder_is_scored_by_cosine_to_its_original_through_compression(fol
     assert result["data"]["task"] == "regression" and result["data"]["n_out"] == 32
     baseline, pruned, lowrank = result["variants"]
     assert baseline["metrics"]["test_agreement"] == pytest.approx(1.0, abs=1e-6)
+    assert result["data"]["text"]["note"] in baseline["metrics"]["notes"]  # 24 tokens at most
     for v in (pruned, lowrank):
         assert 0.0 < v["metrics"]["test_agreement"] < 1.0
+
+
+def test_every_technique_works_on_a_text_model_or_says_why(folders):
+    from engine.compress.capabilities import capabilities
+
+    model = build_model(ModelConfig(source=f"hf:{folders / 'classifier'}"), (16,), 2, seed=0)
+    rows = {(r["technique"], r["method"]): r for r in capabilities(model)}
+    refused = {k: r["why"] for k, r in rows.items() if r["status"] == "refused"}
+    assert list(refused) == [("prune", "structured")]
+    assert "splits its width into heads" in refused["prune", "structured"]
+
+
+@pytest.mark.slow
+def test_distilling_into_every_other_layer_starts_from_the_teachers_layers(folders):
+    from transformers import BertConfig, BertModel
+
+    from engine.compress.distill import shallow_student
+
+    deep = folders / "deep"
+    if not deep.exists():
+        torch.manual_seed(1)
+        BertModel(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=4,
+                             num_attention_heads=2, intermediate_size=64,
+                             max_position_embeddings=40)).save_pretrained(deep)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (deep / name).write_bytes((folders / "base" / name).read_bytes())
+    teacher = build_model(ModelConfig(source=f"hf:{deep}"), (16,), 2, seed=0)
+    student, described = shallow_student(teacher, 0.5, 1.0)
+    assert described == "bert with 2 of 4 layers at width 1, from the teacher's layers 0, 2"
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["model.bert.encoder.layer.1.output.dense.weight"],
+                       t["model.bert.encoder.layer.2.output.dense.weight"])
+    assert torch.equal(s["model.classifier.weight"], t["model.classifier.weight"])
+    result = engine.run({
+        "data": {"source": "builtin:reviews", "params": {"n_samples": 300}},
+        "model": {"source": f"hf:{deep}"},
+        "train": {"epochs": 3, "lr": 0.002, "batch_size": 32, "early_stopping": None},
+        "compress": [{"technique": "distill", "depth_fraction": 0.5, "width_multiplier": 1.0,
+                      "epochs": 2}]})
+    baseline, distilled = result["variants"]
+    assert distilled["metrics"]["params"] < baseline["metrics"]["params"]
+    assert any("2 of 4 layers" in n for n in distilled["metrics"]["notes"])
+    with pytest.raises(UserError, match="depth_fraction keeps a share of a transformer"):
+        engine.run({"data": {"source": "builtin:iris"}, "train": {"epochs": 1},
+                    "compress": [{"technique": "distill", "depth_fraction": 0.5}]})
+
+
+def test_a_text_model_round_trips_as_a_bundle_with_its_tokenizer(folders, tmp_path):
+    from engine.bundle import load_bundle, save_bundle
+    from engine.compress.base import clone
+    from engine.compress.lowrank import svd_factor
+
+    source = f"hf:{folders / 'classifier'}"
+    model = build_model(ModelConfig(source=source), (16,), 2, seed=0).eval()
+    factorized = clone(model)  # a factorized layer is an override the bundle must carry
+    block = factorized.model.bert.encoder.layer[0].intermediate
+    block.dense = svd_factor(block.dense, 8)
+    save_bundle(factorized, tmp_path / "b", input_spec={}, output_spec={})
+    assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").is_file()
+    again = load_bundle(tmp_path / "b").eval()
+    data = load_data(_data(params={"n_samples": 50}), seed=0, model_source=str(tmp_path / "b"))
+    assert data.text["tokenizer"] == f"hf:{tmp_path / 'b' / 'tokenizer'}"
+    reference = load_data(_data(params={"n_samples": 50}), seed=0, model_source=source)
+    assert np.array_equal(data.X_test, reference.X_test)  # the same ids from the copy
+    x = torch.as_tensor(data.X_test)
+    with torch.no_grad():
+        assert torch.allclose(factorized(x), again(x), atol=1e-6)
+    assert [n for n, _ in again.named_modules()] == [n for n, _ in factorized.named_modules()]

@@ -70,7 +70,7 @@ def capabilities(model: nn.Module) -> list[dict[str, Any]]:
     weights = any(p.dim() >= 2 for n, p in model.named_parameters() if n.endswith("weight"))
     refusals: dict[tuple[str, str | None], str | None] = {
         ("prune", "structured"): structured_refusal(model),
-        ("distill", None): None if builder in ("builtin", "hf") else NO_STUDENT,
+        ("distill", None): None if builder in ("builtin", "hf", "hf_text") else NO_STUDENT,
     }
     for method in ("magnitude", "random", "obd", "obs"):
         refusals["prune", method] = None if weights else (

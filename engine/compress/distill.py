@@ -20,6 +20,7 @@ from engine.compress.base import COMPRESSORS, CompressContext, StepResult, clone
 from engine.compress.capabilities import NO_STUDENT
 from engine.errors import UserError
 from engine.hf import build_hf, scaled_builder
+from engine.hf_text import build_hf_text, layer_list
 from engine.models import build_model, set_training
 from engine.recipe import ModelConfig, Recipe
 from engine.registry import Param
@@ -46,6 +47,41 @@ def student_config(student: dict, width_multiplier: float, teacher: ModelConfig)
 
     return dataclasses.replace(teacher, source=source, architecture=None,
                                hidden=scale(teacher.hidden), channels=scale(teacher.channels))
+
+
+def shallow_student(teacher: nn.Module, depth: float, width: float) -> tuple[nn.Module, str]:
+    """A transformer student with `depth` of the teacher's layers (evenly spaced) at `width`
+    of its width: at full width it starts from the teacher's embeddings, the kept layers
+    and the head (Sanh et al., DistilBERT, 2019), else from random weights."""
+    builder = teacher.workbench_builder
+    config = dict(builder["config"])
+    key = next((k for k in ("num_hidden_layers", "n_layers", "num_layers") if k in config), None)
+    path, layers = layer_list(teacher)
+    if key is None or layers is None:
+        raise UserError(f"distill cannot find the layers of this {config.get('model_type')} "
+                        f"model to keep a share of; set depth_fraction to 1.")
+    count = len(layers)
+    keep = max(1, round(count * depth))
+    chosen = [round(i * count / keep) for i in range(keep)]
+    config[key] = keep
+    student_builder = {**builder, "config": config}
+    if width < 1.0:
+        student_builder = scaled_builder(student_builder, width)
+    student = build_hf_text(student_builder)
+    if width >= 1.0:
+        source = teacher.state_dict()
+        state = {}
+        for name in student.state_dict():
+            origin = name
+            if name.startswith(f"{path}."):
+                index, _, rest = name.removeprefix(f"{path}.").partition(".")
+                origin = f"{path}.{chosen[int(index)]}.{rest}"
+            state[name] = source[origin]
+        student.load_state_dict(state)
+    start = "the teacher's layers " + ", ".join(str(i) for i in chosen) if width >= 1.0 \
+        else "random weights"
+    return student, (f"{config.get('model_type')} with {keep} of {count} layers at width "
+                     f"{width:g}, from {start}")
 
 
 def output_layer(model: nn.Module) -> nn.Module:
@@ -110,6 +146,10 @@ def _describe(cfg: ModelConfig) -> str:
               "architecture at width_multiplier"),
         Param("width_multiplier", "float", 0.5, "scales the teacher's hidden widths and "
               "channels when no student is given (rounded, at least 1)", low=0.01, high=1.0),
+        Param("depth_fraction", "float", 1.0, "transformer text models: the share of the "
+              "teacher's layers the student keeps, evenly spaced (0.5: every other layer, "
+              "as DistilBERT), initialized from the teacher's at full width", low=0.05,
+              high=1.0),
         Param("temperature", "float", 4.0, "softmax temperature T of the soft targets",
               low=1.0, high=20.0),
         Param("alpha", "float", 0.9, "weight of the soft-target term; 1 - alpha goes to "
@@ -125,7 +165,16 @@ def distill(model: nn.Module, step: dict, ctx: CompressContext) -> StepResult:
     teacher = clone(model)
     set_training(teacher, False)
     builder = getattr(model, "workbench_builder", None) or {}
-    if not step["student"] and builder.get("kind") == "hf":  # the teacher's family, thinner
+    if step["depth_fraction"] < 1.0 and (step["student"] or builder.get("kind") != "hf_text"):
+        raise UserError("distill's depth_fraction keeps a share of a transformer text "
+                        "model's layers, and this step's student is not one; set it to 1 and "
+                        "use width_multiplier or a student section.")
+    if not step["student"] and builder.get("kind") == "hf_text":  # fewer layers, thinner
+        torch.manual_seed(ctx.seed)
+        student, described = shallow_student(model, step["depth_fraction"],
+                                             step["width_multiplier"])
+        student = student.to(ctx.device)
+    elif not step["student"] and builder.get("kind") == "hf":  # the teacher's family, thinner
         torch.manual_seed(ctx.seed)
         student = build_hf(scaled_builder(builder, step["width_multiplier"])).to(ctx.device)
         described = (f"{builder['config'].get('model_type')} at width "

@@ -14,7 +14,7 @@ from engine.data.loaders import load_arrays, read_table
 from engine.data.preprocess import Preprocess, fit_preprocess
 from engine.data.splits import holdout_split, resolve_task
 from engine.errors import UserError
-from engine.hf_text import is_text_folder, load_tokenizer, tokenize
+from engine.hf_text import is_text_folder, load_tokenizer, tokenize, tokenizer_source
 from engine.recipe import DataConfig, short_source
 
 
@@ -122,7 +122,8 @@ def _tokenized(texts: np.ndarray, cfg: DataConfig,
     source = cfg.tokenizer or model_source
     if source is not None and source.startswith("hf:") and not is_text_folder(source):
         load_tokenizer(source)  # a Hugging Face folder without one: says which files it lacks
-    if source is None or not is_text_folder(source):
+    source = tokenizer_source(source) if source is not None else None
+    if source is None:
         raise UserError("text data needs a tokenizer to turn it into token ids: pick a Hugging "
                         "Face text model (a folder with its tokenizer) as the model, or set "
                         "data.tokenizer to one.")
