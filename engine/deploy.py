@@ -13,6 +13,8 @@ thread count and the machine's description.
 
 from __future__ import annotations
 
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,22 @@ from torch import nn
 from engine.bundle import is_bundle, load_bundle
 from engine.data import load_data
 from engine.errors import UserError
-from engine.export import modernize, onnx_bytes, ort_predict, ort_session, pack_weights
+from engine.export import (
+    modernize,
+    onnx_bytes,
+    ort_inputs,
+    ort_predict,
+    ort_session,
+    pack_weights,
+)
 from engine.latency import BUDGET_S, machine, time_calls, torch_latency
 from engine.metrics import cosine, predict, r2, rows_per_batch, score_outputs
 from engine.models import set_training
-from engine.recipe import Recipe
+from engine.recipe import Recipe, short_source
 from engine.sections import resolve_sections
 
 OPSET = 18
+TEXT_INPUTS = ("input_ids", "attention_mask")  # a shipped text model's inputs, int64
 TOLERANCE = 1e-4  # relative to the largest output magnitude
 
 
@@ -59,11 +69,41 @@ class Preprocessing(nn.Module):
         return x
 
 
+class TextFront(nn.Module):
+    """(input_ids, attention_mask) as a tokenizer gives them -> the token ids the model
+    takes, as numbers, with the masked positions set to the padding id."""
+
+    def __init__(self, pad_id: int) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pad = torch.full_like(input_ids, self.pad_id)
+        return torch.where(attention_mask > 0, input_ids, pad).float()
+
+
+def _text_front(pad_id: int) -> bytes:
+    example = (torch.ones((2, 8), dtype=torch.long), torch.ones((2, 8), dtype=torch.long))
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "front.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(TextFront(pad_id), example, str(path), dynamo=True,
+                              external_data=False, input_names=list(TEXT_INPUTS),
+                              output_names=["output"], opset_version=OPSET,
+                              dynamic_shapes=(axes, axes), verbose=False)
+        return path.read_bytes()
+
+
 def with_preprocessing(model_onnx: bytes, data: Any) -> bytes:
-    """Prepend the data's fitted preprocessing to an exported model (float or int8)."""
+    """Prepend the data's fitted preprocessing to an exported model (float or int8); a text
+    model's file takes `input_ids` and `attention_mask` instead, as its tokenizer gives."""
     raw_shape = tuple(data.X_test_raw.shape[1:])
-    front = onnx.load_from_string(onnx_bytes(Preprocessing(data.preprocess, data.input_shape),
-                                             raw_shape, opset=OPSET))
+    text = getattr(data, "text", None)
+    front = onnx.load_from_string(
+        _text_front(text["pad_id"]) if text else
+        onnx_bytes(Preprocessing(data.preprocess, data.input_shape), raw_shape, opset=OPSET))
     back = onnx.load_from_string(modernize(model_onnx))  # a model-zoo file lists its weights
     #   as inputs (IR 3): only its real input is fed
     versions = {op.domain or "ai.onnx": op.version for op in back.opset_import}
@@ -84,11 +124,15 @@ def with_preprocessing(model_onnx: bytes, data: Any) -> bytes:
     for op in front.opset_import:  # a 4-bit file is opset 21: the scaling's few ops agree
         op.version = max(op.version, versions.get(op.domain or "ai.onnx", op.version))
     merged = compose.merge_models(front, back, io_map=[("pre_output", f"model_{names[0]}")])
-    merged.graph.input[0].name = "input"
+    public = {f"pre_{name}": name for name in (TEXT_INPUTS if text else ("input",))}
+    for item in merged.graph.input:
+        item.name = public.get(item.name, item.name)
     merged.graph.output[0].name = "output"
-    for node in merged.graph.node:  # keep the public names "input" and "output"
-        node.input[:] = ["input" if i == "pre_input" else i for i in node.input]
+    for node in merged.graph.node:  # keep the public names: "input" (or the text inputs)
+        node.input[:] = [public.get(i, i) for i in node.input]
         node.output[:] = ["output" if o == f"model_{names[1]}" else o for o in node.output]
+    if text:
+        onnx.helper.set_model_props(merged, {"pad_id": str(text["pad_id"])})
     try:
         onnx.checker.check_model(merged, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -138,10 +182,7 @@ def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: i
     out = ort_predict(session, X_raw)
     info: dict[str, Any] = {
         "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-        "input": {"name": "input", "shape": ["batch", *X_raw.shape[1:]], "dtype": "float32",
-                  "preprocessing": "inside the file: feature selection and scaling fitted "
-                                   "on the training part",
-                  **({"columns": data.encoding} if data.encoding else {})},
+        "input": _input_spec(data),
         "output": {"name": "output", "shape": ["batch", *out.shape[1:]],
                    "meaning": "class logits" if data.task == "classification"
                    else "prediction"},
@@ -166,14 +207,27 @@ def report(file: bytes, data: Any, *, model: nn.Module | None = None, threads: i
     return info
 
 
+def _input_spec(data: Any) -> dict[str, Any]:
+    """What the shipped file takes: raw rows, or a text model's token ids and mask."""
+    if getattr(data, "text", None):
+        return {"names": list(TEXT_INPUTS), "shape": ["batch", "tokens"], "dtype": "int64",
+                "preprocessing": f"tokenize with the model's tokenizer "
+                                 f"({short_source(data.text['tokenizer'])}); any number of "
+                                 f"tokens up to {data.text['max_length']}",
+                "tokenizer": data.text["tokenizer"], "max_length": data.text["max_length"]}
+    return {"name": "input", "shape": ["batch", *data.X_test_raw.shape[1:]],
+            "dtype": "float32",
+            "preprocessing": "inside the file: feature selection and scaling fitted on the "
+                             "training part",
+            **({"columns": data.encoding} if data.encoding else {})}
+
+
 def _ort_timing(file: bytes, X: np.ndarray, threads: int, batch: int) -> dict[str, float]:
     session = ort_session(file, threads=threads)
-    one = np.ascontiguousarray(X[:1])
-    many = np.ascontiguousarray(np.resize(X, (batch, *X.shape[1:])))
-    single = time_calls(lambda: session.run(None, {"input": one}), repeats=300,
-                        budget_s=BUDGET_S)
-    bulk = time_calls(lambda: session.run(None, {"input": many}), repeats=30,
-                      budget_s=BUDGET_S)
+    one = ort_inputs(session, X[:1])
+    many = ort_inputs(session, np.resize(X, (batch, *X.shape[1:])))
+    single = time_calls(lambda: session.run(None, one), repeats=300, budget_s=BUDGET_S)
+    bulk = time_calls(lambda: session.run(None, many), repeats=30, budget_s=BUDGET_S)
     return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
             "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch,
             "calls": single["calls"], "batch_calls": bulk["calls"]}
@@ -185,11 +239,10 @@ def _ort_cuda_timing(file: bytes, X: np.ndarray, batch: int) -> dict[str, float]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return None
     session = ort.InferenceSession(file, providers=["CUDAExecutionProvider"])
-    one, many = X[:1], np.resize(X, (batch, *X.shape[1:]))
-    single = time_calls(lambda: session.run(None, {"input": one}), repeats=300,
-                        budget_s=BUDGET_S)
-    bulk = time_calls(lambda: session.run(None, {"input": many}), repeats=30,
-                      budget_s=BUDGET_S)
+    one = ort_inputs(session, X[:1])
+    many = ort_inputs(session, np.resize(X, (batch, *X.shape[1:])))
+    single = time_calls(lambda: session.run(None, one), repeats=300, budget_s=BUDGET_S)
+    bulk = time_calls(lambda: session.run(None, many), repeats=30, budget_s=BUDGET_S)
     return {"median_ms": single["median_ms"], "p95_ms": single["p95_ms"],
             "throughput_per_s": batch / (bulk["median_ms"] / 1e3), "batch": batch,
             "calls": single["calls"], "batch_calls": bulk["calls"]}
@@ -217,6 +270,8 @@ def predict_snippet(file_name: str, info: dict[str, Any], class_names: list[str]
     decide = ("for i in scores.argmax(1):\n    print(CLASSES[int(i)])" if class_names
               else "for v in scores.ravel():\n    print(float(v))")
     head = f'''"""Run {file_name} with ONNX Runtime: pip install onnxruntime numpy'''
+    if info["input"].get("names") == list(TEXT_INPUTS):
+        return _text_snippet(file_name, info, labels, class_names)
     if columns:
         inputs = ",\n".join(f"    ({c['column']!r}, {c.get('equals')!r})" for c in columns)
         return f'''{head}
@@ -260,6 +315,36 @@ import onnxruntime as ort
 {labels}x = np.load(sys.argv[1]).astype(np.float32)  # the scaling is inside the file
 session = ort.InferenceSession("{file_name}", providers=["CPUExecutionProvider"])
 scores = session.run(None, {{"input": x}})[0]
+{decide}
+'''
+
+
+def _text_snippet(file_name: str, info: dict[str, Any], labels: str,
+                  class_names: list[str] | None) -> str:
+    """predict.py of a text model: each line of a text file tokenized by the model's own
+    tokenizer (its folder beside the file, as `tokenizer/`), one prediction per line."""
+    limit = info["input"]["max_length"]
+    decide = ("for text, i in zip(texts, scores.argmax(1)):\n    print(CLASSES[int(i)], text, "
+              "sep='\\t')" if class_names else
+              "for text, v in zip(texts, scores):\n    print(text, np.round(v, 4).tolist(), "
+              "sep='\\t')")
+    return f'''"""Run {file_name} with ONNX Runtime: pip install onnxruntime numpy transformers
+
+    python predict.py texts.txt   # one text per line; the model's tokenizer in tokenizer/
+"""
+import sys
+
+import numpy as np
+import onnxruntime as ort
+from transformers import AutoTokenizer
+
+{labels}tokenizer = AutoTokenizer.from_pretrained("tokenizer", local_files_only=True)
+with open(sys.argv[1], encoding="utf-8") as f:
+    texts = [line.strip() for line in f if line.strip()]
+enc = tokenizer(texts, truncation=True, max_length={limit}, padding=True, return_tensors="np")
+session = ort.InferenceSession("{file_name}", providers=["CPUExecutionProvider"])
+scores = session.run(None, {{"input_ids": enc["input_ids"].astype(np.int64),
+                             "attention_mask": enc["attention_mask"].astype(np.int64)}})[0]
 {decide}
 '''
 

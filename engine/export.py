@@ -40,6 +40,8 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], *, opset: int = 1
     # batch 2 in the example: an example batch of 1 would let the exporter specialize on it
     example = (torch.zeros((2, *input_shape), device=device),)
     dynamic = ({0: torch.export.Dim("batch")},)
+    if getattr(model, "takes_tokens", False):  # a text model: any number of tokens too
+        dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")},)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():
@@ -97,14 +99,28 @@ def ort_predict(session: onnxruntime.InferenceSession, X: np.ndarray,
                 batch: int = 4096) -> np.ndarray:
     """The session's first output on `X`, run in batches of `batch` rows (fewer for large
     samples: at most 2^21 input values a batch, as `metrics.evaluate`)."""
-    name = session.get_inputs()[0].name
     X = np.ascontiguousarray(X, dtype=np.float32)
     batch = max(1, min(batch, 2**21 // max(1, int(np.prod(X.shape[1:])))))
     if len(X) == 0:
-        out_shape = session.run(None, {name: np.zeros((1, *X.shape[1:]), np.float32)})[0]
+        out_shape = session.run(None, ort_inputs(session, np.zeros((1, *X.shape[1:]),
+                                                                   np.float32)))[0]
         return np.zeros((0, *out_shape.shape[1:]), np.float32)
-    outs = [session.run(None, {name: X[i:i + batch]})[0] for i in range(0, len(X), batch)]
+    outs = [session.run(None, ort_inputs(session, X[i:i + batch]))[0]
+            for i in range(0, len(X), batch)]
     return np.concatenate(outs)
+
+
+def ort_inputs(session: onnxruntime.InferenceSession, X: np.ndarray) -> dict[str, np.ndarray]:
+    """The feed of a session for rows `X` as the engine holds them: the one input as it is,
+    or, for a shipped text model, `input_ids` and `attention_mask` (int64) as a tokenizer
+    gives them, the mask where the ids are not the file's padding id (its metadata)."""
+    names = [i.name for i in session.get_inputs()]
+    if "input_ids" not in names:
+        return {names[0]: np.ascontiguousarray(X, dtype=np.float32)}
+    pad = int(session.get_modelmeta().custom_metadata_map.get("pad_id", 0))
+    ids = np.ascontiguousarray(X, dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": (ids != pad).astype(np.int64)}
+    return {name: feed[name] for name in names}
 
 
 def compact(model_bytes: bytes) -> bytes:

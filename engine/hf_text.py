@@ -48,6 +48,8 @@ class HFTextModel(nn.Module):
     tokens; as numbers), logits or a pooled embedding out; the attention mask is where the
     ids are not the padding id."""
 
+    takes_tokens = True  # its input's second axis is any number of tokens (ONNX export)
+
     def __init__(self, model: nn.Module, *, pad_id: int, head: str, pooling: str = "mean",
                  normalize: bool = False) -> None:
         super().__init__()

@@ -294,3 +294,42 @@ def test_a_text_model_round_trips_as_a_bundle_with_its_tokenizer(folders, tmp_pa
     with torch.no_grad():
         assert torch.allclose(factorized(x), again(x), atol=1e-6)
     assert [n for n, _ in again.named_modules()] == [n for n, _ in factorized.named_modules()]
+
+
+@pytest.mark.slow
+def test_the_shipped_file_takes_token_ids_and_a_mask_and_predict_py_reads_real_text(
+        folders, tmp_path):
+    """The deployable .onnx of a text classifier: inputs `input_ids` and `attention_mask`
+    (int64) with dynamic batch and token axes, parity with PyTorch, and the predict.py the
+    Deploy page offers tokenizes lines of real text with the model's tokenizer."""
+    import shutil
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    from engine import deploy
+    from engine.hf_text import tokenize
+
+    source = f"hf:{folders / 'classifier'}"
+    data = load_data(_data(params={"n_samples": 120}), seed=0, model_source=source)
+    model = build_model(ModelConfig(source=source), data.input_shape, 2, seed=0).eval()
+    file = deploy.export_model(model, data, name="text")
+    info = deploy.report(file, data, model=model)
+    assert info["input"]["names"] == ["input_ids", "attention_mask"]
+    assert info["input"]["dtype"] == "int64" and info["input"]["shape"] == ["batch", "tokens"]
+    assert info["parity_ok"] and info["onnx"]["accuracy"] == info["torch"]["accuracy"]
+    session = ort.InferenceSession(file, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    tokenizer = shutil.copytree(folders / "classifier", tmp_path / "tokenizer")
+    texts = ["the film was great.", "our meal was not that good but the staff was friendly.",
+             "this laptop was truly awful in every way and I would say so again."]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "m.onnx").write_bytes(file)
+    (tmp_path / "predict.py").write_text(deploy.predict_snippet("m.onnx", info, ["bad", "good"]))
+    out = subprocess.run([sys.executable, "predict.py", "texts.txt"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    ids, _ = tokenize(np.array(texts, dtype=object), f"hf:{tokenizer}", 128)
+    with torch.no_grad():  # any padding length: here the longest of these three texts
+        expected = model(torch.as_tensor(ids, dtype=torch.float32)).argmax(1).tolist()
+    assert out == [f"{['bad', 'good'][i]}\t{t}" for i, t in zip(expected, texts, strict=True)]
