@@ -219,10 +219,14 @@ def estimated_params(config: dict[str, Any]) -> int:
     return (vocab + positions) * hidden + layers * (4 * hidden * hidden + 2 * hidden * inner)
 
 
-def build_text_source(source: str, n_out: int) -> nn.Module:
+def build_text_source(source: str, n_out: int, input_shape: tuple[int, ...]) -> nn.Module:
     """The model of a text folder for `n_out` outputs: its embedder when `n_out` is its
     embedding width and it has no classification head, else a sequence classifier."""
     path, config, st = _transformer_folder(source)
+    if len(input_shape) != 1:
+        raise UserError(f"{path.name} is a text model: it takes token ids of text, and this "
+                        f"data has samples of shape {input_shape}; pick text data (the "
+                        f"built-in reviews, or a table with its text column set).")
     params = estimated_params(config)
     if params > MAX_PARAMS:
         raise UserError(f"{path.name}'s config makes about {params:,} weights, over the "

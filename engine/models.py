@@ -53,7 +53,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int, *,
     if cfg.source.startswith("builtin:"):
         model = build_builtin(cfg, cfg.source.removeprefix("builtin:"), input_shape, n_out)
     elif is_text_folder(cfg.source):
-        model = build_text_source(cfg.source, n_out)
+        model = build_text_source(cfg.source, n_out, input_shape)
     elif is_hf_source(cfg.source):
         model = build_hf_source(cfg, input_shape, n_out)
     elif is_bundle(cfg.source):

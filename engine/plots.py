@@ -117,6 +117,18 @@ def class_balance(counts: Mapping[str, int], *, title: str = "class balance (tra
     return fig
 
 
+
+def token_lengths(lengths: Sequence[int], limit: int) -> go.Figure:
+    """How many tokens each text has before truncation, with the cut at `limit`."""
+    fig = go.Figure(go.Histogram(x=list(lengths), marker_color=PALETTE[0], nbinsx=40,
+                                 hovertemplate="%{x} tokens: %{y} texts<extra></extra>"))
+    fig.add_vline(x=limit, line_dash="dot", line_color="#dc2626",
+                  annotation_text=f"cut at {limit}", annotation_position="top right")
+    fig.update_layout(title="tokens per text", xaxis_title="tokens (before truncation)",
+                      yaxis_title="texts", height=260, margin={"l": 10, "r": 10, "t": 40,
+                                                               "b": 10})
+    return fig
+
 def image_grid(images: Sequence[Any], labels: Sequence[str], *, columns: int = 8,
                title: str = "sample images") -> go.Figure:
     """A grid of (C, H, W) images in [0, 1] (or any range: each is scaled on its own)."""
@@ -330,69 +342,4 @@ def landscape(ls: Mapping[str, Any]) -> go.Figure:
                           yaxis_title="loss")
     fig.update_layout(title=f"loss landscape (sharpness {ls.get('sharpness', 0):.3g})",
                       height=340, margin={"l": 10, "r": 10, "t": 40, "b": 10})
-    return fig
-
-
-def search_front_records(trials: Sequence[Mapping[str, Any]], objective: str
-                         ) -> list[dict[str, Any]]:
-    """An auto-compress search's finished trials as points: cost (KiB or ms), the score
-    lost (points, on the validation rows), whether it met the budget, whether it is on
-    the front (nothing both cheaper and better)."""
-    points = []
-    for t in trials:
-        m = t.get("metrics")
-        if t.get("state") != "COMPLETE" or not m or (objective == "latency"
-                                                    and m.get("latency_ms") is None):
-            continue
-        cost = m["size_bytes"] / 1024 if objective == "size" else m["latency_ms"]
-        points.append({"number": t["number"], "cost": cost, "lost": m["drop"] * 100,
-                       "meets": bool(t.get("meets_budget")),
-                       "chain": " -> ".join(s["technique"] + (f" {s['method']}" if s.get(
-                           "method") else "") for s in t.get("chain") or []) or "none"})
-    for p in points:
-        p["front"] = not any(q["cost"] <= p["cost"] and q["lost"] <= p["lost"]
-                             and (q["cost"], q["lost"]) != (p["cost"], p["lost"])
-                             for q in points)
-    return points
-
-
-def search_front(trials: Sequence[Mapping[str, Any]], objective: str, *,
-                 max_drop: float | None = None, chosen: int | None = None) -> go.Figure:
-    """Points lost against cost for every finished trial, the budget's line, the front,
-    and the recommended trial ringed."""
-    records = search_front_records(trials, objective)
-    unit = "KiB" if objective == "size" else "ms"
-    fig = go.Figure()
-    for meets, colour, name in ((True, "#16a34a", "within the budget"),
-                                (False, "#9ca3af", "over the budget")):
-        group = [r for r in records if r["meets"] == meets]
-        fig.add_trace(go.Scatter(
-            x=[r["cost"] for r in group], y=[r["lost"] for r in group], mode="markers",
-            name=name, marker={"color": colour, "size": 10, "line": {"width": 1,
-                                                                     "color": OUTLINE}},
-            text=[f"trial {r['number']}: {r['chain']}" for r in group],
-            hovertemplate=f"%{{text}}<br>%{{x:.4g}} {unit}<br>%{{y:.2f}} points lost"
-                          f"<extra></extra>"))
-    front = sorted((r for r in records if r["front"]), key=lambda r: r["cost"])
-    if len(front) > 1:
-        fig.add_trace(go.Scatter(x=[r["cost"] for r in front], y=[r["lost"] for r in front],
-                                 mode="lines", name="Pareto front", hoverinfo="skip",
-                                 line={"color": "#6b7280", "dash": "dash", "shape": "hv"}))
-    picked = [r for r in records if r["number"] == chosen]
-    if picked:
-        fig.add_trace(go.Scatter(x=[picked[0]["cost"]], y=[picked[0]["lost"]], mode="markers",
-                                 name="recommended", hoverinfo="skip", marker={
-                                     "size": 20, "symbol": "circle-open",
-                                     "color": "#2563eb", "line": {"width": 3}}))
-    if max_drop is not None:
-        fig.add_hline(y=max_drop * 100, line_dash="dot", line_color="#dc2626",
-                      annotation_text="budget", annotation_position="top left")
-    title = "size of the shipped file" if objective == "size" else "latency at batch 1"
-    fig.update_layout(title=f"Points lost vs {title}, one dot per trial",
-                      xaxis_title=f"{title} ({unit}, log scale)",
-                      yaxis_title="points lost on the validation rows", height=420,
-                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
-    costs = [r["cost"] for r in records if r["cost"] > 0]
-    if costs:
-        fig.update_xaxes(**log_axis(costs))
     return fig

@@ -333,3 +333,51 @@ def test_the_shipped_file_takes_token_ids_and_a_mask_and_predict_py_reads_real_t
     with torch.no_grad():  # any padding length: here the longest of these three texts
         expected = model(torch.as_tensor(ids, dtype=torch.float32)).argmax(1).tolist()
     assert out == [f"{['bad', 'good'][i]}\t{t}" for i, t in zip(expected, texts, strict=True)]
+
+
+def _zip(folder, top):
+    import io
+    import zipfile
+
+    blob = io.BytesIO()
+    with zipfile.ZipFile(blob, "w") as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, f"{top}/{f.relative_to(folder).as_posix()}")
+    return blob.getvalue()
+
+
+def test_a_zipped_sentence_transformers_folder_keeps_its_pooling_subfolder(folders, tmp_path):
+    from engine.uploads import unpack_model_folder
+
+    (tmp_path / "st.zip").write_bytes(_zip(folders / "embedder", "minilm"))
+    source = unpack_model_folder(tmp_path / "st.zip", tmp_path / "uploads")
+    assert source.startswith("hf:")
+    model = build_model(ModelConfig(source=source), (16,), 32, seed=0)
+    assert model.head == "embedder" and model.pooling == "mean" and model.normalize
+
+
+@pytest.mark.slow
+def test_the_data_page_shows_tokenized_rows_and_the_length_of_every_text(folders):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    at.run()
+    at.switch_page("views/data_model.py").run()
+    at.radio(key="dm_model_kind").set_value("Upload").run()
+    at.file_uploader(key="dm_model_file").upload(
+        "classifier.zip", _zip(folders / "classifier", "classifier")).run()
+    assert any("is a text model: it takes token ids of text, and this data has samples of "
+               "shape (1, 8, 8)" in e.value for e in at.error)  # digits: one sentence
+    at.radio(key="dm_data_kind").set_value("Upload").run()
+    at.file_uploader(key="dm_data_file").upload(
+        "reviews.csv", (folders / "reviews.csv").read_bytes()).run()
+    at.selectbox(key="dm_text").set_value("review").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    selection = at.session_state["selection"]
+    assert selection["data"]["text"] == "review" and selection["data"]["target"] == "stars"
+    assert selection["model"]["source"].startswith("hf:")
+    assert any("Text tokenized by the tokenizer of" in c.value for c in at.caption)
+    frame = at.dataframe[0].value
+    assert list(frame.columns[:3]) == ["text", "tokens", "length"]
+    assert frame["tokens"][0].startswith("[CLS]")

@@ -6,7 +6,7 @@ from typing import Any
 
 import streamlit as st
 
-from engine import plots
+from engine import search_plots
 from engine.autocompress import (
     DEFAULT_TECHNIQUES,
     DEFAULTS,
@@ -65,7 +65,7 @@ def trials_live(store: Store, run_id: str, objective: str, max_drop: float | Non
     st.caption(f"{len(found)} of {total} trials finished" if found else
                "The trials appear here as they finish (the baseline trains first).")
     if found:
-        st.plotly_chart(plots.search_front(found, objective, max_drop=max_drop),
+        st.plotly_chart(search_plots.search_front(found, objective, max_drop=max_drop),
                         key="ac_front_live")
 
 
@@ -75,7 +75,7 @@ def card(store: Store, run: dict[str, Any]) -> None:
     section = (run.get("result") or {}).get("autocompress")
     if not section:
         return
-    st.plotly_chart(plots.search_front(section["trials"], section["objective"],
+    st.plotly_chart(search_plots.search_front(section["trials"], section["objective"],
                                        max_drop=section["budget"].get("max_drop"),
                                        chosen=section.get("chosen_trial")),
                     key=f"ac_front_{run['id']}")

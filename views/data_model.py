@@ -31,7 +31,8 @@ LABELS = {"data.missing": "Missing values", "data.target": "Target column", "dat
           "model.channels": "Convolution filters per block", "model.kernel_size": "Kernel size",
           "model.activation": "Activation", "model.architecture": "Architecture of a state_dict",
           "model.dropout": "Dropout", "data.labels": "Labels",
-          "data.label_space": "Integer labels"}
+          "data.label_space": "Integer labels", "data.text": "Text column",
+          "data.max_length": "Tokens per text", "data.tokenizer": "Tokenizer"}
 
 
 st.title("Data & Model")
@@ -53,7 +54,7 @@ with left:
             with st.expander("Dataset settings"):
                 params = {p.name: param_input(p, f"dm_ds_{name}_{p.name}", params.get(p.name))
                           for p in entry.params}
-        data.update(source=f"builtin:{name}", params=params, target=None)
+        data.update(source=f"builtin:{name}", params=params, target=None, text=None)
     else:
         upload = st.file_uploader(
             f"CSV, Parquet, NPZ (arrays X and y) or ZIP of class/image folders, up to "
@@ -71,10 +72,18 @@ with left:
             except UserError:
                 columns = []  # unreadable: the check below says why, once
             if columns:
-                target = data["target"] if data["target"] in columns else \
-                    default_target(columns)
-                data["target"] = st.selectbox("Target column", columns,
-                                              index=columns.index(target), key="dm_target")
+                texts = [None, *columns]
+                data["text"] = st.selectbox(
+                    "Text column", texts, index=texts.index(data.get("text"))
+                    if data.get("text") in texts else 0, key="dm_text",
+                    format_func=lambda c: c or "(none: a table of features)",
+                    help="For a Hugging Face text model: each row's text is tokenized by "
+                         "the model's tokenizer.")
+                labels = [c for c in columns if c != data["text"]] or columns
+                target = data["target"] if data["target"] in labels else \
+                    default_target(labels)
+                data["target"] = st.selectbox("Target column", labels,
+                                              index=labels.index(target), key="dm_target")
             data["missing"] = st.selectbox("Missing values", MISSING,
                                            index=MISSING.index(data["missing"]),
                                            key="dm_missing")
@@ -134,7 +143,7 @@ with mleft:
 
 try:  # the data and the model are loaded and built before they become the selection
     checked = resolve({"data": data, "model": model})
-    data_summary = data_preview(json.dumps(checked.to_dict()["data"]), 0)
+    data_summary = data_preview(json.dumps(checked.to_dict()["data"]), 0, checked.model.source)
     model_summary = model_preview(json.dumps(checked.to_dict()["model"]),
                                   json.dumps(checked.to_dict()["data"]))
 except Exception as exc:

@@ -15,11 +15,13 @@ from views.common import table
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading the data...")
-def data_preview(data_json: str, seed: int) -> dict[str, Any]:
-    """The engine's data preview, cached by the data section's JSON."""
+def data_preview(data_json: str, seed: int, model_source: str | None = None) -> dict[str, Any]:
+    """The engine's data preview, cached by the data section's JSON (and the model, whose
+    tokenizer turns text into token ids)."""
     from engine.data import preview
 
-    return preview(resolve({"data": json.loads(data_json)}).data, seed=seed)
+    return preview(resolve({"data": json.loads(data_json)}).data, seed=seed,
+                   model_source=model_source)
 
 
 @st.cache_data(max_entries=16, show_spinner="Building the model...")
@@ -28,7 +30,7 @@ def model_preview(model_json: str, data_json: str) -> dict[str, Any]:
     from engine.compress.capabilities import model_capabilities
     from engine.models import describe, own_outputs
 
-    summary = data_preview(data_json, 0)
+    summary = data_preview(data_json, 0, json.loads(model_json).get("source"))
     n_out = len(summary.get("classes") or {}) or 1
     cfg = resolve({"model": json.loads(model_json)}).model
     shape = tuple(summary["input_shape"])
@@ -48,11 +50,19 @@ def show_data(summary: dict[str, Any]) -> None:
     encoded = describe_encoding(summary.get("encoding"))
     if encoded:
         st.caption(encoded)
+    text = summary.get("text")
+    if text:
+        st.caption(f"Text tokenized by the tokenizer of {text['tokenizer'].rsplit('/', 1)[-1]}"
+                   f": {text['tokens']} tokens per row (padded to the longest, at most "
+                   f"{text['max_length']}). " + text.get("note", "No text was truncated."))
     if summary.get("images"):
         st.plotly_chart(plots.image_grid(summary["images"], summary["image_labels"]),
                         key="dm_images")
     elif summary.get("head"):
         st.dataframe(pd.DataFrame(summary["head"]), height=220)
+    if summary.get("lengths"):
+        st.plotly_chart(plots.token_lengths(summary["lengths"], text["max_length"]),
+                        key="dm_lengths")
     if summary.get("classes"):
         st.plotly_chart(plots.class_balance(summary["classes"]), key="dm_balance")
 

@@ -4,8 +4,9 @@ The ZIP passes `check_zip` (paths, links, sizes, ratios) when it is stored; unpa
 keeps only the files such a folder holds (JSON, safetensors, an exported `.pt2` graph, the
 bundle's encoding and ONNX exports, a tokenizer's text files), refuses pickled weights
 (`.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`: never loaded here) in one sentence, runs every
-`.pt2` through the pickle checks, and writes the files flat into a folder named after the
-archive's hash. Nothing is executed.
+`.pt2` through the pickle checks, and writes the files, and those of one level of
+subfolders (a sentence-transformers folder's 1_Pooling/, a bundle's tokenizer/), into a
+folder named after the archive's hash. Nothing is executed.
 """
 
 from __future__ import annotations
@@ -26,25 +27,32 @@ def unpack_model_folder(archive: Path, folder: Path) -> str:
     bundle, or `hf:FOLDER` for a Hugging Face folder."""
     data = archive.read_bytes()
     target = folder / f"model-{hashlib.sha256(data).hexdigest()[:12]}"
-    files: dict[str, bytes] = {}
+    kept: list[tuple[tuple[str, ...], object]] = []
     with open_zip(data, archive.name) as zf:
         for info in zf.infolist():
-            if info.is_dir() or entry_parts(info.filename)[-1].startswith("."):
+            parts = entry_parts(info.filename)
+            if info.is_dir() or parts[-1].startswith(".") or parts[0] == "__MACOSX":
                 continue
-            base = PurePosixPath(info.filename.replace("\\", "/")).name
-            suffix = PurePosixPath(base).suffix.lower()
+            suffix = PurePosixPath(parts[-1]).suffix.lower()
             if suffix in PICKLED:
                 raise UserError(f"{archive.name} holds {info.filename!r}, pickled weights, "
                                 f"which are never loaded; save the folder with "
                                 f"safetensors (save_pretrained(..., safe_serialization=True)).")
-            if suffix not in KEPT or base.startswith("__MACOSX"):
+            if suffix in KEPT:
+                kept.append((parts, info))
+        while kept and all(len(p) > 1 and p[0] == kept[0][0][0] for p, _ in kept):
+            kept = [(p[1:], info) for p, info in kept]  # the zipped folder itself
+        files: dict[str, bytes] = {}
+        for parts, info in kept:
+            if len(parts) > 2:  # a file or one subfolder deep (1_Pooling/, tokenizer/)
                 continue
-            if base in files:
-                raise UserError(f"{archive.name} holds two files named {base!r}; zip one "
+            name = "/".join(parts)
+            if name in files:
+                raise UserError(f"{archive.name} holds two files named {name!r}; zip one "
                                 f"model folder at a time.")
-            files[base] = read_entry(zf, info, archive.name)
-            if suffix == ".pt2":
-                check_model_file(files[base], base)
+            files[name] = read_entry(zf, info, archive.name)
+            if name.endswith(".pt2"):
+                check_model_file(files[name], parts[-1])
     if "model.json" in files and "model.safetensors" in files:
         kind = "bundle"
     elif "config.json" in files:
@@ -54,6 +62,7 @@ def unpack_model_folder(archive: Path, folder: Path) -> str:
                         f"model.safetensors) nor a workbench bundle (model.json, "
                         f"model.safetensors); zip the model's folder itself.")
     target.mkdir(parents=True, exist_ok=True)
-    for base, blob in files.items():
-        (target / base).write_bytes(blob)
+    for name, blob in files.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(blob)
     return str(target) if kind == "bundle" else f"hf:{target}"
