@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -68,7 +69,8 @@ def quantize_onnx(float_bytes: bytes, *, method: str, per_channel: bool,
         (folder / "float.onnx").write_bytes(float_bytes)
         source = folder / "prepared.onnx"
         try:  # shape inference and graph fusions, which the quantizer relies on
-            quant_pre_process(str(folder / "float.onnx"), str(source))
+            quant_pre_process(str(folder / "float.onnx"), str(source),
+                              skip_symbolic_shape=_token_axes(float_bytes))
         except Exception as exc:  # an exotic graph: quantize it as exported
             source = folder / "float.onnx"
             notes.append(f"ONNX Runtime's pre-processing failed ({type(exc).__name__}); the "
@@ -91,6 +93,16 @@ def quantize_onnx(float_bytes: bytes, *, method: str, per_channel: bool,
                             f"calibrated (min/max) on {len(calibration)} training rows; "
                             f"QOperator format, ONNX Runtime only.")
         return compact(target.read_bytes()), notes
+
+
+def _token_axes(model_bytes: bytes) -> bool:
+    """Whether an input has a dynamic axis after the batch axis (a text model's tokens).
+    ONNX Runtime's symbolic shape inference cannot complete on such an attention graph:
+    it fails, after writing a debug copy of the model into the working directory. ONNX's
+    own shape inference, which still runs, is enough for the quantizer there."""
+    graph = onnx.load_from_string(model_bytes).graph
+    return any(not d.HasField("dim_value") for i in graph.input
+               for d in i.type.tensor_type.shape.dim[1:])
 
 
 def _calibration_reader(X: torch.Tensor) -> Any:
