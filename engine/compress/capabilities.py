@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from engine.compress.base import prunable
+from engine.compress.heads import attention_module, blocks
 from engine.models import build_model
 from engine.recipe import ModelConfig
 
@@ -27,6 +29,10 @@ NO_STUDENT = ("distill cannot shrink this teacher by itself (its widths are unkn
 CONV_DYNAMIC = ("dynamic int8 runs this model's convolutions through ConvInteger, which is "
                 "usually slower than float32 on a CPU; static_int8 is the better choice for "
                 "a convolutional network.")
+FP16_CPU = ("fp16 halves the stored weights, but this machine has no GPU and a CPU has no fast "
+            "float16 arithmetic: the variant computes in float32 here (no faster), as "
+            "arithmetic in float16 on a CPU would be slower still; on a GPU it runs in half "
+            "precision.")
 ONNX_ONLY = ("an ONNX model runs in ONNX Runtime only: it can be evaluated and int8-quantized "
              "here; upload a .pt2, a bundle or a Hugging Face folder to {what} it.")
 
@@ -43,20 +49,10 @@ def flat_graph(what: str, instead: str = "quantize dynamic_int8 or static_int8")
     return FLAT_GRAPH.format(what=what, instead=instead)
 
 
-def attention_layer(model: nn.Module) -> str | None:
-    """The name of the first module that splits its width into attention heads, if any."""
-    for name, module in model.named_modules():
-        if any(hasattr(module, a) for a in ("num_attention_heads", "num_heads")):
-            return name
-    return None
-
-
 def structured_refusal(model: nn.Module) -> str | None:
-    attention = attention_layer(model)
-    if attention is not None:
-        return (f"structured pruning of attention models is not supported yet (layer "
-                f"{attention} splits its width into heads); use magnitude pruning, low-rank "
-                f"or quantization for this model.")
+    if attention_module(model) is not None:  # heads and MLP neurons, or a sentence why not
+        found = blocks(model)
+        return found if isinstance(found, str) else None
     if not prunable(model):
         return flat_graph("structured pruning", "magnitude pruning")
     return None
@@ -91,6 +87,8 @@ def capabilities(model: nn.Module) -> list[dict[str, Any]]:
                "status": "refused" if why else "works", "why": why or ""}
         if (technique, method) == ("quantize", "dynamic_int8") and convs:
             row.update(status="works, slower", why=CONV_DYNAMIC)
+        if (technique, method) == ("quantize", "fp16") and not torch.cuda.is_available():
+            row.update(status="works, no faster", why=FP16_CPU)
         rows.append(row)
     return rows
 

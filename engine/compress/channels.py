@@ -9,8 +9,8 @@ graph finds every layer coupled to a channel (the BatchNorm after a convolution,
 branch of a residual addition, the depthwise convolution that must lose the same channel,
 the next layer's input), and removes the group together, ranked by the L1 or L2 norm of the
 group's weights (Li et al. 2017, as Torch-Pruning's MagnitudeImportance). The output layer
-keeps its classes. Attention models are refused: their head counts live in attributes that
-pruning would leave stale.
+keeps its classes. Transformers lose attention heads and MLP neurons instead
+(engine.compress.heads), or are refused in one sentence where their layout is unknown.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from engine.compress.base import CompressContext, clone, prunable
 from engine.compress.capabilities import structured_refusal
 from engine.compress.correct import correct_step
+from engine.compress.heads import attention_module, prune_transformer, pruned_sentences
 from engine.errors import UserError
 
 Pruned = tuple[nn.Module, list[dict[str, list[float]]], list[str]]
@@ -173,10 +174,36 @@ def _any_structured(model: nn.Module, step: dict, ctx: CompressContext,
     return model, histories, notes + corrected
 
 
+def _transformer(model: nn.Module, step: dict, ctx: CompressContext,
+                 plan: list[tuple[float, int]]) -> Pruned:
+    """Heads and MLP neurons (engine.compress.heads), step by step as `_any_structured`."""
+    refusal = structured_refusal(model)
+    if refusal is not None:
+        raise UserError(refusal)
+    histories, counts, done = [], [], 0.0
+    model = clone(model)
+    example = torch.zeros((2, *ctx.input_shape), device=next(model.parameters()).device)
+    for amount, epochs in plan:
+        counts.append(prune_transformer(model, 1 - (1 - amount) / (1 - done), step["norm"]))
+        try:  # a layer that keeps its head count elsewhere (a bias per head) shows here
+            with torch.no_grad():
+                model.eval()(example)
+        except Exception as exc:
+            raise UserError(f"after removing heads and neurons this model's forward pass "
+                            f"failed ({type(exc).__name__}), so its layers keep their head "
+                            f"count somewhere else; use magnitude pruning, low-rank or "
+                            f"quantization for it.") from None
+        done = amount
+        histories.append(ctx.finetune(model, epochs, variant="prune"))
+    return model, histories, pruned_sentences(counts[0], counts[-1], done, step["norm"])
+
+
 def structured(model: nn.Module, step: dict, ctx: CompressContext,
                plan: list[tuple[float, int]]) -> Pruned:
     """Structured pruning along `plan` ((amount, fine-tuning epochs) per step): the
     pruned model, each step's fine-tuning history, and what was removed in sentences."""
+    if attention_module(model) is not None:
+        return _transformer(model, step, ctx, plan)
     try:
         chain = _chain(model)
     except UserError:  # not a built-in chain: residuals, BatchNorm, ... go to Torch-Pruning

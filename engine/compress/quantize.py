@@ -29,7 +29,7 @@ from engine.compress.base import (
     prunable,
     widths_text,
 )
-from engine.compress.capabilities import flat_graph
+from engine.compress.capabilities import FP16_CPU, flat_graph
 from engine.compress.correct import CORRECT, correct_step
 from engine.compress.onnx_int8 import calibration_batch, onnx_int8
 from engine.errors import UserError
@@ -90,9 +90,11 @@ def _fp16(model: nn.Module, ctx: CompressContext) -> StepResult:
         for p in out.parameters():
             if p.is_floating_point():
                 p.copy_(fp16_round(p))
-    return StepResult(model=out, notes=[
-        "Weights and biases rounded to float16 values; they stay float32 tensors so CPU "
-        "inference runs, and the shipped file stores them in 16 bits."])
+    notes = ["Weights and biases rounded to float16 values; they stay float32 tensors so CPU "
+             "inference runs, and the shipped file stores them in 16 bits."]
+    if not torch.cuda.is_available():  # said as the Data & Model page's table says it
+        notes.insert(0, FP16_CPU)
+    return StepResult(model=out, notes=notes)
 
 
 def _weights(model: nn.Module, step: dict, ctx: CompressContext, *,
