@@ -26,11 +26,21 @@ SOURCES = ("Sizes are the files that ship: the .wbz of a PyTorch variant, the .o
            "Runtime variant against the same model as a float32 .onnx. Latency is the median "
            "at batch 1 in the runtime in brackets, every variant of a run timed once, in the "
            "same rounds, at the thread count shown; \"speedup vs baseline\" divides the "
-           "baseline's latency by the variant's, both as shown.")
+           "baseline's latency by the variant's, both as shown. Fidelity is how closely a "
+           "variant follows the baseline on the test rows (a classifier's top-1 agreement "
+           "with the baseline's predictions, else the mean cosine of the outputs): a "
+           "variant can keep its accuracy while its answers drift; retrieval@10 agreement, "
+           "for a label-free embedder, is the share of each test row's 10 nearest rows it "
+           "still finds.")
 METRIC_KEYS = ("size_bytes", "latency_ms", "test_agreement", "test_accuracy", "test_r2",
+               "test_fidelity", "test_retrieval_at_10",
                "size_ratio", "speedup",
                "smaller_not_faster", "nonzero_params", "params", "runtime", "latency_threads",
                "speedup_vs_onnx_fp32")
+
+# the columns that say how closely a variant's outputs follow the baseline's (measure.fidelity)
+FIDELITY_COLUMNS = {"test_fidelity": "fidelity (vs baseline)",
+                    "test_retrieval_at_10": "retrieval@10 agreement"}
 
 
 def _training_key(recipe: dict[str, Any]) -> str:
@@ -81,8 +91,11 @@ def table_records(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     metric = score_metric(points)
     front = {(r["run_id"], r["name"]) for r in plots.pareto_records(points, "size_bytes", metric)
              if r["pareto"]}
+    fidelity = [k for k in ("test_fidelity", "test_retrieval_at_10")
+                if any(p.get(k) is not None for p in points)]
     return [{"run": p["run"], "variant": p["name"], "chain": p["chain"],
              metric.replace("_", " "): _round(p.get(metric), 4),
+             **{FIDELITY_COLUMNS[k]: _round(p.get(k), 4) for k in fidelity},
              "size (KiB)": _round(p["size_bytes"] / 1024, 2) if p.get("size_bytes") else None,
              "smaller by (x)": _round(p.get("size_ratio"), 2),
              "latency p50 (ms, batch 1)": _round(p.get("latency_ms"), 4),

@@ -22,6 +22,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from engine.errors import UserError
 from engine.latency import THREADS
 from engine.models import set_training
 
@@ -96,30 +97,43 @@ def ort_session(model_bytes: bytes, *,
 
 
 def ort_predict(session: onnxruntime.InferenceSession, X: np.ndarray,
-                batch: int = 4096) -> np.ndarray:
+                batch: int = 4096, pad_id: int | None = None) -> np.ndarray:
     """The session's first output on `X`, run in batches of `batch` rows (fewer for large
     samples: at most 2^21 input values a batch, as `metrics.evaluate`)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     batch = max(1, min(batch, 2**21 // max(1, int(np.prod(X.shape[1:])))))
     if len(X) == 0:
         out_shape = session.run(None, ort_inputs(session, np.zeros((1, *X.shape[1:]),
-                                                                   np.float32)))[0]
+                                                                   np.float32), pad_id))[0]
         return np.zeros((0, *out_shape.shape[1:]), np.float32)
-    outs = [session.run(None, ort_inputs(session, X[i:i + batch]))[0]
+    outs = [session.run(None, ort_inputs(session, X[i:i + batch], pad_id))[0]
             for i in range(0, len(X), batch)]
     return np.concatenate(outs)
 
 
-def ort_inputs(session: onnxruntime.InferenceSession, X: np.ndarray) -> dict[str, np.ndarray]:
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a tokenizer gives
+
+
+def ort_inputs(session: onnxruntime.InferenceSession, X: np.ndarray,
+               pad_id: int | None = None) -> dict[str, np.ndarray]:
     """The feed of a session for rows `X` as the engine holds them: the one input as it is,
-    or, for a shipped text model, `input_ids` and `attention_mask` (int64) as a tokenizer
-    gives them, the mask where the ids are not the file's padding id (its metadata)."""
+    or, for a text model (a shipped one, or an uploaded transformer), what a tokenizer
+    gives: `input_ids`, `attention_mask` where the ids are not the padding id (`pad_id`,
+    else the file's metadata, else 0) and `token_type_ids` of one segment (zeros), as
+    int64, each where the file takes it."""
     names = [i.name for i in session.get_inputs()]
     if "input_ids" not in names:
         return {names[0]: np.ascontiguousarray(X, dtype=np.float32)}
-    pad = int(session.get_modelmeta().custom_metadata_map.get("pad_id", 0))
+    other = [n for n in names if n not in TOKEN_INPUTS]
+    if other:
+        raise UserError(f"this ONNX model also takes the input {other[0]!r}, which a "
+                        f"tokenizer does not give (only {', '.join(TOKEN_INPUTS)}); export "
+                        f"it with those inputs alone.")
+    if pad_id is None:
+        pad_id = int(session.get_modelmeta().custom_metadata_map.get("pad_id", 0))
     ids = np.ascontiguousarray(X, dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": (ids != pad).astype(np.int64)}
+    feed = {"input_ids": ids, "attention_mask": (ids != pad_id).astype(np.int64),
+            "token_type_ids": np.zeros_like(ids)}
     return {name: feed[name] for name in names}
 
 
@@ -162,19 +176,22 @@ class SessionModule(nn.Module):
     """An ONNX Runtime session behind a module's call, so the torch evaluation (the same
     losses and metrics as every other variant) applies unchanged."""
 
-    def __init__(self, session: onnxruntime.InferenceSession) -> None:
+    def __init__(self, session: onnxruntime.InferenceSession,
+                 pad_id: int | None = None) -> None:
         super().__init__()
-        self.session = session
+        self.session, self.pad_id = session, pad_id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(ort_predict(self.session, x.detach().cpu().numpy())).to(x.device)
+        out = ort_predict(self.session, x.detach().cpu().numpy(), pad_id=self.pad_id)
+        return torch.from_numpy(out).to(x.device)
 
 
 def ort_call(model_bytes: bytes, input_shape: tuple[int, ...], *,
              threads: int = THREADS) -> Callable[[], Any]:
-    """One batch-1 ONNX Runtime call on a zero input, at `threads`, for `round_robin`."""
+    """One batch-1 ONNX Runtime call on a zero input (token id 0 for a text model), at
+    `threads`, for `round_robin`."""
     session = ort_session(model_bytes, threads=threads)
-    feed = {session.get_inputs()[0].name: np.zeros((1, *input_shape), np.float32)}
+    feed = ort_inputs(session, np.zeros((1, *input_shape), np.float32))
     return lambda: session.run(None, feed)
 
 

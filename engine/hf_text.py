@@ -375,6 +375,9 @@ def tokenizer_source(model_source: str) -> str | None:
     tokenizer folder; None for a model without one."""
     if is_text_folder(model_source):
         return model_source
+    if model_source.lower().endswith(".onnx"):  # an exported transformer (optimum's layout:
+        beside = f"hf:{Path(model_source).parent}"  # the tokenizer's files beside the file)
+        return beside if is_text_folder(beside) else None
     folder = Path(model_source) / TOKENIZER_DIR
     if (folder.parent / "model.json").is_file() and is_text_folder(f"hf:{folder}"):
         return f"hf:{folder}"

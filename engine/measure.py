@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine import deploy
 from engine.bundle import save_bundle
 from engine.compress import CompressContext, StepResult
 from engine.compress.encode import encode
-from engine.export import ort_call
+from engine.export import SessionModule, ort_call, ort_session
 from engine.latency import THREADS, round_robin, torch_call
+from engine.metrics import RETRIEVAL_K, cosine, outputs, retrieval_agreement, scores_of
 from engine.models import complexity, save_model
 
 BASELINE_REFERENCE = f"the baseline, PyTorch eager, {THREADS} thread"
@@ -46,8 +49,12 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
     reference_timer = None
     if outcome.runtime == "torch":
         model = outcome.model
-        for part in ("train", "val", "test"):
+        for part in ("train", "val"):
             metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(model, part).items()})
+        test_out = outputs(model, ctx.tensors["X_test"]) if len(ctx.tensors["X_test"]) else None
+        if test_out is not None:
+            metrics.update({f"test_{k}": v for k, v in
+                            scores_of(test_out, ctx.tensors["y_test"], ctx.task).items()})
         metrics.update(complexity(model, ctx.input_shape))
         here = folder / name
         metrics["bundle_bytes"] = save_bundle(
@@ -75,6 +82,8 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
                                      / metrics["size_bytes"])
             metrics["size_reference"] = "the same model as a float32 .onnx file"
         timer = ort_call(outcome.onnx_bytes, ctx.input_shape)
+        test_out = (outputs(SessionModule(ort_session(outcome.onnx_bytes)), ctx.tensors["X_test"])
+                    if len(ctx.tensors["X_test"]) else None)
         if outcome.reference_onnx is not None:
             reference_timer = ort_call(outcome.reference_onnx, ctx.input_shape)
     metrics.update(outcome.metrics)
@@ -83,6 +92,8 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
             for key in ("accuracy", "cosine"):
                 if f"{part}_{key}" in metrics:
                     metrics[f"{part}_agreement"] = metrics.pop(f"{part}_{key}")
+    if test_out is not None:
+        metrics.update(fidelity(test_out, ctx, baseline=reference is None))
     metrics.update(runtime=outcome.runtime, chain=" -> ".join(chain) or "trained model",
                    notes=list(outcome.notes))
     if metrics.get("test_agreement", 1.0) < COLLAPSED:
@@ -96,6 +107,30 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
     variant = {"name": name, "technique": technique, "metrics": metrics,
                "history": outcome.history or {}, "model_file": model_file}
     return Measured(variant, timer, reference_timer)
+
+
+def fidelity(out: torch.Tensor, ctx: CompressContext, *, baseline: bool) -> dict[str, float]:
+    """How closely a variant's test outputs follow the baseline's, beside its accuracy: a
+    variant can keep its accuracy while its answers or outputs drift (static int8 of an
+    embedder kept accuracy 1.0 at cosine 0.42). With labels, `test_fidelity` is a
+    classifier's top-1 agreement with the baseline's predictions (raw logits' cosine is
+    blind to a flip: [5, 4.9] and [4.9, 5] are 0.9998 alike), or for vector outputs the
+    mean cosine to the baseline's. Label-free, `test_agreement` says it already, and an
+    embedder adds `test_retrieval_at_10`: the share of each test row's 10 nearest rows
+    under the original embeddings that it still finds. Scalar outputs have neither."""
+    if ctx.data.labels == "teacher":
+        y = ctx.tensors["y_test"]
+        if ctx.task == "regression" and y.ndim == 2 and y.shape[1] > 1:
+            return {f"test_retrieval_at_{RETRIEVAL_K}": retrieval_agreement(out, y)}
+        return {}
+    if out.ndim != 2 or out.shape[1] < 2:
+        return {}
+    if baseline or ctx.reference_outputs is None:
+        ctx.reference_outputs = out
+    if ctx.task == "classification":
+        same = out.argmax(1) == ctx.reference_outputs.argmax(1)
+        return {"test_fidelity": float(same.float().mean())}
+    return {"test_fidelity": cosine(out, ctx.reference_outputs)}
 
 
 def time_variants(measured: list[Measured]) -> None:

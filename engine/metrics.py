@@ -57,25 +57,36 @@ def rows_per_batch(sample_shape: tuple[int, ...] | torch.Size) -> int:
 
 
 @torch.no_grad()
+def outputs(model: nn.Module, X: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """The model's raw outputs on the rows of `X` (on its device), in evaluation batches of
+    at most 8,192 rows and EVAL_INPUT_FLOATS input values."""
+    batch = batch or rows_per_batch(X.shape[1:])
+    set_training(model, False)
+    return torch.cat([model(X[i:i + batch]).float() for i in range(0, len(X), batch)])
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
              batch: int | None = None) -> dict[str, float]:
     """Loss and accuracy (classification) or MSE and R² (regression) on one split, in
     batches of at most 8,192 rows and EVAL_INPUT_FLOATS input values."""
     if len(X) == 0:
         return {}
-    batch = batch or rows_per_batch(X.shape[1:])
-    set_training(model, False)
-    outs = torch.cat([model(X[i:i + batch]).float() for i in range(0, len(X), batch)])
+    return scores_of(outputs(model, X, batch), y, task)
+
+
+def scores_of(outs: torch.Tensor, y: torch.Tensor, task: str) -> dict[str, float]:
+    """`evaluate`'s figures from outputs already computed."""
     loss = float(loss_fn(task)(outs, y))
     if task == "classification":
         return {"loss": loss, "accuracy": float((outs.argmax(1) == y).float().mean())}
     pred = outs.reshape(y.shape)
     ss_res = float(((y - pred) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    scores = {"loss": loss, "mse": loss, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 0.0}
+    out = {"loss": loss, "mse": loss, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 0.0}
     if y.ndim == 2:  # vectors (a teacher's outputs): how closely each row follows
-        scores["cosine"] = cosine(pred, y)
-    return scores
+        out["cosine"] = cosine(pred, y)
+    return out
 
 
 @torch.no_grad()
@@ -131,6 +142,30 @@ def relabel(data: DataBundle, teacher: nn.Module, class_names: list[str] | None 
              for p in ("train", "val", "test")}
     return dataclasses.replace(data, **parts, task="classification", n_classes=width,
                                class_names=names, labels="teacher")
+
+
+RETRIEVAL_K = 10  # neighbours compared by retrieval agreement
+RETRIEVAL_ROWS = 2000  # the rows searched (a square matrix of similarities: 16 MB)
+
+
+def retrieval_agreement(pred: torch.Tensor, y: torch.Tensor, k: int = RETRIEVAL_K) -> float:
+    """How much of each row's `k` nearest other rows (by cosine) under the original
+    embeddings `y` are still its `k` nearest under `pred`: the mean share, 1.0 when a
+    search over these rows would return the same neighbours (the first RETRIEVAL_ROWS)."""
+    pred, y = pred[:RETRIEVAL_ROWS], y[:RETRIEVAL_ROWS]
+    k = min(k, len(y) - 1)
+    if k < 1:
+        return 1.0
+
+    def neighbours(e: torch.Tensor) -> torch.Tensor:
+        e = nn.functional.normalize(e.flatten(1).float(), dim=1, eps=1e-12)
+        sims = e @ e.T
+        sims.fill_diagonal_(-float("inf"))
+        return sims.topk(k, dim=1).indices
+
+    ours, theirs = neighbours(pred), neighbours(y)
+    same = (ours.unsqueeze(2) == theirs.unsqueeze(1)).any(dim=2).float()
+    return float(same.mean())
 
 
 def cosine(pred: torch.Tensor, y: torch.Tensor) -> float:

@@ -41,8 +41,8 @@ from engine.executor import Executor
 from engine.export import SessionModule, ort_call, ort_session
 from engine.hf_text import is_text_folder
 from engine.latency import THREADS, machine, round_robin
-from engine.measure import Measured, measure, time_variants
-from engine.metrics import in_model_space, relabel
+from engine.measure import Measured, fidelity, measure, time_variants
+from engine.metrics import in_model_space, outputs, relabel, scores_of
 from engine.models import (
     MODELS,
     build_model,
@@ -270,6 +270,7 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
                         f"if the labels are its output indices.")
     tensors = to_tensors(data, device)
     ctx = CompressContext.of_run(recipe, data, tensors, device, emit)
+    pad_id = (data.text or {}).get("pad_id")  # a transformer: ids and mask from the tokenizer
     candidates = [("baseline", file, ["the uploaded ONNX model, as it is"])]
     try:
         candidates.append(("quantize-dynamic_int8",
@@ -284,9 +285,13 @@ def _run_onnx(recipe: Recipe, data: Any, device: torch.device, n_out: int,
         metrics: dict[str, Any] = {**onnx_complexity(source), "size_bytes": len(blob),
                                    "runtime": "onnxruntime", "chain": name, "notes": notes}
         if fits:
-            module = SessionModule(ort_session(blob))
-            for part in ("train", "val", "test"):
+            module = SessionModule(ort_session(blob), pad_id=pad_id)
+            for part in ("train", "val"):
                 metrics.update({f"{part}_{k}": v for k, v in ctx.evaluate(module, part).items()})
+            test_out = outputs(module, tensors["X_test"])
+            metrics.update({f"test_{k}": v for k, v in
+                            scores_of(test_out, tensors["y_test"], data.task).items()})
+            metrics.update(fidelity(test_out, ctx, baseline=name == "baseline"))
         else:
             metrics["notes"] = [*notes, f"its input {_onnx_input_shape(session)} does not fit "
                                 f"this dataset's samples {list(data.input_shape)}, so its "

@@ -6,6 +6,7 @@ downloaded."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -200,6 +201,23 @@ def test_the_embedder_pools_and_normalizes_as_its_files_say(folders):
     assert torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
 
 
+def test_train_freeze_keeps_the_encoder_and_trains_the_head(folders, tmp_path):
+    from engine.bundle import load_bundle
+
+    source = f"hf:{folders / 'classifier'}"
+    before = build_model(ModelConfig(source=source), (16,), 2, seed=0).state_dict()
+    result = engine.run({
+        "data": {"source": "builtin:reviews", "params": {"n_samples": 100}},
+        "model": {"source": source},
+        "train": {"epochs": 1, "lr": 0.01, "batch_size": 32, "freeze": ["model.bert"]}},
+        out_dir=tmp_path)
+    after = load_bundle(tmp_path / result["variants"][0]["model_file"]).state_dict()
+    encoder = [k for k in before if k.startswith("model.bert.")]
+    assert encoder and all(torch.equal(before[k], after[k].cpu()) for k in encoder)
+    assert not torch.equal(before["model.classifier.weight"],
+                           after["model.classifier.weight"].cpu())
+
+
 @pytest.mark.slow
 def test_fine_tuning_a_text_classifier_learns_the_reviews(folders):
     result = engine.run({
@@ -224,8 +242,11 @@ def test_an_embedder_is_scored_by_cosine_to_its_original_through_compression(fol
     baseline, pruned, lowrank = result["variants"]
     assert baseline["metrics"]["test_agreement"] == pytest.approx(1.0, abs=1e-6)
     assert result["data"]["text"]["note"] in baseline["metrics"]["notes"]  # 24 tokens at most
+    assert baseline["metrics"]["test_retrieval_at_10"] == 1.0
     for v in (pruned, lowrank):
         assert 0.0 < v["metrics"]["test_agreement"] < 1.0
+        assert 0.0 < v["metrics"]["test_retrieval_at_10"] <= 1.0
+        assert "test_fidelity" not in v["metrics"]  # label-free: agreement says it
 
 
 def test_every_technique_works_on_a_text_model_or_says_why(folders):
@@ -233,9 +254,119 @@ def test_every_technique_works_on_a_text_model_or_says_why(folders):
 
     model = build_model(ModelConfig(source=f"hf:{folders / 'classifier'}"), (16,), 2, seed=0)
     rows = {(r["technique"], r["method"]): r for r in capabilities(model)}
-    refused = {k: r["why"] for k, r in rows.items() if r["status"] == "refused"}
-    assert list(refused) == [("prune", "structured")]
-    assert "splits its width into heads" in refused["prune", "structured"]
+    assert [k for k, r in rows.items() if r["status"] == "refused"] == []
+
+
+def test_structured_pruning_removes_heads_and_neurons_and_the_model_is_smaller(folders,
+                                                                               tmp_path):
+    """Half the heads and MLP neurons of every layer go: the layers are physically smaller
+    (Linear shapes, the head count), the outputs keep their shape, the ONNX file shrinks
+    and a bundle round-trips the new shapes."""
+    import onnx
+
+    from engine.bundle import load_bundle, save_bundle
+    from engine.compress.base import clone
+    from engine.compress.heads import blocks, prune_transformer
+    from engine.export import onnx_bytes
+
+    model = build_model(ModelConfig(source=f"hf:{folders / 'classifier'}"), (16,), 2,
+                        seed=0).eval()
+    pruned = clone(model)
+    counts = prune_transformer(pruned, 0.5, "l1")
+    assert (counts["heads"], counts["heads_kept"]) == (4, 2)
+    assert (counts["neurons"], counts["neurons_kept"]) == (128, 64)
+    layer = pruned.model.bert.encoder.layer[0]
+    assert layer.attention.self.num_attention_heads == 1
+    assert layer.attention.self.query.weight.shape == (16, 32)
+    assert layer.attention.output.dense.weight.shape == (32, 16)
+    assert layer.intermediate.dense.weight.shape == (32, 32)
+    x = torch.randint(5, 100, (3, 12)).float()
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape == (3, 2)
+    def weights(m):  # the numbers the ONNX file stores (the tiny graph's nodes outweigh them)
+        graph = onnx.load_from_string(onnx_bytes(m, (12,))).graph
+        return sum(int(np.prod(t.dims)) for t in graph.initializer)
+
+    assert weights(pruned) < 0.75 * weights(model)
+    save_bundle(pruned, tmp_path / "b", input_spec={}, output_spec={})
+    again = load_bundle(tmp_path / "b").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(x), pruned(x), atol=1e-6)
+    assert again.model.bert.encoder.layer[1].attention.self.num_attention_heads == 1
+    kept = clone(model)  # nothing removed: the same function
+    prune_transformer(kept, 0.0, "l2")
+    with torch.no_grad():
+        assert torch.equal(kept(x), model(x))
+    fused = torch.nn.Module()  # a layout it does not know: one sentence
+    fused.layers = torch.nn.ModuleList([torch.nn.Module()])
+    fused.layers[0].num_heads, fused.layers[0].qkv = 2, torch.nn.Linear(4, 12)
+    assert "is laid out otherwise" in blocks(fused)
+
+
+@pytest.mark.slow
+def test_every_technique_runs_on_a_text_classifier_and_each_variant_shows_fidelity(folders):
+    """Each technique of the menu on a BERT classifier trained on the reviews works (none is
+    refused), and a run's variants carry their fidelity beside their accuracy, so a variant
+    that keeps its answers but not its outputs shows."""
+    from engine.compress import COMPRESSORS, CompressContext
+    from engine.compress.capabilities import ROWS
+    from engine.runner import resolve
+    from engine.train import to_tensors
+
+    source = f"hf:{folders / 'classifier'}"
+    data = load_data(_data(params={"n_samples": 160}), seed=0, model_source=source)
+    recipe = resolve({"data": {"source": "builtin:reviews"}, "model": {"source": source},
+                      "train": {"epochs": 1, "batch_size": 32}})
+    model = build_model(recipe.model, data.input_shape, 2, seed=0).eval()
+    ctx = CompressContext.of_run(recipe, data, to_tensors(data, torch.device("cpu")),
+                                 torch.device("cpu"), lambda event: None)
+    quick = {"finetune_epochs": 0, "epochs": 1, "prune_epochs": 0, "share_epochs": 0,
+             "bits": 4, "calibration_rows": 32, "depth_fraction": 0.5,
+             "width_multiplier": 1.0}
+    x = ctx.tensors["X_test"][:4]
+    for technique, method in ROWS:
+        if technique in ("train", "export"):
+            continue
+        entry = COMPRESSORS.get(technique)
+        names = {p.name for p in entry.params}
+        options = {k: v for k, v in quick.items() if k in names} | (
+            {"method": method} if method else {})
+        if technique == "quantize" and method in ("qat", "uniform", "log"):
+            options["finetune_epochs"] = 0
+        outcome = entry.fn(model, entry.resolve(options, "compress[0]"), ctx)
+        if outcome.runtime == "torch":
+            with torch.no_grad():
+                assert outcome.model(x).shape == (4, 2), (technique, method)
+        else:
+            assert 0.0 <= outcome.metrics["test_accuracy"] <= 1.0, (technique, method)
+    result = engine.run({
+        "data": {"source": "builtin:reviews", "params": {"n_samples": 200}},
+        "model": {"source": source},
+        "train": {"epochs": 2, "lr": 0.002, "batch_size": 32, "early_stopping": None},
+        "compress": [{"technique": "prune", "method": "structured", "amount": 0.5,
+                      "finetune_epochs": 0},
+                     {"technique": "quantize", "method": "static_int8",
+                      "calibration_rows": 64}]})
+    baseline, structured, int8 = result["variants"]
+    assert baseline["metrics"]["test_fidelity"] == pytest.approx(1.0)
+    for v in (structured, int8):
+        assert 0.0 <= v["metrics"]["test_accuracy"] <= 1.0
+        assert 0.0 <= v["metrics"]["test_fidelity"] <= 1.0  # top-1 agreement with baseline
+    assert structured["metrics"]["params"] < 0.85 * baseline["metrics"]["params"]
+    assert any("heads 4 → 2" in n for n in structured["metrics"]["notes"])
+    assert int8["metrics"]["runtime"] == "onnxruntime"
+
+
+def test_retrieval_agreement_counts_the_neighbours_a_variant_still_finds():
+    from engine.metrics import retrieval_agreement
+
+    torch.manual_seed(0)
+    e = torch.randn(50, 8)
+    assert retrieval_agreement(e, e) == 1.0
+    assert retrieval_agreement(2 * e, e) == 1.0  # cosine: the scale does not matter
+    noisy = retrieval_agreement(e + 0.3 * torch.randn(50, 8), e)
+    assert 0.3 < noisy < 1.0
+    assert retrieval_agreement(torch.randn(50, 8), e) < 0.45  # k=10 of 49 by chance: ~0.2
 
 
 @pytest.mark.slow
@@ -333,6 +464,63 @@ def test_the_shipped_file_takes_token_ids_and_a_mask_and_predict_py_reads_real_t
     with torch.no_grad():  # any padding length: here the longest of these three texts
         expected = model(torch.as_tensor(ids, dtype=torch.float32)).argmax(1).tolist()
     assert out == [f"{['bad', 'good'][i]}\t{t}" for i, t in zip(expected, texts, strict=True)]
+
+
+@pytest.mark.slow
+def test_an_uploaded_onnx_transformer_is_fed_from_its_tokenizer_with_fidelity(folders,
+                                                                             tmp_path):
+    """An exported transformer as people hold one (optimum's folder: model.onnx taking
+    input_ids, attention_mask and token_type_ids, beside its tokenizer and config), zipped
+    and uploaded: the text is tokenized by the tokenizer beside it, the three inputs are
+    fed, the scores equal PyTorch's, and the int8 copy shows its fidelity."""
+    import shutil
+
+    from engine.metrics import evaluate
+    from engine.uploads import unpack_model_folder
+
+    from engine.bundle import load_bundle
+
+    trained = engine.run({  # a trained head: an untrained one's logits barely differ
+        "data": {"source": "builtin:reviews", "params": {"n_samples": 300}},
+        "model": {"source": f"hf:{folders / 'classifier'}"},
+        "train": {"epochs": 4, "lr": 0.002, "batch_size": 32, "early_stopping": None}},
+        out_dir=tmp_path / "run")
+    model = load_bundle(tmp_path / "run" / trained["variants"][0]["model_file"]).eval()
+
+    class Exported(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = model.model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).logits
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(folders / "classifier" / name, folder / name)
+    ids = torch.randint(5, 100, (2, 12))
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=40)
+    torch.onnx.export(Exported().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+                      str(folder / "model.onnx"), dynamo=True, external_data=False,
+                      input_names=["input_ids", "attention_mask", "token_type_ids"],
+                      output_names=["logits"],
+                      dynamic_shapes=({0: batch, 1: tokens},) * 3)
+    (tmp_path / "exported.zip").write_bytes(_zip(folder, "exported"))
+    source = unpack_model_folder(tmp_path / "exported.zip", tmp_path / "up")
+    assert source.endswith("model.onnx")
+    result = engine.run({"data": {"source": "builtin:reviews", "params": {"n_samples": 120}},
+                         "model": {"source": source}})
+    assert result["data"]["text"]["tokenizer"] == f"hf:{Path(source).parent}"
+    baseline, int8 = result["variants"]
+    data = load_data(_data(params={"n_samples": 120}), seed=0, model_source=source)
+    expected = evaluate(model, torch.as_tensor(data.X_test), torch.as_tensor(data.y_test),
+                        "classification")
+    assert baseline["metrics"]["test_accuracy"] == pytest.approx(expected["accuracy"])
+    assert baseline["metrics"]["test_fidelity"] == pytest.approx(1.0)
+    assert 0.9 <= int8["metrics"]["test_fidelity"] <= 1.0
+    assert int8["metrics"]["latency_ms"] > 0
 
 
 def _zip(folder, top):

@@ -78,6 +78,7 @@ class CompressContext:
     baseline_model: nn.Module | None = None  # the trained model, the latency reference
     export_onnx: bool = False  # export every variant for deployment (recipe export.onnx)
     augment: AugmentConfig | None = None  # the recipe's data.augment: fine-tuning uses it too
+    reference_outputs: torch.Tensor | None = None  # the baseline's test outputs (fidelity)
 
     @classmethod
     def of_run(cls, recipe: Recipe, data: DataBundle, tensors: dict[str, torch.Tensor],

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from engine.errors import UserError
 from engine.uploads.archives import entry_parts, open_zip, read_entry
+from engine.uploads.onnx_files import check_onnx
 from engine.uploads.pickles import check_model_file
 
 KEPT = (".json", ".safetensors", ".pt2", ".wbz", ".onnx", ".txt", ".model")
@@ -24,7 +25,8 @@ PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack")
 
 def unpack_model_folder(archive: Path, folder: Path) -> str:
     """The `model.source` of a model folder ZIP, unpacked under `folder`: the folder of a
-    bundle, or `hf:FOLDER` for a Hugging Face folder."""
+    bundle, `hf:FOLDER` for a Hugging Face folder, or FOLDER/model.onnx for an exported
+    model with its tokenizer's files (and no safetensors) beside it."""
     data = archive.read_bytes()
     target = folder / f"model-{hashlib.sha256(data).hexdigest()[:12]}"
     kept: list[tuple[tuple[str, ...], object]] = []
@@ -53,8 +55,12 @@ def unpack_model_folder(archive: Path, folder: Path) -> str:
             files[name] = read_entry(zf, info, archive.name)
             if name.endswith(".pt2"):
                 check_model_file(files[name], parts[-1])
+            if name == "model.onnx":  # its weights in the file itself
+                check_onnx(files[name], name, allow_external=False)
     if "model.json" in files and "model.safetensors" in files:
         kind = "bundle"
+    elif "model.onnx" in files and "model.safetensors" not in files:
+        kind = "onnx"  # an exported transformer with its tokenizer (optimum's folder)
     elif "config.json" in files:
         kind = "hf"
     else:
@@ -65,4 +71,6 @@ def unpack_model_folder(archive: Path, folder: Path) -> str:
     for name, blob in files.items():
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         (target / name).write_bytes(blob)
+    if kind == "onnx":
+        return str(target / "model.onnx")
     return str(target) if kind == "bundle" else f"hf:{target}"
