@@ -19,6 +19,9 @@ Prints Markdown tables headed by the machine's description:
 7. auto-compress against the fixed presets on the same baselines: the smallest digits MLP
    within 1 point, the fastest built-in CNN within 1 point (bench_autocompress.py; not in
    the default set: `--only autocompress`).
+8. text models: a sentence-transformers folder of MiniLM-L6's shape in ONNX Runtime,
+   float32 against dynamic int8 at batch 1 x 128 tokens, and distillation to half the
+   layers (bench_text.py; not in the default set: `--only text`).
 
 Each figure is a median over alternating repeats; the thread count is set on purpose
 (`--threads`, default 1: on a shared 2-core machine a second thread mostly spin-waits).
@@ -215,6 +218,14 @@ def autocompress_section(quick: bool) -> str:
             "bench_autocompress.py):\n\n" + section(quick))
 
 
+def text_section(quick: bool, threads: int) -> str:
+    from bench_text import text_section as section
+
+    return ("**8. Text models** (a sentence-transformers folder of MiniLM-L6's shape, built "
+            "offline with random weights; ONNX Runtime float32 vs dynamic int8, and "
+            "distillation to half the layers; bench_text.py):\n\n" + section(quick, threads))
+
+
 def pretrained_section(quick: bool) -> str:
     from bench_pretrained import markdown, measure
 
@@ -405,6 +416,7 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = (
         "models": lambda: models_section(quick),
         "pretrained": lambda: pretrained_section(quick),
         "autocompress": lambda: autocompress_section(quick),
+        "text": lambda: text_section(quick, threads),
     }
     for name in sections:
         start = time.perf_counter()
@@ -419,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--only", nargs="+",
                         choices=["epoch", "ensemble", "inference", "app", "models",
-                                 "pretrained", "autocompress"],
+                                 "pretrained", "autocompress", "text"],
                         help="run only these sections")
     args = parser.parse_args(argv)
     run(args.quick, args.threads, tuple(args.only or ("epoch", "ensemble", "inference",
