@@ -29,6 +29,16 @@ def warm_up() -> threading.Thread:
 
         complexity(torch.nn.Linear(2, 2), (2,))  # its FLOP counter loads torch._dynamo
         jobs.reap(Store())
+        # transformers' lazy classes, imported here once: in the browser test, a page's
+        # first import of them (seconds long) failed once in three with "cannot import
+        # name 'AutoTokenizer'", then for the life of the server (README, Text models)
+        from transformers import (  # noqa: F401
+            AutoConfig,
+            AutoModel,
+            AutoModelForImageClassification,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
     thread = threading.Thread(target=work, name="workbench-warm-up", daemon=True)
     thread.start()

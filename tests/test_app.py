@@ -66,33 +66,6 @@ def test_home_is_the_first_page_and_offers_the_showcase():
     assert at.button(key="home_showcase").label == "Showcase"
 
 
-@pytest.mark.slow
-def test_showcase_lands_on_compare_and_fills_the_pareto_plots(monkeypatch):
-    from engine import showcase
-
-    for name in ("BASE", "STEPS", "RACE"):  # the reduced showcase, pressed from the page
-        monkeypatch.setattr(showcase, name, getattr(showcase, f"QUICK_{name}"))
-    at = open_app(None)
-    at.button(key="home_showcase").click().run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    assert at.title[0].value == "Compare"
-    ids = at.session_state["cmp_runs"]
-    assert len(ids) == len(showcase.recipes(quick=True))
-    for run_id in ids:
-        assert wait_finished(run_id, timeout=240)["status"] == "done"
-    at.run()
-    assert not at.exception and not at.error
-    assert at.session_state["cmp_runs"] == ids  # the selection survives the runs finishing
-    assert len(at.get("plotly_chart")) == 3  # both fronts and the race's training curves
-    assert "quantize-static_int8" in list(at.dataframe[0].value["variant"])
-    assert list(at.dataframe[0].value["variant"]).count("baseline") == 2  # adam, sgd
-    assert at.get("download_button")[0].proto.label == "Download report (HTML)"
-    at.switch_page("views/home.py").run()
-    at.button(key="home_showcase").click().run()  # a second press: nothing new
-    assert at.session_state["cmp_runs"] == ids
-    assert not Store().active_runs()
-
-
 def test_data_model_page_opens_on_the_builtin_pair():
     at = open_app()
     assert at.title[0].value == "Data & Model"

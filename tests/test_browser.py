@@ -64,7 +64,8 @@ def app_url(tmp_path):
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true",
          "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cwd=ROOT, env=env, stdout=(tmp_path / "server.log").open("wb"),
+        stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -76,7 +77,7 @@ def app_url(tmp_path):
             except OSError:
                 pass
             if time.time() > deadline or proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.poll() is not None else ""
+                out = (tmp_path / "server.log").read_text(errors="replace")
                 pytest.fail(f"streamlit did not start: {out[-2000:]}")
             time.sleep(0.5)
         yield url
@@ -353,3 +354,83 @@ def test_auto_compress_runs_a_short_search_and_deploys_its_recommendation(app_ur
             timeout=180_000)
         assert (store.run_dir(run["id"]) / "autocompress" / "model.onnx").is_file()
         page.screenshot(path=SHOTS / "autocompress_deploy.png", full_page=True)
+
+
+def test_a_text_model_goes_through_compress_and_compare(app_url, tmp_path):
+    """A zipped BERT classifier (random init, its tokenizer trained on the test's text)
+    uploaded on Data & Model with the built-in reviews: the tokenized rows show, a chain of
+    structured pruning (heads and neurons) and dynamic int8 runs on Compress, and Compare
+    draws both fronts with the fidelity column beside accuracy."""
+    import io
+    import zipfile
+
+    from playwright.sync_api import expect
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from engine.data.datasets import reviews
+    from tests.test_text import _tokenizer
+
+    folder = tmp_path / "bert"
+    tokenizer = _tokenizer(list(reviews(300, 1)[0]))
+    BertForSequenceClassification(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    blob = io.BytesIO()
+    with zipfile.ZipFile(blob, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"bert/{f.name}")
+    with browser_page(app_url) as page:
+        page.get_by_role("link", name="Data & Model", exact=True).click()
+        expect(page.get_by_role("heading", name="Data & Model")).to_be_visible()
+        page.get_by_text("Upload", exact=True).nth(1).click()  # the model's upload
+        page.locator("input[type=file]").first.set_input_files(files=[{
+            "name": "bert.zip", "mimeType": "application/zip", "buffer": blob.getvalue()}])
+        expect(page.get_by_text("text data needs a tokenizer")).to_have_count(0)
+        pick(page, "Built-in dataset", "reviews")
+        page.get_by_text("Dataset settings", exact=True).click()
+        rows = page.get_by_role("spinbutton", name="n samples", exact=True)
+        rows.fill("200")
+        rows.press("Enter")
+        try:
+            expect(page.get_by_text("Text tokenized by the tokenizer of")).to_be_visible(
+                timeout=90_000)
+        finally:
+            page.screenshot(path=SHOTS / "text_data_model.png", full_page=True)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "text_data_model.png", full_page=True)
+
+        page.get_by_role("link", name="Train", exact=True).click()
+        epochs = page.get_by_role("spinbutton", name="Epochs", exact=True)
+        epochs.fill("2")
+        epochs.press("Enter")
+        page.wait_for_timeout(800)
+
+        page.get_by_role("link", name="Compress", exact=True).click()
+        expect(page.get_by_role("heading", name="Compress", exact=True)).to_be_visible()
+        page.get_by_role("button", name="Remove", exact=True).first.click()
+        page.get_by_text("prune settings", exact=True).click()
+        pick(page, "method", "structured")
+        page.get_by_role("button", name="Add step").click()
+        expect(page.locator("code", has_text="prune structured").first).to_be_visible()
+        pick(page, "Technique", "quantize")
+        page.get_by_text("quantize settings", exact=True).click()
+        pick(page, "method", "dynamic_int8")
+        page.get_by_role("button", name="Add step").click()
+        expect(page.locator("code", has_text="quantize dynamic_int8").first).to_be_visible()
+        page.get_by_text("Per-layer sensitivity analysis (heatmap)").click()
+        page.get_by_role("button", name="Run chain").click()
+        expect(page.get_by_text("· done · ")).to_be_visible(timeout=300_000)
+        expect(page.get_by_text("heads 4 → 2", exact=False).first).to_be_visible()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "text_compress.png", full_page=True)
+
+        page.get_by_role("link", name="Compare", exact=True).click()
+        expect(page.get_by_role("heading", name="Compare", exact=True)).to_be_visible()
+        expect(page.locator(".js-plotly-plot")).to_have_count(2)
+        cells = page.locator("[data-testid=stDataFrame] td[role=gridcell]")
+        expect(cells.filter(has_text="quantize-dynamic_int8").first).to_be_attached()
+        expect(page.get_by_text("Fidelity is how closely a variant follows the baseline",
+                                exact=False)).to_be_visible()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=SHOTS / "text_compare.png", full_page=True)

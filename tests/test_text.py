@@ -475,10 +475,9 @@ def test_an_uploaded_onnx_transformer_is_fed_from_its_tokenizer_with_fidelity(fo
     fed, the scores equal PyTorch's, and the int8 copy shows its fidelity."""
     import shutil
 
+    from engine.bundle import load_bundle
     from engine.metrics import evaluate
     from engine.uploads import unpack_model_folder
-
-    from engine.bundle import load_bundle
 
     trained = engine.run({  # a trained head: an untrained one's logits barely differ
         "data": {"source": "builtin:reviews", "params": {"n_samples": 300}},

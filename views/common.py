@@ -7,6 +7,8 @@ goes to the engine, results come from the store.
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +111,8 @@ def show_error(exc: Exception, labels: dict[str, str] | None = None) -> str:
     uploaded, not by the name it is stored under. Returns the sentence shown."""
     if isinstance(exc, UserError):
         text = reword(str(exc), labels or {}, st.session_state.get("upload_names", {}))
-    else:
+    else:  # a bug, not the user's: its traceback goes to the server's log, for a report
+        traceback.print_exception(exc, file=sys.stderr)
         text = (f"Something went wrong inside the engine ({type(exc).__name__}: {exc}). "
                 f"Your settings are kept; try again or report it.")
     st.error(text)
