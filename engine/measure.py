@@ -112,10 +112,13 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
 def reports_fidelity(ctx: CompressContext) -> bool:
     """Whether `fidelity` has a figure for this run's variants (an ONNX Runtime variant's
     test outputs are computed again only then)."""
-    if ctx.data.labels == "teacher":
-        y = ctx.tensors["y_test"]
-        return ctx.task == "regression" and y.ndim == 2 and y.shape[1] > 1
-    return ctx.n_out > 1
+    return _embedder(ctx) if ctx.data.labels == "teacher" else ctx.n_out > 1
+
+
+def _embedder(ctx: CompressContext) -> bool:
+    """Whether the run scores vectors (an embedder's), whose neighbours can be compared."""
+    y = ctx.tensors["y_test"]
+    return ctx.task == "regression" and y.ndim == 2 and y.shape[1] > 1
 
 
 def fidelity(out: torch.Tensor, ctx: CompressContext, *, baseline: bool) -> dict[str, float]:
@@ -128,10 +131,8 @@ def fidelity(out: torch.Tensor, ctx: CompressContext, *, baseline: bool) -> dict
     embedder adds `test_retrieval_at_10`: the share of each test row's 10 nearest rows
     under the original embeddings that it still finds. Scalar outputs have neither."""
     if ctx.data.labels == "teacher":
-        y = ctx.tensors["y_test"]
-        if ctx.task == "regression" and y.ndim == 2 and y.shape[1] > 1:
-            return {f"test_retrieval_at_{RETRIEVAL_K}": retrieval_agreement(out, y)}
-        return {}
+        return ({f"test_retrieval_at_{RETRIEVAL_K}":
+                 retrieval_agreement(out, ctx.tensors["y_test"])} if _embedder(ctx) else {})
     if out.ndim != 2 or out.shape[1] < 2:
         return {}
     if baseline or ctx.reference_outputs is None:
