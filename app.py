@@ -3,61 +3,15 @@
     streamlit run app.py
 """
 
-import threading
-
 import streamlit as st
 
 from engine.progress import progress_of
 from engine.store import Store
+from views.warmup import device_name, warm_up
 from views.workspace import restore_workspace, save_workspace, session_owner
 
 st.set_page_config(page_title="Model optimization workbench", page_icon=":material/speed:",
                    layout="wide")
-
-
-@st.cache_resource
-def warm_up() -> threading.Thread:
-    """Import torch, scikit-learn and the engine in the background while the first page
-    shows (about 3 s on two cores), so neither the first render nor the first visit to a
-    page that needs them pays for it; then mark runs whose worker died while the app was
-    down as failed."""
-    def work() -> None:
-        import torch
-
-        from engine import jobs
-        from engine.models import complexity
-
-        complexity(torch.nn.Linear(2, 2), (2,))  # its FLOP counter loads torch._dynamo
-        jobs.reap(Store())
-        # transformers' lazy classes, imported here once: in the browser test, a page's
-        # first import of them (seconds long) failed once in three with "cannot import
-        # name 'AutoTokenizer'", then for the life of the server (README, Text models)
-        from transformers import (  # noqa: F401
-            AutoConfig,
-            AutoModel,
-            AutoModelForImageClassification,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
-
-    thread = threading.Thread(target=work, name="workbench-warm-up", daemon=True)
-    thread.start()
-    return thread
-
-
-def device_name() -> str:
-    """The training device, once the warm-up has imported torch (never blocks a render)."""
-    return "detecting..." if warm_up().is_alive() else _device_name()
-
-
-@st.cache_resource
-def _device_name() -> str:
-    import torch
-
-    from engine.train import resolve_device
-
-    device = resolve_device("auto")
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 @st.fragment(run_every=2.0)
@@ -78,7 +32,6 @@ def active_runs() -> None:
 # worker pool) imports it again as __mp_main__: it must define, not run, the app (a CI run
 # lost a search worker to the app's store opening there while the database was locked).
 if __name__ != "__mp_main__":
-    warm_up()
     restore_workspace()  # a reload (same ?ws=) opens what this workspace had open
     save_workspace()  # what the last interaction changed (pages save at once what must not wait)
     page = st.navigation([
@@ -95,4 +48,7 @@ if __name__ != "__mp_main__":
     with st.sidebar:
         st.caption(f"Run store: `{Store().url}`")
         active_runs()
-    page.run()
+    try:
+        page.run()
+    finally:  # after the first page's script, which it would slow by about a second
+        warm_up()

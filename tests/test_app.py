@@ -66,6 +66,35 @@ def test_home_is_the_first_page_and_offers_the_showcase():
     assert at.button(key="home_showcase").label == "Showcase"
 
 
+def test_a_showcase_press_while_the_engine_loads_is_kept_and_launched_once_it_has(
+        monkeypatch):
+    """Home's button is live before the warm-up has imported the engine: a press is kept
+    (the page says so) and the first full run after the load launches it and opens Compare;
+    no script of Home waits on the engine's import."""
+    import views.warmup
+    from engine import showcase
+
+    loaded = {"now": False}
+    monkeypatch.setattr(views.warmup, "engine_loaded", lambda: loaded["now"])
+    presses = []
+    monkeypatch.setattr(showcase, "launch", lambda store: presses.append(store) or
+                        showcase.Launch(run_ids=[], submitted=[]))
+    at = AppTest.from_file("../app.py", default_timeout=90)
+    at.run()
+    assert not at.info
+    at.button(key="home_showcase").click().run()
+    assert not at.exception, at.exception
+    assert at.info[0].value.startswith("Starting the showcase as soon as the engine")
+    assert presses == []  # nothing launched while the engine loads
+    loaded["now"] = True
+    at.run()
+    assert not at.exception, at.exception
+    assert len(presses) == 1
+    assert at.title[0].value == "Compare"
+    at.run()
+    assert len(presses) == 1  # the kept press is carried out once
+
+
 def test_data_model_page_opens_on_the_builtin_pair():
     at = open_app()
     assert at.title[0].value == "Data & Model"

@@ -4,31 +4,68 @@ import streamlit as st
 
 from engine.store import Store
 from views.common import show_error
+from views.warmup import engine_loaded
 
 st.title("Model optimization workbench")
 st.markdown("Train, tune and compress a model by pointing and clicking, then see what each "
             "technique bought: **accuracy, size and latency side by side**. Everything runs "
             "headless from a recipe file too, so what you see here replays in a pipeline.")
 
-# After the heading: the showcase resolves recipes, which loads torch (about 3 s at start).
-# The button waits for it: drawn before, with the import on the press, the press's long
-# script left Streamlit's frontend on a blank Compare page (the browser test on a fresh
-# clone, 2026-12-04; README, "Timings")
-from engine import showcase  # noqa: E402
+LINKS = [("views/data_model.py", "Pick data and a model", ":material/dataset:"),
+         ("views/train.py", "Train, or race optimizers", ":material/model_training:"),
+         ("views/compress.py", "Compress with a chain of techniques", ":material/compress:"),
+         ("views/diagnose.py", "Diagnose bias and variance", ":material/troubleshoot:"),
+         ("views/compare.py", "Compare runs and download a report", ":material/scatter_plot:")]
+BUTTON = {"label": "Showcase", "type": "primary", "key": "home_showcase",
+          "icon": ":material/play_circle:",
+          "help": "Submits the showcase's recipes to background workers (only those not "
+                  "already done or running) and opens Compare."}
 
-entries = showcase.recipes()
 left, right = st.columns([3, 2])
+with right:
+    st.subheader("Your own model")
+    for path, label, icon in LINKS:
+        st.page_link(path, label=label, icon=icon)
 with left:
     st.subheader("Showcase")
+
+
+@st.fragment(run_every=1.0)
+def waiting() -> None:
+    """A press made while the engine loads (seconds on a fresh server), kept: once loaded,
+    the whole page runs again and launches it. No script of this page waits on torch's
+    import (a press that imported it left Streamlit's frontend on a blank Compare page, the
+    browser test on a fresh clone, 2026-12-04), and nothing ticks before a press (ticks
+    every half second slowed the engine's import from 9 s to 15 s on two cores)."""
+    if engine_loaded():
+        st.rerun()
+    st.info("Starting the showcase as soon as the engine has loaded (a few seconds on a "
+            "fresh start).", icon=":material/hourglass_top:")
+
+
+if not engine_loaded():
+    with left:
+        st.markdown("One press, on the built-in `digits` images and an MLP: a **baseline**, "
+                    "an **optimizer race**, then one run per compression technique, and you "
+                    "land on Compare as the Pareto plots fill in.")
+        if st.button(**BUTTON):
+            st.session_state["showcase_pressed"] = True
+        if st.session_state.get("showcase_pressed"):
+            waiting()
+    st.stop()
+
+from engine import showcase  # noqa: E402  (imported already by the warm-up: no cost)
+
+entries = showcase.recipes()
+with left:
     st.markdown(
         "One press, on the built-in `digits` images and an MLP: a **baseline**, an "
         "**optimizer race** (" + ", ".join(showcase.RACE) + "), then one run per technique: "
         + ", ".join(f"**{e.label}**" for e in entries if e.kind == "compress") + ". You land on "
         "Compare, where the Pareto plots fill in as each variant is measured (about 20 s on "
         "two quiet CPU cores). A second press reuses the runs already finished.")
-    if st.button("Showcase", type="primary", key="home_showcase", icon=":material/play_circle:",
-                 help="Submits the showcase's recipes to background workers (only those not "
-                      "already done or running) and opens Compare."):
+    pressed = st.button(**BUTTON)
+    if pressed or st.session_state.pop("showcase_pressed", False):
         try:
             launch = showcase.launch(Store())
             st.session_state["showcase_runs"] = launch.run_ids
@@ -42,14 +79,3 @@ with left:
     if ready:
         st.caption(f"{ready} of {len(entries)} showcase runs are already finished in this "
                    f"store; pressing again shows them at once.")
-with right:
-    st.subheader("Your own model")
-    st.page_link("views/data_model.py", label="Pick data and a model", icon=":material/dataset:")
-    st.page_link("views/train.py", label="Train, or race optimizers",
-                 icon=":material/model_training:")
-    st.page_link("views/compress.py", label="Compress with a chain of techniques",
-                 icon=":material/compress:")
-    st.page_link("views/diagnose.py", label="Diagnose bias and variance",
-                 icon=":material/troubleshoot:")
-    st.page_link("views/compare.py", label="Compare runs and download a report",
-                 icon=":material/scatter_plot:")
