@@ -22,14 +22,24 @@ from engine.recipe import DataConfig, ModelConfig
 
 
 def _tokenizer(texts):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer over the texts' words, the same ids on every run: tokenizers'
+    own trainer breaks ties between equally frequent pieces differently from run to run
+    (five runs, five vocabularies), which moved a fine-tuned accuracy across its bound.
+    The 53 most frequent words are whole and the rest spelled in letters, so that, as with
+    the trainer's 200 pieces, a few texts run past the embedder's 24 tokens."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+              *sorted(words, key=lambda w: (-words[w], w))[:53], *chars, *(f"##{c}" for c in chars)]
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(dict.fromkeys(pieces))},
+                                     unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")),
@@ -223,7 +233,8 @@ def test_fine_tuning_a_text_classifier_learns_the_reviews(folders):
     result = engine.run({
         "data": {"source": "builtin:reviews"},
         "model": {"source": f"hf:{folders / 'base'}"},
-        "train": {"epochs": 8, "lr": 0.002, "batch_size": 32, "early_stopping": None}})
+        # 16 epochs: 0.93 on test; 8 ended at 0.805, too near the bound to hold
+        "train": {"epochs": 16, "lr": 0.002, "batch_size": 32, "early_stopping": None}})
     baseline = result["variants"][0]
     assert result["data"]["text"]["tokenizer"] == f"hf:{folders / 'base'}"
     assert baseline["metrics"]["test_accuracy"] >= 0.8  # half is chance
