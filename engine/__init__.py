@@ -6,7 +6,7 @@ schema (errors, settings, registry, schema, recipe), the parts (data, models, op
 schedules, regularization, uploads, latency, export, executor), training (metrics,
 sections, train, stack, ensemble), the techniques (compress, diagnostics, tune, deploy),
 the harness (measure), auto-compress (the search over chains), the runner, running
-(store, backends, worker, jobs), and the outputs (plots, report, showcase, cli);
+(store, backends, worker, zygote, jobs), and the outputs (plots, report, showcase, cli);
 `.importlinter` holds the rule that each imports only from those below.
 
     import engine

@@ -4,6 +4,7 @@
     python -m engine list            # every registry, with parameters
     python -m engine list optimizers --json
     python -m engine worker RUN_ID --store URL   # what the app starts for a background run
+    python -m engine zygote SOCKET --parent PID  # forks those workers with the engine loaded
     python -m engine bench [--quick]             # the performance suite's tables
 
 A user's mistake ends with one line `error: ...` and exit code 2, never a traceback.
@@ -20,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from engine import zygote
 from engine.errors import UserError
 from engine.metrics import score_key
 from engine.recipe import load_recipe
@@ -46,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     worker_p.add_argument("--artifacts", help="the folder of the runs' files (default: "
                                               "WORKBENCH_ARTIFACTS or runs/artifacts)")
     worker_p.add_argument("--threads", type=int, help="torch threads for this run")
+    zygote_p = sub.add_parser("zygote", help="fork workers from one process that has "
+                                             "imported the engine (used by the app; see "
+                                             "engine/zygote.py)")
+    zygote_p.add_argument("socket", help="the Unix socket to listen on")
+    zygote_p.add_argument("--parent", type=int, required=True,
+                          help="the pid whose end ends the zygote")
     sub.add_parser("bench", help="print the performance suite's tables "
                                  "(tests/benchmarks/suite.py; bench --help for options)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args.recipe, args.out, quiet=args.quiet)
+        if args.command == "zygote":
+            return zygote.serve(args.socket, args.parent)
         if args.command == "worker":
             return run_worker(args.run_id, args.store, artifacts=args.artifacts,
                               threads=args.threads)

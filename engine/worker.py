@@ -76,10 +76,13 @@ def _work(store: Store, run_id: str, *, threads: int | None, node: str | None,
         return 0
     if threads is not None:
         torch.set_num_threads(threads)
-    print(f"run {run_id}: started on {device} with {torch.get_num_threads()} threads", flush=True)
+    limit_s = hang_limit_s()
+    print(f"run {run_id}: started on {device} with {torch.get_num_threads()} threads, "
+          f"stopped after {f'{limit_s:g} s' if limit_s else 'no limit'} without progress",
+          flush=True)
     start = time.perf_counter()
     reporter = _Reporter(store, run_id)
-    watchdog = _Watchdog(store, run_id, reporter, hang_limit_s())
+    watchdog = _Watchdog(store, run_id, reporter, limit_s)
     try:
         # searches keep their studies in this store's database
         result = run_recipe(recipe, out_dir=store.run_dir(run_id), on_progress=reporter,

@@ -39,6 +39,7 @@ def _work() -> None:
         complexity(torch.nn.Linear(2, 2), (2,))  # its FLOP counter loads torch._dynamo
     finally:
         _ENGINE.set()  # a failed import is raised again, as a sentence, by the page's own
+    jobs.backend("local").connect()  # the worker zygote: the Showcase's runs start at once
     jobs.reap(Store())
     # transformers' lazy classes, imported here once: in the browser test, a page's first
     # import of them (seconds long) failed once in three with "cannot import name
