@@ -62,7 +62,7 @@ with left:
         "One press, on the built-in `digits` images and an MLP: a **baseline**, an "
         "**optimizer race** (" + ", ".join(showcase.RACE) + "), then one run per technique: "
         + ", ".join(f"**{e.label}**" for e in entries if e.kind == "compress") + ". You land on "
-        "Compare, where the Pareto plots fill in as each variant is measured (about 20 s on "
+        "Compare, where the Pareto plots fill in as each variant is measured (about 10 s on "
         "two quiet CPU cores). A second press reuses the runs already finished.")
     pressed = st.button(**BUTTON)
     if pressed or st.session_state.pop("showcase_pressed", False):
