@@ -67,6 +67,10 @@ def serve(path: str, parent: int) -> int:
         server.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
+    folder = os.path.dirname(path)  # its parent ended: nothing of it is left behind
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(folder, "zygote.log"))
+        os.rmdir(folder)
     return 0
 
 
