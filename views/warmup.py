@@ -13,20 +13,16 @@ import streamlit as st
 from engine.store import Store
 
 _ENGINE = threading.Event()  # set once the engine (and torch) can be imported at no cost
-_LOCK = threading.Lock()
-_THREAD: list[threading.Thread] = []
 
 
+@st.cache_resource
 def warm_up() -> threading.Thread:
-    """Start the warm-up once per server (later calls return its thread): the engine first
-    (about 8-10 s on two slow cores, 3 s on a fast pair), then mark runs whose worker died
-    while the app was down as failed, then transformers' classes."""
-    with _LOCK:
-        if not _THREAD:
-            _THREAD.append(threading.Thread(target=_work, name="workbench-warm-up",
-                                            daemon=True))
-            _THREAD[0].start()
-        return _THREAD[0]
+    """Start the warm-up once per server: the engine first (about 8-10 s on two slow cores,
+    3 s on a fast pair), then the worker zygote, then mark runs whose worker died while
+    the app was down as failed, then transformers' classes."""
+    thread = threading.Thread(target=_work, name="workbench-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _work() -> None:
