@@ -14,7 +14,11 @@ says so in `workbench_notes`.
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -25,6 +29,26 @@ from torch import nn
 from engine.architectures import weights_mismatch
 from engine.errors import UserError
 from engine.recipe import ModelConfig
+
+# transformers resolves its classes lazily, importing a submodule on first use; two threads
+# doing that at once (the app's warm-up and a page's script, or two sessions) can meet a
+# half-imported module: "cannot import name 'AutoTokenizer' from 'transformers'", in CI once
+# and then for the life of the server. Every use of transformers in the engine holds this.
+_TRANSFORMERS = threading.RLock()
+CLASSES = ("AutoConfig", "AutoModel", "AutoModelForImageClassification",
+           "AutoModelForSequenceClassification", "AutoTokenizer")
+
+
+@contextmanager
+def transformers_held() -> Iterator[ModuleType]:
+    """transformers, with its classes resolved, while no other thread touches it."""
+    with _TRANSFORMERS:
+        import transformers
+
+        for name in CLASSES:
+            getattr(transformers, name)
+        yield transformers
+
 
 # architectures offered with random weights: transformers config settings at small sizes
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -118,13 +142,12 @@ def _normalization(folder: Path | None, channels: int) -> tuple[list[float], lis
 
 def build_hf(builder: dict[str, Any]) -> nn.Module:
     """The architecture a bundle's "hf" builder describes, random weights."""
-    from transformers import AutoConfig, AutoModelForImageClassification
-
     settings = dict(builder["config"])
     model_type = settings.pop("model_type")
     try:
-        config = AutoConfig.for_model(model_type, **settings)
-        inner = AutoModelForImageClassification.from_config(config)
+        with transformers_held() as hf:
+            config = hf.AutoConfig.for_model(model_type, **settings)
+            inner = hf.AutoModelForImageClassification.from_config(config)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"transformers cannot build a {model_type!r} image classifier from "
                         f"this config ({str(exc)[:120]}); use an image classification "

@@ -33,7 +33,7 @@ from torch import nn
 
 from engine.architectures import MAX_PARAMS
 from engine.errors import UserError
-from engine.hf import folder_config
+from engine.hf import folder_config, transformers_held
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -159,11 +159,10 @@ def load_tokenizer(source: str) -> Any:
         raise UserError(f"{path.name} has no tokenizer (tokenizer.json or "
                         f"tokenizer_config.json with its vocabulary); save the tokenizer into "
                         f"the folder with tokenizer.save_pretrained.")
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
-                                                  trust_remote_code=False)
+        with transformers_held() as hf:
+            tokenizer = hf.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                         trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"the tokenizer of {path.name} could not be read "
                         f"({str(exc).splitlines()[0][:120]}); save it again with "
@@ -264,15 +263,14 @@ def build_text_source(source: str, n_out: int, input_shape: tuple[int, ...]) -> 
 
 def build_hf_text(builder: dict[str, Any]) -> nn.Module:
     """The text model a bundle's "hf_text" builder describes, random weights."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-
     settings = dict(builder["config"])
     model_type = settings.pop("model_type")
     try:
-        config = AutoConfig.for_model(model_type, **settings)
-        auto = AutoModelForSequenceClassification if builder["head"] == "classifier" \
-            else AutoModel
-        inner = auto.from_config(config)
+        with transformers_held() as hf:
+            config = hf.AutoConfig.for_model(model_type, **settings)
+            auto = hf.AutoModelForSequenceClassification if builder["head"] == "classifier" \
+                else hf.AutoModel
+            inner = auto.from_config(config)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"transformers cannot build a {model_type!r} text model from this "
                         f"config ({str(exc)[:120]}); use a text model's folder.") from None

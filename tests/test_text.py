@@ -91,6 +91,50 @@ def _data(source="builtin:reviews", **kw):
     return DataConfig(source=source, **kw)
 
 
+def test_threads_first_using_transformers_at_once_all_get_their_classes(folders):
+    """The app's warm-up thread and a page's script (or two sessions) first touching
+    transformers at once: without the engine's lock, four such threads in a fresh process
+    failed five times in five ("has no attribute 'AutoModel'", and in CI "cannot import name
+    'AutoTokenizer'" for the life of the server); with it, every thread gets its model."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading
+from engine.hf import build_hf, transformers_held
+from engine.hf_text import build_hf_text, load_tokenizer
+bert = dict(model_type="bert", vocab_size=99, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=2)
+resnet = dict(model_type="resnet", embedding_size=8, hidden_sizes=[8], depths=[1],
+              layer_type="basic", num_labels=3)
+def auto_model():
+    with transformers_held() as hf:
+        return hf.AutoModelForImageClassification
+jobs = [lambda: load_tokenizer({str(folders / "classifier")!r}),
+        lambda: build_hf_text({{"kind": "hf_text", "config": bert, "head": "classifier",
+                               "pad_id": 0}}),
+        lambda: build_hf({{"kind": "hf", "config": resnet, "mean": [0.0] * 3,
+                          "std": [1.0] * 3}}),
+        auto_model]
+errors = []
+def run(job):
+    try:
+        job()
+    except Exception as exc:
+        errors.append(repr(exc)[:200])
+threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_text_is_tokenized_once_by_the_models_tokenizer_padded_to_the_longest(folders):
     data = load_data(_data(), seed=0, model_source=f"hf:{folders / 'classifier'}")
     assert data.text["tokenizer"] == f"hf:{folders / 'classifier'}"

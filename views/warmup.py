@@ -37,17 +37,10 @@ def _work() -> None:
         _ENGINE.set()  # a failed import is raised again, as a sentence, by the page's own
     jobs.backend("local").connect()  # the worker zygote: the Showcase's runs start at once
     jobs.reap(Store())
-    # transformers' lazy classes, imported here once: in the browser test, a page's first
-    # import of them (seconds long) failed once in three with "cannot import name
-    # 'AutoTokenizer'", then for the life of the server (README, Text models)
-    from transformers import (  # noqa: F401
-        AutoConfig,
-        AutoModel,
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from engine.hf import transformers_held
 
+    with transformers_held():  # its lazy classes, once, under the lock every page's use holds
+        pass
 
 def engine_loaded() -> bool:
     """Whether the warm-up has imported the engine, so a page can import it at no cost."""
