@@ -44,6 +44,7 @@ def waiting() -> None:
 
 
 if not engine_loaded():
+    st.session_state["redraw_when_loaded"] = True  # the sidebar's tick redraws it, loaded
     with left:
         st.markdown("One press, on the built-in `digits` images and an MLP: a **baseline**, "
                     "an **optimizer race**, then one run per compression technique, and you "
@@ -57,6 +58,7 @@ if not engine_loaded():
 from engine import showcase  # noqa: E402  (imported already by the warm-up: no cost)
 
 entries = showcase.recipes()
+st.session_state.pop("redraw_when_loaded", None)
 with left:
     st.markdown(
         "One press, on the built-in `digits` images and an MLP: a **baseline**, an "
