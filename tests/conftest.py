@@ -13,6 +13,7 @@ these tests with one line, except under CI=true, where it fails them: nothing sk
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 
 import pytest
@@ -20,6 +21,18 @@ import sqlalchemy as sa
 
 POSTGRES_DEFAULT = "postgresql+psycopg://workbench:workbench@localhost:5432/workbench"
 BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(autouse=True)
+def _warm_up_finished():
+    """An AppTest of app.py starts the app's warm-up thread (the engine's imports, the worker
+    zygote, transformers' classes), which outlives the test: the test waits for it, so the
+    next one never runs beside it (test_text's `from transformers import BertConfig`, right
+    after an AppTest, met a half-imported module: "cannot import name 'BertConfig'")."""
+    yield
+    for thread in threading.enumerate():
+        if thread.name == "workbench-warm-up":
+            thread.join(timeout=180)
 
 
 @pytest.fixture(scope="session")
