@@ -346,6 +346,10 @@ class Recipe:
         return f"{short_source(self.model.source)} on {short_source(self.data.source)}"
 
 
+# an upload is stored as HASH_NAME (its content's SHA-256, 12 hex digits, then its name)
+STORED = re.compile(r"^[0-9a-f]{12}_")
+
+
 def short_source(source: str) -> str:
     """A source as a person names it: the built-in's or architecture's name, or the
     file's or folder's."""
@@ -355,7 +359,9 @@ def short_source(source: str) -> str:
     path = Path(source.removeprefix("hf:"))
     if re.fullmatch(r"[0-9a-f]{32}", path.parent.name):  # a variant's bundle in a run folder
         return f"{path.name} of run {path.parent.name[:6]}"
-    return path.name
+    if path.name == "model.onnx" and STORED.match(path.parent.name):  # an unpacked folder's
+        path = path.parent
+    return STORED.sub("", path.name)  # an upload by the name it was uploaded under
 
 
 def load_recipe(path: str | Path) -> Recipe:

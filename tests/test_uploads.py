@@ -631,3 +631,22 @@ def test_the_page_shows_a_refused_upload_as_one_sentence_and_stores_nothing(tmp_
     uploads_dir = tmp_path / "uploads"
     assert not uploads_dir.exists() or not any(uploads_dir.iterdir())
     assert not marker.exists() and not (tmp_path / "up.png").exists()
+
+
+def test_an_upload_is_named_on_the_pages_as_it_was_uploaded_not_by_its_hash(tmp_path):
+    """A stored upload carries its content's hash in its name; every page names it by
+    short_source, which gives the name the person uploaded (the issue saw 'model-d8edcd91a5c6')."""
+    from engine.recipe import short_source
+    from engine.uploads import store_upload, unpack_model_folder
+
+    csv = store_upload("penguins.csv", b"a,b,label\n1,2,x\n3,4,y\n", tmp_path)
+    assert csv.name != "penguins.csv" and short_source(str(csv)) == "penguins.csv"
+    blob = io.BytesIO()
+    with zipfile.ZipFile(blob, "w") as zf:
+        zf.writestr("bert/config.json", '{"model_type": "bert"}')
+        zf.writestr("bert/model.safetensors", b"not read here")
+    archive = store_upload("my bert.zip", blob.getvalue(), tmp_path)
+    source = unpack_model_folder(archive, tmp_path)
+    assert source.startswith("hf:") and short_source(source) == "my_bert"
+    assert short_source(str(Path(source[3:]) / "model.onnx")) == "my_bert"
+    assert short_source("builtin:digits") == "digits"

@@ -15,6 +15,7 @@ import hashlib
 from pathlib import Path, PurePosixPath
 
 from engine.errors import UserError
+from engine.recipe import STORED
 from engine.uploads.archives import entry_parts, open_zip, read_entry
 from engine.uploads.onnx_files import check_onnx
 from engine.uploads.pickles import check_model_file
@@ -28,7 +29,8 @@ def unpack_model_folder(archive: Path, folder: Path) -> str:
     bundle, `hf:FOLDER` for a Hugging Face folder, or FOLDER/model.onnx for an exported
     model with its tokenizer's files (and no safetensors) beside it."""
     data = archive.read_bytes()
-    target = folder / f"model-{hashlib.sha256(data).hexdigest()[:12]}"
+    stem = STORED.sub("", archive.stem) or "model"  # named as uploaded (short_source)
+    target = folder / f"{hashlib.sha256(data).hexdigest()[:12]}_{stem}"
     kept: list[tuple[tuple[str, ...], object]] = []
     with open_zip(data, archive.name) as zf:
         for info in zf.infolist():
