@@ -78,8 +78,11 @@ def draw_group(fresh: Store, run_ids: list[str], suffix: str) -> None:
                            key=f"cmp_latency{suffix}")
         st.caption(SOURCES + " Hover a point for what its technique does.")
         table(pd.DataFrame(comparison.table_records(points)),
-              column_config={"chain": st.column_config.TextColumn(
-                         help="the compression steps that made this variant [its runtime]")})
+              column_config={  # the variant stays in view while the wide table scrolls
+                  "variant": st.column_config.TextColumn(pinned=True),
+                  "chain": st.column_config.TextColumn(
+                      width="large",
+                      help="the compression steps that made this variant [its runtime]")})
     histories = comparison.training_histories(fresh, run_ids)
     if len(histories) > 1:  # an optimizer race, or runs trained differently
         st.plotly_chart(plots.curves(histories, "loss", title="training: loss per epoch"),
