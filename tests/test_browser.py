@@ -424,6 +424,8 @@ def test_a_text_model_goes_through_compress_and_compare(app_url, tmp_path):
         page.get_by_role("button", name="Run chain").click()
         expect(page.get_by_text("· done · ")).to_be_visible(timeout=300_000)
         expect(page.get_by_text("heads 4 → 2", exact=False).first).to_be_visible()
+        expect(page.locator("[data-testid=stDataFrame] th[role=columnheader]",
+                            has_text="fidelity (vs baseline)").first).to_be_attached()
         page.wait_for_timeout(1500)
         page.screenshot(path=SHOTS / "text_compress.png", full_page=True)
 

@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import jobs, plots
+from engine.comparison import FIDELITY_COLUMNS
 from engine.compress.capabilities import ONNX_ONLY
 from engine.metrics import score_key
 from engine.progress import progress_of
@@ -80,6 +81,8 @@ def watch(run_ids: list[str], key: str) -> None:
                 m = v["metrics"]
                 rows.append({"run": run["name"], "variant": v["name"],
                              "test score": m.get(score_key(m) or "test_r2"),
+                             **{label: m.get(k) for k, label in FIDELITY_COLUMNS.items()
+                                if m.get(k) is not None},
                              "parameters": m.get("params"), "size (KiB)":
                              round(m.get("size_bytes", 0) / 1024, 1),
                              "latency (ms, batch 1)": m.get("latency_ms"),
