@@ -74,9 +74,10 @@ def measure(name: str, outcome: StepResult, ctx: CompressContext, folder: Path, 
         (folder / name / "runtime.onnx").write_bytes(outcome.onnx_bytes)
         metrics["size_bytes"] = len(outcome.onnx_bytes)
         model_file = f"{name}/runtime.onnx"
-        if reference:
-            for key in ("params", "nonzero_params", "flops"):
-                metrics[key] = reference["metrics"].get(key)
+        counted = (complexity(outcome.source, ctx.input_shape) if outcome.source is not None
+                   else reference["metrics"] if reference else {})  # the model it was made
+        for key in ("params", "nonzero_params", "flops"):  # from (a pruned one, say)
+            metrics[key] = counted.get(key)
         if outcome.metrics.get("reference_size_bytes"):
             metrics["size_ratio"] = (outcome.metrics["reference_size_bytes"]
                                      / metrics["size_bytes"])

@@ -96,6 +96,12 @@ def test_every_latency_is_one_measurement_and_every_speedup_divides_two_shown_fi
             assert m["speedup"] == pytest.approx(base / m["latency_ms"], rel=1e-12)
             assert m["speedup_reference"] == "the baseline, PyTorch eager, 1 thread"
     assert variants[2]["metrics"]["speedup_vs_onnx_fp32"] > 0  # int8 beside its float32 file
+    # the int8 file is made from the pruned model: its non-zero weights are the pruned one's
+    # (they were the baseline's, so Compress listed int8 with twice the pruned model's count)
+    pruned, int8 = variants[1]["metrics"], variants[2]["metrics"]
+    assert int8["nonzero_params"] == pruned["nonzero_params"] < 0.6 * variants[0]["metrics"][
+        "nonzero_params"]
+    assert int8["params"] == pruned["params"] and int8["flops"] == pruned["flops"]
     final = {}  # the last event of each variant is what the store keeps: with its latency
     for e in events:
         if e["event"] == "variant":

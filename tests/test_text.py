@@ -408,6 +408,7 @@ def test_every_technique_runs_on_a_text_classifier_and_each_variant_shows_fideli
         assert 0.0 <= v["metrics"]["test_accuracy"] <= 1.0
         assert 0.0 <= v["metrics"]["test_fidelity"] <= 1.0  # top-1 agreement with baseline
     assert structured["metrics"]["params"] < 0.85 * baseline["metrics"]["params"]
+    assert int8["metrics"]["params"] == structured["metrics"]["params"]  # int8 of the pruned
     assert any("heads 4 → 2" in n for n in structured["metrics"]["notes"])
     assert int8["metrics"]["runtime"] == "onnxruntime"
 

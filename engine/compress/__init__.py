@@ -66,6 +66,8 @@ def run_chain(model: nn.Module, steps: Sequence[dict[str, Any]], ctx: CompressCo
     for i, step in enumerate(steps):
         entry = COMPRESSORS.get(step["technique"])
         outcome = entry.fn(current, {k: v for k, v in step.items() if k != "technique"}, ctx)
+        if outcome.model is None and outcome.source is None:
+            outcome.source = current  # an ONNX Runtime variant counts its own weights
         yield i, step, outcome
         if outcome.model is not None:
             current = outcome.model

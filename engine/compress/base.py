@@ -44,6 +44,8 @@ class StepResult:
     huffman: bool = False  # the shipped file may Huffman-code this variant's weights
     reference_onnx: bytes | None = None  # an onnxruntime variant's float32 .onnx, which the
     #   runner times beside it (the reference of its "vs ONNX Runtime fp32" ratio)
+    source: nn.Module | None = None  # the PyTorch model an onnxruntime variant was made
+    #   from: its weights, non-zeros and FLOPs are that model's (run_chain sets it)
 
 
 def hinton_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, y: torch.Tensor, *,
