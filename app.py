@@ -7,7 +7,7 @@ import streamlit as st
 
 from engine.progress import progress_of
 from engine.store import Store
-from views.warmup import device_name, engine_loaded, warm_up
+from views.warmup import device_name, warm_up
 from views.workspace import restore_workspace, save_workspace, session_owner
 
 st.set_page_config(page_title="Model optimization workbench", page_icon=":material/speed:",
@@ -17,10 +17,7 @@ st.set_page_config(page_title="Model optimization workbench", page_icon=":materi
 @st.fragment(run_every=2.0)
 def active_runs() -> None:
     """The device, and this session's queued and running runs; others' only counted (two
-    people on one instance each follow their own). Its tick also redraws, once, a page drawn
-    before the engine was in (Home's button and text), at no cost of a timer of its own."""
-    if engine_loaded() and st.session_state.pop("redraw_when_loaded", False):
-        st.rerun()
+    people on one instance each follow their own)."""
     st.caption(f"Device: **{device_name()}**")
     runs = Store().active_runs()
     mine = [r for r in runs if r.get("owner") in (session_owner(), None)]
@@ -48,8 +45,6 @@ if __name__ != "__mp_main__":
         st.Page("views/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
         st.Page("views/runs.py", title="Runs", icon=":material/history:"),
     ])
-    if page.title != "Home":  # only a Home still on screen is redrawn once the engine is in
-        st.session_state.pop("redraw_when_loaded", None)
     with st.sidebar:
         st.caption(f"Run store: `{Store().url}`")
         active_runs()

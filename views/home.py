@@ -43,12 +43,42 @@ def waiting() -> None:
             "fresh start).", icon=":material/hourglass_top:")
 
 
-if not engine_loaded():
-    st.session_state["redraw_when_loaded"] = True  # the sidebar's tick redraws it, loaded
-    with left:
+def pitch() -> None:
+    """What the Showcase runs, by name, and how many of its runs are already finished:
+    the engine's recipes, so only once it is loaded."""
+    from engine import showcase  # imported already by the warm-up: no cost
+
+    entries = showcase.recipes()
+    st.markdown(
+        "One press, on the built-in `digits` images and an MLP: a **baseline**, an "
+        "**optimizer race** (" + ", ".join(showcase.RACE) + "), then one run per technique: "
+        + ", ".join(f"**{e.label}**" for e in entries if e.kind == "compress") + ". You land on "
+        "Compare, where the Pareto plots fill in as each variant is measured (about 10 s on "
+        "two quiet CPU cores). A second press reuses the runs already finished.")
+    done = showcase.existing(Store())
+    ready = sum(1 for e in entries if done.get(e.key, {}).get("status") == "done")
+    if ready:
+        st.caption(f"{ready} of {len(entries)} showcase runs are already finished in this "
+                   f"store; pressing again shows them at once.")
+
+
+@st.fragment(run_every=2.0)
+def pitch_once_loaded() -> None:
+    """The pitch of a Home drawn while the engine loads: the short one, then, at the first
+    tick after the load, the whole one. Only this fragment redraws: a whole-app rerun from a
+    tick (tried) swallowed a Showcase press made at that moment, 3 presses in 9 near the
+    load, and the visitor stayed on Home."""
+    if engine_loaded():
+        pitch()
+    else:
         st.markdown("One press, on the built-in `digits` images and an MLP: a **baseline**, "
                     "an **optimizer race**, then one run per compression technique, and you "
                     "land on Compare as the Pareto plots fill in.")
+
+
+if not engine_loaded():
+    with left:
+        pitch_once_loaded()
         if st.button(**BUTTON):
             st.session_state["showcase_pressed"] = True
         if st.session_state.get("showcase_pressed"):
@@ -57,15 +87,8 @@ if not engine_loaded():
 
 from engine import showcase  # noqa: E402  (imported already by the warm-up: no cost)
 
-entries = showcase.recipes()
-st.session_state.pop("redraw_when_loaded", None)
 with left:
-    st.markdown(
-        "One press, on the built-in `digits` images and an MLP: a **baseline**, an "
-        "**optimizer race** (" + ", ".join(showcase.RACE) + "), then one run per technique: "
-        + ", ".join(f"**{e.label}**" for e in entries if e.kind == "compress") + ". You land on "
-        "Compare, where the Pareto plots fill in as each variant is measured (about 10 s on "
-        "two quiet CPU cores). A second press reuses the runs already finished.")
+    pitch()
     pressed = st.button(**BUTTON)
     if pressed or st.session_state.pop("showcase_pressed", False):
         try:
@@ -76,8 +99,3 @@ with left:
             st.switch_page("views/compare.py")
         except Exception as exc:
             show_error(exc)
-    done = showcase.existing(Store())
-    ready = sum(1 for e in entries if done.get(e.key, {}).get("status") == "done")
-    if ready:
-        st.caption(f"{ready} of {len(entries)} showcase runs are already finished in this "
-                   f"store; pressing again shows them at once.")
