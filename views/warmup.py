@@ -42,6 +42,7 @@ def _work() -> None:
     with transformers_held():  # its lazy classes, once, under the lock every page's use holds
         pass
 
+
 def engine_loaded() -> bool:
     """Whether the warm-up has imported the engine, so a page can import it at no cost."""
     return _ENGINE.is_set()

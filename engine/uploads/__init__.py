@@ -25,9 +25,9 @@ model files), `onnx_files` (ONNX external data), `folders` (model folder ZIPs).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from engine.recipe import stored_name
 from engine.settings import DEFAULT_UPLOAD_LIMIT_MB, UPLOAD_LIMIT_ENV, upload_limit_mb
 from engine.uploads.archives import (
     MAX_NAME_LENGTH,
@@ -67,7 +67,7 @@ def store_upload(name: str, data: bytes, folder: Path) -> Path:
     name = safe_name(name)
     check_upload(name, data)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{hashlib.sha256(data).hexdigest()[:12]}_{name}"
+    path = folder / stored_name(data, name)
     if not path.exists():
         path.write_bytes(data)
     return path

@@ -11,11 +11,10 @@ folder named after the archive's hash. Nothing is executed.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path, PurePosixPath
 
 from engine.errors import UserError
-from engine.recipe import STORED
+from engine.recipe import stored_name
 from engine.uploads.archives import entry_parts, open_zip, read_entry
 from engine.uploads.onnx_files import check_onnx
 from engine.uploads.pickles import check_model_file
@@ -29,8 +28,7 @@ def unpack_model_folder(archive: Path, folder: Path) -> str:
     bundle, `hf:FOLDER` for a Hugging Face folder, or FOLDER/model.onnx for an exported
     model with its tokenizer's files (and no safetensors) beside it."""
     data = archive.read_bytes()
-    stem = STORED.sub("", archive.stem) or "model"  # named as uploaded (short_source)
-    target = folder / f"{hashlib.sha256(data).hexdigest()[:12]}_{stem}"
+    target = folder / stored_name(data, archive.stem)  # named as uploaded (short_source)
     kept: list[tuple[tuple[str, ...], object]] = []
     with open_zip(data, archive.name) as zf:
         for info in zf.infolist():
