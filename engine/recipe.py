@@ -12,7 +12,6 @@ registries that hold them; nothing here repeats them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -349,12 +348,6 @@ class Recipe:
 
 # an upload is stored as HASH_NAME (its content's SHA-256, 12 hex digits, then its name)
 STORED = re.compile(r"^[0-9a-f]{12}_")
-
-
-def stored_name(data: bytes, name: str) -> str:
-    """The name an upload (or the folder unpacked from one) is stored under: HASH_NAME,
-    which `short_source` gives back as NAME."""
-    return f"{hashlib.sha256(data).hexdigest()[:12]}_{STORED.sub('', name)}"
 
 
 def short_source(source: str) -> str:

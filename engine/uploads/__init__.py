@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.recipe import stored_name
 from engine.settings import DEFAULT_UPLOAD_LIMIT_MB, UPLOAD_LIMIT_ENV, upload_limit_mb
 from engine.uploads.archives import (
     MAX_NAME_LENGTH,
@@ -39,6 +38,7 @@ from engine.uploads.archives import (
     is_zip,
     open_zip,
     safe_name,
+    stored_name,
     zip_limits,
 )
 from engine.uploads.folders import unpack_model_folder

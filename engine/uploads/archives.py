@@ -8,6 +8,7 @@ uncompressed) and WORKBENCH_ZIP_MAX_RATIO (200).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import stat
@@ -18,7 +19,15 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from engine.errors import UserError
+from engine.recipe import STORED
 from engine.settings import UPLOAD_LIMIT_ENV, env_int, upload_limit_mb
+
+
+def stored_name(data: bytes, name: str) -> str:
+    """The name an upload (or the folder unpacked from one) is stored under: HASH_NAME,
+    which `engine.recipe.short_source` gives back as NAME."""
+    return f"{hashlib.sha256(data).hexdigest()[:12]}_{STORED.sub('', name)}"
+
 
 Source = bytes | str | Path
 

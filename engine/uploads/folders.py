@@ -14,8 +14,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from engine.errors import UserError
-from engine.recipe import stored_name
-from engine.uploads.archives import entry_parts, open_zip, read_entry
+from engine.uploads.archives import entry_parts, open_zip, read_entry, stored_name
 from engine.uploads.onnx_files import check_onnx
 from engine.uploads.pickles import check_model_file
 
